@@ -1,0 +1,1 @@
+"""Backbone loaders; every module here registers one scheme (discovered on first use)."""

@@ -1,0 +1,141 @@
+"""The data every suite hands the harness: one row per (image, task) question, columnar.
+
+A suite (the embedded ``scenes`` or a real-dataset adapter) produces an :class:`ExampleTable`;
+the harness never looks inside images or questions, it only slices rows by client and split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# Split codes stored in ExampleTable.split.
+TRAIN, TEST, GLOBAL_TEST = 0, 1, 2
+SPLIT_NAMES = {TRAIN: "train", TEST: "test", GLOBAL_TEST: "global_test"}
+GLOBAL_CLIENT = -1  # client id of rows in the global held-out test set
+
+
+@dataclass
+class ExampleTable:
+    """All rows of a federated suite.
+
+    Attributes:
+        images: uint8 tensor [n_images, 3, H, W]; rows point into it via ``image_index``.
+        image_index: int64 [n] row -> image.
+        task: object array [n] of task registry names (e.g. ``"vqa"``).
+        question: object array [n] of the question / referring-expression / prompt text.
+        ocr_text: object array [n] of the OCR tokens as one string; ``""`` where the row's
+            client has no OCR (the harness then feeds a learned null vector with a mask).
+        label: int64 [n] answer index into the task's answer vocabulary; -1 for box tasks.
+        box: float32 [n, 4] normalised (x0, y0, x1, y1) target box; NaN for non-box tasks.
+        client: int64 [n] owning client, or ``GLOBAL_CLIENT`` for the global test set.
+        split: int8 [n] one of TRAIN, TEST, GLOBAL_TEST.
+        domain: int64 [n] image domain id (background/noise/font/palette style).
+        synthetic: True when the data are procedurally generated (shown in every output).
+    """
+
+    images: torch.Tensor
+    image_index: np.ndarray
+    task: np.ndarray
+    question: np.ndarray
+    ocr_text: np.ndarray
+    label: np.ndarray
+    box: np.ndarray
+    client: np.ndarray
+    split: np.ndarray
+    domain: np.ndarray
+    synthetic: bool = True
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def rows(
+        self, *, client: int | None = None, split: int | None = None, task: str | None = None
+    ) -> np.ndarray:
+        """Indices of the rows matching every given filter."""
+        mask = np.ones(len(self), dtype=bool)
+        if client is not None:
+            mask &= self.client == client
+        if split is not None:
+            mask &= self.split == split
+        if task is not None:
+            mask &= self.task == task
+        return np.flatnonzero(mask)
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.client.max()) + 1
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What one client holds, decided by a partitioner before any data are drawn.
+
+    Attributes:
+        client: client id (0-based).
+        tasks: task names this client holds (task-heterogeneous partition).
+        n_train: number of training images; each image yields one row per held task.
+        n_test: number of personal test images.
+        domain_weights: probability of drawing each image domain (len = number of domains).
+        class_weights: probability of each classification class (Dirichlet label skew), or
+            None for uniform.
+        has_ocr: whether the client's rows carry OCR text (modality skew).
+    """
+
+    client: int
+    tasks: tuple[str, ...]
+    n_train: int
+    n_test: int
+    domain_weights: tuple[float, ...]
+    class_weights: tuple[float, ...] | None
+    has_ocr: bool
+
+    def as_record(self) -> dict:
+        return {
+            "client": self.client,
+            "tasks": list(self.tasks),
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "domain_weights": [round(w, 4) for w in self.domain_weights],
+            "class_weights": None
+            if self.class_weights is None
+            else [round(w, 4) for w in self.class_weights],
+            "has_ocr": self.has_ocr,
+        }
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the suite is split over clients (the ``[data]`` table of a protocol).
+
+    Attributes:
+        suite: suite registry name (``"scenes"``).
+        num_clients: number of clients.
+        train_images: training images per client before quantity skew.
+        test_images: personal test images per client.
+        global_test_images: images of the global held-out test set (each carries every task).
+        tasks_per_client: task-heterogeneous partition: each client holds this many task
+            families (0 = all of them).
+        dirichlet_alpha: label skew of the classification labels, Dirichlet(alpha) per
+            client; 0 means IID (no skew).
+        quantity_skew: sigma of a log-normal factor on each client's train size; 0 = equal.
+        ocr_fraction: fraction of clients whose rows carry OCR text (modality skew).
+        domain_task_coupling: 0 = every task family drawn on the same image domains (pixels
+            say nothing about the task); 1 = each family has its own domain.
+        image_size: side of the square images in pixels.
+    """
+
+    suite: str = "scenes"
+    num_clients: int = 8
+    train_images: int = 96
+    test_images: int = 24
+    global_test_images: int = 120
+    tasks_per_client: int = 2
+    dirichlet_alpha: float = 0.5
+    quantity_skew: float = 0.3
+    ocr_fraction: float = 0.5
+    domain_task_coupling: float = 0.5
+    image_size: int = 64

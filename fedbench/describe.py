@@ -1,0 +1,58 @@
+"""`fedbench describe`: what a method shares, what it keeps, and what one round costs on the wire."""
+
+from __future__ import annotations
+
+import re
+
+from rich.console import Console
+from rich.table import Table
+
+from fedbench.method import count_params
+from fedbench.payload import serialize
+from fedbench.protocol import Protocol
+from fedbench.simulation import Run, prepare
+
+
+def module_group(name: str) -> str:
+    """Collapse layer indices so 4 blocks of LoRA read as one line: ``resblocks.*.attn...``."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def describe_method(proto: Protocol, console: Console) -> dict:
+    entry = proto.methods[0]
+    prep = prepare(proto, proto.seeds[0])
+    run = Run(prep, entry, results_dir=None)  # type: ignore[arg-type]  # never executed, only built
+    model = run.build()
+    tags = run.method.tags(model)
+    params = dict(model.named_parameters())
+    groups: dict[tuple[str, str], int] = {}
+    for name, tag in tags.items():
+        key = (module_group(name), tag)
+        groups[key] = groups.get(key, 0) + params[name].numel()
+    console.print(f"[bold]{entry.label}[/]  {run.method.paper}")
+    console.print(f"options: {run.method.describe()['options']}")
+    doc = (type(run.method).__doc__ or "").strip()
+    if doc:
+        console.print(doc)
+    table = Table(title="trainable parameters")
+    for col in ("module", "tag", "params"):
+        table.add_column(col)
+    for (group, tag), n in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        table.add_row(group, tag, f"{n:,}")
+    console.print(table)
+    counts = count_params(model, tags)
+    console.print(", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    server_state = run.method.init_server_state(model)
+    wire = Table(title=f"bytes per round per client (safetensors, protocol {proto.name})")
+    for col in ("client", "tasks", "ocr", "download", "upload"):
+        wire.add_column(col)
+    sizes = []
+    for info in prep.infos:
+        down = len(serialize(run.method.download(server_state, info)))
+        up = len(serialize(run.method.upload(model, info)))
+        sizes.append((down, up))
+        wire.add_row(
+            str(info.client), ",".join(info.tasks), "yes" if info.has_ocr else "no", f"{down:,}", f"{up:,}"
+        )
+    console.print(wire)
+    return {"counts": counts, "groups": groups, "bytes": sizes}

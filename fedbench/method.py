@@ -1,0 +1,131 @@
+"""The method contract (DESIGN.md §3): tags, download, upload, aggregate.
+
+A method builds the client model, tags each trainable parameter ``shared`` (crosses the
+network) or ``local`` (never leaves the client), and decides what the server sends, what a
+client uploads and how the server aggregates. It never talks to a transport: the harness
+serializes every payload and counts its bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from fedbench.aggregate import weighted_mean
+from fedbench.backbone import Backbone
+from fedbench.model import ClientModel
+from fedbench.options import build_config
+from fedbench.payload import Payload
+from fedbench.registry import METHODS
+from fedbench.task import TaskSpec
+
+Tag = Literal["shared", "local"]
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the server may know about a client (metadata, never its data)."""
+
+    client: int
+    tasks: tuple[str, ...]
+    has_ocr: bool
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One client's answer to a round: its upload and how many examples it trained on."""
+
+    client: ClientInfo
+    payload: Payload
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without options."""
+
+
+class Method:
+    """Base class of every federated method; subclass and register with :func:`register_method`.
+
+    Defaults give FedAvg: every trainable tensor shared, the server state is the global
+    copy of the shared tensors, every client downloads all of it, and the server takes the
+    example-weighted mean of the uploads.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    paper: ClassVar[str] = ""
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Method:
+        return cls(build_config(cls.Options, options, owner=f"method '{cls.name}'"))
+
+    # --- model ----------------------------------------------------------------------------
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
+        """The client model; the harness seeds torch before calling, so all clients share the init."""
+        return ClientModel(backbone, list(tasks))
+
+    def tag(self, name: str) -> Tag:
+        """Tag of trainable parameter ``name``."""
+        return "shared"
+
+    def tags(self, model: ClientModel) -> dict[str, Tag]:
+        return {n: self.tag(n) for n, p in model.named_parameters() if p.requires_grad}
+
+    # --- communication ----------------------------------------------------------------------
+    def init_server_state(self, model: ClientModel) -> Payload:
+        tags = self.tags(model)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if tags.get(n) == "shared"}
+
+    def download(self, server_state: Payload, client: ClientInfo) -> Payload:
+        return dict(server_state)
+
+    def upload(self, model: ClientModel, client: ClientInfo) -> Payload:
+        tags = self.tags(model)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if tags.get(n) == "shared"}
+
+    def aggregate(self, server_state: Payload, replies: Sequence[Reply]) -> Payload:
+        """Pure function of the replies: example-weighted mean per tensor."""
+        new = weighted_mean([r.payload for r in replies], [r.num_examples for r in replies])
+        return {**server_state, **new}
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "paper": self.paper, "options": dataclasses.asdict(self.options)}
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass under ``name`` (what users type)."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"method '{name}' must subclass fedbench.method.Method")
+        cls.name = name
+        return METHODS.register(name, cls)
+
+    return wrap
+
+
+def create_method(name: str, options: dict[str, Any] | None = None) -> Method:
+    """Thin factory: look up ``name`` and build its typed options (unknown keys rejected)."""
+    return METHODS.get(name).from_options(options or {})
+
+
+def count_params(model: ClientModel, tags: dict[str, Tag]) -> dict[str, int]:
+    params = dict(model.named_parameters())
+    shared = sum(params[n].numel() for n, t in tags.items() if t == "shared")
+    local = sum(params[n].numel() for n, t in tags.items() if t == "local")
+    return {"params_trainable": shared + local, "params_shared": shared, "params_local": local}
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

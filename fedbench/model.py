@@ -1,0 +1,202 @@
+"""The client model skeleton every method builds on: frozen towers -> (method's adapters) -> task heads.
+
+Heads follow DESIGN.md §4: answer classifiers for classification / VQA / OCR-VQA (the usual
+classifier formulation of VQA) and a box regressor for grounding. Both pool the image tokens
+with an attention query made from the question, so "what colour is the circle?" and "the
+red circle" can look at the object they name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_iou, generalized_box_iou_loss
+
+from fedbench.backbone import Backbone
+from fedbench.task import TaskSpec
+
+
+@dataclass
+class Batch:
+    """Rows of one or more tasks, gathered for a forward pass."""
+
+    images: torch.Tensor  # uint8 [B,3,H,W]
+    image_index: torch.Tensor  # [B] rows -> image ids (keys a feature cache)
+    task: np.ndarray  # [B] task names
+    task_id: torch.Tensor  # [B] index into the run's task list
+    question: torch.Tensor  # [B,E] frozen text-tower embedding of the question
+    ocr: torch.Tensor  # [B,E] embedding of the OCR text (zeros where absent)
+    ocr_mask: torch.Tensor  # [B] bool, True where the row has OCR text
+    label: torch.Tensor  # [B] answer index (-1 for box tasks)
+    box: torch.Tensor  # [B,4] target box (NaN for answer tasks)
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+
+@dataclass
+class Features:
+    """What the heads see; methods' adapters transform these."""
+
+    tokens: torch.Tensor  # [B,L,Dt] patch tokens
+    image: torch.Tensor  # [B,E] pooled image embedding
+    question: torch.Tensor  # [B,E]
+    ocr: torch.Tensor  # [B,E]
+    ocr_mask: torch.Tensor  # [B]
+    task_id: torch.Tensor  # [B]
+
+    def select(self, idx: torch.Tensor) -> Features:
+        return replace(self, **{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
+
+
+class QueryPool(nn.Module):
+    """Question-conditioned attention over patch tokens (one head, scaled dot product)."""
+
+    def __init__(self, token_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(embed_dim, token_dim)
+        self.norm = nn.LayerNorm(token_dim)
+
+    def forward(self, tokens: torch.Tensor, question: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.norm(tokens)
+        scores = torch.einsum("bld,bd->bl", tokens, self.query(question)) / math.sqrt(tokens.shape[-1])
+        weights = scores.softmax(-1)
+        return torch.einsum("bl,bld->bd", weights, tokens), weights
+
+
+class AnswerHead(nn.Module):
+    """Answer classifier on [image, question, question-pooled tokens, (OCR or learned null)]."""
+
+    def __init__(self, spec: TaskSpec, token_dim: int, embed_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.uses_ocr = spec.uses_ocr
+        self.pool = QueryPool(token_dim, embed_dim)
+        in_dim = 2 * embed_dim + token_dim + (embed_dim if self.uses_ocr else 0)
+        if self.uses_ocr:
+            self.ocr_null = nn.Parameter(torch.zeros(embed_dim))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, spec.num_answers)
+        )
+
+    def forward(self, f: Features) -> torch.Tensor:
+        pooled, _ = self.pool(f.tokens, f.question)
+        parts = [f.image, f.question, pooled]
+        if self.uses_ocr:
+            parts.append(torch.where(f.ocr_mask[:, None], f.ocr, self.ocr_null.expand_as(f.ocr)))
+        return self.mlp(torch.cat(parts, -1))
+
+    @staticmethod
+    def loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(out, batch.label)
+
+    @staticmethod
+    def correct(out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return (out.argmax(-1) == batch.label).float()
+
+
+class BoxHead(nn.Module):
+    """Referring-expression box regressor: attention centroid over patches + predicted size."""
+
+    def __init__(self, spec: TaskSpec, token_dim: int, embed_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.pool = QueryPool(token_dim, embed_dim)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(token_dim + embed_dim),
+            nn.Linear(token_dim + embed_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 4),
+        )
+
+    def forward(self, f: Features) -> torch.Tensor:
+        pooled, weights = self.pool(f.tokens, f.question)
+        side = math.isqrt(weights.shape[-1])
+        centres = (torch.arange(side, device=weights.device, dtype=weights.dtype) + 0.5) / side
+        w2d = weights[:, : side * side].view(-1, side, side)
+        cx, cy = (w2d.sum(1) * centres).sum(-1), (w2d.sum(2) * centres).sum(-1)
+        out = self.mlp(torch.cat([pooled, f.question], -1))
+        cx = cx + 0.1 * torch.tanh(out[:, 0])
+        cy = cy + 0.1 * torch.tanh(out[:, 1])
+        w, h = torch.sigmoid(out[:, 2]), torch.sigmoid(out[:, 3])
+        box = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+        return box.clamp(0.0, 1.0)
+
+    @staticmethod
+    def loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.l1_loss(out, batch.box) + generalized_box_iou_loss(out, batch.box, reduction="mean")
+
+    @staticmethod
+    def correct(out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return (box_iou(out, batch.box).diagonal() >= 0.5).float()
+
+
+def make_head(spec: TaskSpec, token_dim: int, embed_dim: int) -> nn.Module:
+    return BoxHead(spec, token_dim, embed_dim) if spec.is_box else AnswerHead(spec, token_dim, embed_dim)
+
+
+class ClientModel(nn.Module):
+    """Frozen backbone + task heads; methods add modules and override :meth:`adapt`.
+
+    Every trainable parameter is tagged by the method as shared or local; frozen ones
+    (``requires_grad=False``) are neither and never travel.
+    """
+
+    def __init__(self, backbone: Backbone, tasks: list[TaskSpec]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tasks = list(tasks)
+        self.heads = nn.ModuleDict(
+            {t.name: make_head(t, backbone.token_dim, backbone.embed_dim) for t in tasks}
+        )
+
+    def encode(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> Features:
+        tokens, image = cached if cached is not None else self.backbone.encode_image(batch.images)
+        return Features(tokens, image, batch.question, batch.ocr, batch.ocr_mask, batch.task_id)
+
+    def adapt(self, features: Features) -> Features:
+        """Method hook: adapters / experts on the backbone's output (identity by default)."""
+        return features
+
+    def extra_loss(self) -> torch.Tensor | float:
+        """Method hook: auxiliary losses accumulated during the last forward (e.g. load balance)."""
+        return 0.0
+
+    def forward(
+        self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per task present in the batch: (row positions, head output)."""
+        feats = self.adapt(self.encode(batch, cached))
+        outputs = {}
+        for name in dict.fromkeys(batch.task.tolist()):
+            idx = torch.from_numpy(np.flatnonzero(batch.task == name)).to(feats.image.device)
+            outputs[name] = (idx, self.heads[name](feats.select(idx)))
+        return outputs
+
+    def loss(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean over the batch's tasks of each head's loss, plus the method's extra loss."""
+        outputs = self.forward(batch, cached)
+        losses = [self.heads[name].loss(out, sub_batch(batch, idx)) for name, (idx, out) in outputs.items()]
+        return torch.stack(losses).mean() + self.extra_loss()
+
+    def uses_backbone_grad(self) -> bool:
+        """True when PEFT sits inside the image tower (no feature cache possible)."""
+        return any(p.requires_grad for p in self.backbone.parameters())
+
+
+def sub_batch(batch: Batch, idx: torch.Tensor) -> Batch:
+    idx_np = idx.cpu().numpy()
+    return Batch(
+        images=batch.images[idx_np] if batch.images.numel() else batch.images,
+        image_index=batch.image_index[idx_np],
+        task=batch.task[idx_np],
+        task_id=batch.task_id[idx],
+        question=batch.question[idx],
+        ocr=batch.ocr[idx],
+        ocr_mask=batch.ocr_mask[idx],
+        label=batch.label[idx],
+        box=batch.box[idx],
+    )

@@ -1,0 +1,459 @@
+"""The in-process backend: the round loop written once, sequential and deterministic.
+
+The harness owns client sampling, local training, (de)serialization and the byte ledger,
+timers, evaluation, client-state storage, checkpoints / resume and results records; the
+method only builds its model and decides download / upload / aggregate.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedbench.backbone import Backbone, create_backbone
+from fedbench.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, TRAIN, ClientPlan, ExampleTable
+from fedbench.method import ClientInfo, Method, Reply, count_params, create_method
+from fedbench.model import Batch, ClientModel, sub_batch
+from fedbench.payload import Payload, analytic_bytes, check_upload, deserialize, serialize
+from fedbench.protocol import MethodEntry, Protocol
+from fedbench.provenance import git_commit, library_versions
+from fedbench.records import append_records, read_jsonl
+from fedbench.registry import SUITES, TASKS
+from fedbench.task import TaskSpec
+from fedbench.timing import ComputeTimer, device_label
+
+State = dict[str, torch.Tensor]
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple (run seed, round, client, purpose): independent streams."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class RowStore:
+    """Every row of a table as tensors; text is encoded once by the frozen text tower."""
+
+    def __init__(
+        self, table: ExampleTable, specs: Sequence[TaskSpec], backbone: Backbone, device: torch.device
+    ) -> None:
+        self.table = table
+        self.device = device
+        self.task_names = [s.name for s in specs]
+        self.images = table.images.to(device)
+        self.image_index = torch.as_tensor(table.image_index, dtype=torch.long)
+        self.task_id = torch.as_tensor(
+            [self.task_names.index(t) for t in table.task], dtype=torch.long, device=device
+        )
+        self.question = self._encode(backbone, table.question)
+        self.ocr = self._encode(backbone, table.ocr_text)
+        self.ocr_mask = torch.as_tensor(table.ocr_text != "", device=device)
+        self.ocr[~self.ocr_mask] = 0.0
+        self.label = torch.as_tensor(table.label, dtype=torch.long, device=device)
+        self.box = torch.as_tensor(table.box, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _encode(backbone: Backbone, texts: np.ndarray) -> torch.Tensor:
+        unique, inverse = np.unique(texts.astype(str), return_inverse=True)
+        return backbone.encode_text(list(unique))[torch.as_tensor(inverse, device=backbone.mean.device)]
+
+    def batch(self, rows: np.ndarray, with_images: bool = True) -> Batch:
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        image_index = self.image_index[rows]
+        images = self.images[image_index.to(self.device)] if with_images else self.images[:0]
+        return Batch(
+            images,
+            image_index,
+            self.table.task[rows],
+            self.task_id[idx],
+            self.question[idx],
+            self.ocr[idx],
+            self.ocr_mask[idx],
+            self.label[idx],
+            self.box[idx],
+        )
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs that does not depend on the method (shared by all rows of a seed)."""
+
+    protocol: Protocol
+    seed: int
+    plans: list[ClientPlan]
+    table: ExampleTable
+    specs: list[TaskSpec]
+    backbone: Backbone
+    store: RowStore
+    device: torch.device
+    majority: dict[str, float]
+
+    @property
+    def infos(self) -> list[ClientInfo]:
+        return [
+            ClientInfo(
+                p.client,
+                tuple(t for t in p.tasks if t in self.store.task_names),
+                p.has_ocr,
+                len(self.table.rows(client=p.client, split=TRAIN)),
+            )
+            for p in self.plans
+        ]
+
+
+def prepare(
+    protocol: Protocol, seed: int, backbone: Backbone | None = None, device: torch.device | None = None
+) -> Prepared:
+    """Partition, draw the suite and encode text for one seed."""
+    from fedbench.tasks.partition import make_plans  # the partitioners live with the tasks
+
+    device = device or default_device()
+    specs = [TASKS.get(name) for name in protocol.tasks]
+    suite = SUITES.get(protocol.data.suite)
+    wrong = [s.name for s in specs if s.suite != protocol.data.suite]
+    if wrong:
+        raise ValueError(f"task(s) {wrong} do not belong to suite '{protocol.data.suite}'")
+    n_classes = max((s.num_answers for s in specs if s.family == "classification"), default=1)
+    plans = make_plans(protocol.data, list(protocol.tasks), suite.n_domains, n_classes, seed)
+    table = suite(plans, protocol.data, list(protocol.tasks), seed)
+    backbone = backbone or create_backbone(protocol.backbone.name, device)
+    store = RowStore(table, specs, backbone, device)
+    return Prepared(
+        protocol, seed, plans, table, specs, backbone, store, device, majority_scores(table, specs)
+    )
+
+
+def majority_scores(table: ExampleTable, specs: Sequence[TaskSpec]) -> dict[str, float]:
+    """Reference row: the majority training answer (mean training box for grounding) on the global test."""
+    from torchvision.ops import box_iou
+
+    scores = {}
+    for spec in specs:
+        train = np.flatnonzero((table.task == spec.name) & (table.split == TRAIN))
+        test = np.flatnonzero((table.task == spec.name) & (table.split == GLOBAL_TEST))
+        if spec.is_box:
+            mean_box = torch.as_tensor(table.box[train].mean(0, keepdims=True))
+            ious = box_iou(mean_box.expand(len(test), 4), torch.as_tensor(table.box[test])).diagonal()
+            scores[spec.name] = float((ious >= 0.5).float().mean())
+        else:
+            answer = np.bincount(table.label[train], minlength=spec.num_answers).argmax()
+            scores[spec.name] = float((table.label[test] == answer).mean())
+    return scores
+
+
+def trainable_state(model: ClientModel) -> State:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_state(model: ClientModel, *states: State | None) -> None:
+    """Copy the given states into the model's parameters, later states winning."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for state in states:
+            for name, tensor in (state or {}).items():
+                if name not in params:
+                    raise KeyError(f"payload tensor '{name}' is not a parameter of the model")
+                params[name].copy_(tensor)
+
+
+def state_digest(model: ClientModel) -> str:
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, fraction: float) -> list[int]:
+    k = max(1, round(fraction * num_clients))
+    rng = np.random.default_rng(derive_seed(seed, round_, "sample"))
+    return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
+
+
+def local_train(model: ClientModel, store: RowStore, rows: np.ndarray, protocol: Protocol, seed: int) -> None:
+    """``local.steps`` AdamW steps on batches drawn with replacement from the client's train rows."""
+    cfg = protocol.local
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout inside LoRA
+    model.train()
+    for _ in range(cfg.steps):
+        pick = rows[torch.randint(len(rows), (min(cfg.batch_size, len(rows)),), generator=gen).numpy()]
+        loss = model.loss(store.batch(pick))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@torch.no_grad()
+def correct_per_row(model: ClientModel, store: RowStore, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """1.0 where the model answers the row correctly (IoU >= 0.5 for boxes); images encoded once."""
+    model.eval()
+    out = np.zeros(len(rows), dtype=np.float64)
+    if len(rows) == 0:
+        return out
+    images, position = np.unique(store.image_index[rows].numpy(), return_inverse=True)
+    tokens, pooled = [], []
+    for i in range(0, len(images), batch_size):
+        t, p = model.backbone.encode_image(
+            store.images[torch.as_tensor(images[i : i + batch_size], device=store.device)]
+        )
+        tokens.append(t)
+        pooled.append(p)
+    tokens_all, pooled_all = torch.cat(tokens), torch.cat(pooled)
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        pos = torch.as_tensor(position[i : i + batch_size], device=store.device)
+        batch = store.batch(chunk, with_images=False)
+        for _name, (idx, head_out) in model.forward(batch, cached=(tokens_all[pos], pooled_all[pos])).items():
+            head = model.heads[_name]
+            out[i + idx.cpu().numpy()] = head.correct(head_out, sub_batch(batch, idx)).cpu().numpy()
+    return out
+
+
+def run_id_for(entry: MethodEntry, seed: int, protocol: Protocol) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._=+-]+", "_", entry.label)
+    return f"{slug}__seed{seed}__{protocol.hash}"
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def _noop(event: str, info: dict[str, Any]) -> None:
+    return None
+
+
+class Run:
+    """One (method row, seed) run of a protocol, resumable from its last completed round."""
+
+    def __init__(
+        self, prep: Prepared, entry: MethodEntry, results_dir: Path, progress: Progress = _noop
+    ) -> None:
+        self.prep, self.entry, self.progress = prep, entry, progress
+        self.protocol = prep.protocol
+        self.method: Method = create_method(entry.name, entry.options)
+        self.run_id = run_id_for(entry, prep.seed, self.protocol)
+        self.dir = Path(results_dir) / "runs" / self.run_id
+        self.records_path = self.dir / "records.jsonl"
+        self.checkpoint_path = self.dir / "checkpoint.pt"
+        self.device_name = device_label(prep.device)
+
+    def common(self) -> dict[str, Any]:
+        p = self.protocol
+        return {
+            "run_id": self.run_id,
+            "method": self.entry.name,
+            "label": self.entry.label,
+            "seed": self.prep.seed,
+            "protocol": p.name,
+            "protocol_hash": p.hash,
+            "git_commit": git_commit(),
+            "suite": p.data.suite,
+            "synthetic": bool(self.prep.table.synthetic),
+            "device": self.device_name,
+        }
+
+    def completed(self) -> bool:
+        if not self.records_path.is_file():
+            return False
+        return any(r.get("kind") == "run" and r.get("completed") for r in read_jsonl(self.records_path))
+
+    def build(self) -> ClientModel:
+        torch.manual_seed(derive_seed(self.prep.seed, "init"))  # every client starts from this init
+        model = self.method.build_model(copy.deepcopy(self.prep.backbone), self.prep.specs)
+        return model.to(self.prep.device)
+
+    def execute(self) -> str:
+        """Run (or resume, or skip when complete); returns the run id."""
+        if self.completed():
+            self.progress("skip", {"run_id": self.run_id})
+            return self.run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        model = self.build()
+        tags = self.method.tags(model)
+        bad = {n: t for n, t in tags.items() if t not in ("shared", "local")}
+        if bad:
+            raise ValueError(
+                f"method '{self.entry.name}' tagged {next(iter(bad))!r} as "
+                f"{next(iter(bad.values()))!r}; tags are shared|local"
+            )
+        shared = {n for n, t in tags.items() if t == "shared"}
+        local = {n for n, t in tags.items() if t == "local"}
+        init = trainable_state(model)
+        server_state = self.method.init_server_state(model)
+        client_states: dict[int, State] = {}
+        start = 0
+        if self.checkpoint_path.is_file():
+            ckpt = torch.load(self.checkpoint_path, weights_only=True)
+            start, server_state, client_states = ckpt["round"], ckpt["server_state"], ckpt["client_states"]
+            self._truncate_records(start)
+            self.progress("resume", {"run_id": self.run_id, "round": start})
+        infos = self.prep.infos
+        rounds = self.protocol.rounds
+        self.progress(
+            "start", {"run_id": self.run_id, "label": self.entry.label, "rounds": rounds, "start": start}
+        )
+        for r in range(start, rounds):
+            rows, server_state = self._round(
+                r, model, server_state, client_states, init, infos, shared, local
+            )
+            if (r + 1) == rounds or (self.protocol.eval.every and (r + 1) % self.protocol.eval.every == 0):
+                rows += self._evaluate(r, model, server_state, client_states, init, infos)
+            append_records(self.records_path, rows)
+            self._save_checkpoint(r + 1, server_state, client_states)
+            self.progress("round", {"run_id": self.run_id, "round": r + 1, "rounds": rounds})
+        self._finish(model, tags)
+        return self.run_id
+
+    def _round(
+        self,
+        r: int,
+        model: ClientModel,
+        server_state: Payload,
+        client_states: dict[int, State],
+        init: State,
+        infos: list[ClientInfo],
+        shared: set[str],
+        local: set[str],
+    ) -> tuple[list[dict], Payload]:
+        proto, seed = self.protocol, self.prep.seed
+        sampled = sample_clients(seed, r, len(infos), proto.clients.sample_fraction)
+        replies, rows = [], []
+        for c in sampled:
+            info = infos[c]
+            down = self.method.download(server_state, info)
+            down_blob = serialize(down)
+            load_state(model, init, client_states.get(c), deserialize(down_blob))
+            train_rows = self.prep.table.rows(client=c, split=TRAIN)
+            with ComputeTimer(self.prep.device) as timer:
+                local_train(model, self.prep.store, train_rows, proto, derive_seed(seed, r, c, "train"))
+            up = self.method.upload(model, info)
+            check_upload(up, shared, local, self.entry.name)
+            up_blob = serialize(up)
+            replies.append(Reply(info, deserialize(up_blob), len(train_rows)))
+            client_states[c] = trainable_state(model)
+            rows.append(
+                {
+                    **self.common(),
+                    "kind": "train",
+                    "round": r,
+                    "client": c,
+                    "up_bytes": len(up_blob),
+                    "down_bytes": len(down_blob),
+                    "up_bytes_analytic": analytic_bytes(up),
+                    "down_bytes_analytic": analytic_bytes(down),
+                    "compute_s": timer.seconds,
+                    "timer": timer.kind,
+                    "n_examples": len(train_rows),
+                }
+            )
+            self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
+        return rows, self.method.aggregate(server_state, replies)
+
+    def _evaluate(
+        self,
+        r: int,
+        model: ClientModel,
+        server_state: Payload,
+        client_states: dict[int, State],
+        init: State,
+        infos: list[ClientInfo],
+    ) -> list[dict]:
+        """Each client's model (its state + what the server would send it) on its own test split
+        (scope client) and on the global test of the tasks it holds; a task's global score is the
+        mean over the clients holding it."""
+        table, store, bs = self.prep.table, self.prep.store, self.protocol.eval.batch_size
+        rows, per_task, seen = [], {}, {}
+        for info in infos:
+            load_state(model, init, client_states.get(info.client), self.method.download(server_state, info))
+            digest = state_digest(model)
+            own = table.rows(client=info.client, split=TEST)
+            correct = correct_per_row(model, store, own, bs)
+            for task in info.tasks:
+                mask = table.task[own] == task
+                rows.append(self._eval_row(r, "client", info.client, task, "test", correct[mask]))
+            for task in info.tasks:
+                if (digest, task) not in seen:
+                    seen[(digest, task)] = correct_per_row(
+                        model, store, table.rows(split=GLOBAL_TEST, task=task), bs
+                    )
+                per_task.setdefault(task, []).append(seen[(digest, task)].mean())
+        for task, values in per_task.items():
+            n = len(table.rows(split=GLOBAL_TEST, task=task))
+            rows.append(
+                {
+                    **self._eval_row(r, "global", GLOBAL_CLIENT, task, "global_test", np.array([])),
+                    "value": float(np.mean(values)),
+                    "n": n,
+                    "clients": len(values),
+                }
+            )
+        return rows
+
+    def _eval_row(self, r: int, scope: str, client: int, task: str, split: str, correct: np.ndarray) -> dict:
+        spec = TASKS.get(task)
+        return {
+            **self.common(),
+            "kind": "eval",
+            "round": r,
+            "scope": scope,
+            "client": client,
+            "task": task,
+            "split": split,
+            "metric": spec.metric,
+            "value": float(correct.mean()) if len(correct) else float("nan"),
+            "n": len(correct),
+        }
+
+    def _save_checkpoint(
+        self, next_round: int, server_state: Payload, client_states: dict[int, State]
+    ) -> None:
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save({"round": next_round, "server_state": server_state, "client_states": client_states}, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def _truncate_records(self, next_round: int) -> None:
+        """Drop records of rounds after the checkpoint (a kill between append and checkpoint)."""
+        if not self.records_path.is_file():
+            return
+        keep = [r for r in read_jsonl(self.records_path) if r.get("round", -1) < next_round]
+        tmp = self.records_path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        append_records(tmp, keep)
+        tmp.replace(self.records_path)
+
+    def _finish(self, model: ClientModel, tags: dict[str, str]) -> None:
+        common = self.common()
+        rows = [{**common, "kind": "majority", "task": t, "value": v} for t, v in self.prep.majority.items()]
+        rows.append(
+            {
+                **common,
+                "kind": "run",
+                "completed": True,
+                "rounds": self.protocol.rounds,
+                "tasks": list(self.protocol.tasks),
+                **count_params(model, tags),
+                "options": dataclasses.asdict(self.method.options),
+                "versions": library_versions(),
+                "protocol_config": self.protocol.as_dict(),
+                "partition": [p.as_record() for p in self.prep.plans],
+            }
+        )
+        append_records(self.records_path, rows)
+        self.checkpoint_path.unlink(missing_ok=True)

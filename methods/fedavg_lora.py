@@ -1,0 +1,77 @@
+"""FedAvg over LoRA and its two frozen/local variants (METHODS.md §1).
+
+- ``fedavg-lora``: FedIT (Zhang et al., arXiv 2305.05644) / OpenFedLLM (arXiv 2402.06954):
+  LoRA on the image tower's q and v projections plus the task heads, all shared; the server
+  averages A and B separately, weighted by examples.
+- ``ffa-lora``: FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313): A frozen at a seed shared
+  by all clients, only B (and the heads) trained and sent: half the LoRA bytes.
+- ``fedsa-lora``: FedSA-LoRA (Guo et al., ICLR 2025, arXiv 2410.01463): A shared, B and the
+  heads stay local.
+
+Simplification: the papers tune an LLM; here LoRA sits in the frozen CLIP image tower (no
+LLM runs on a 2-core CPU), with the same shared/local placement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fedbench.backbone import Backbone
+from fedbench.lora import LoRASpec, inject_lora
+from fedbench.method import Method, Tag, register_method
+from fedbench.model import ClientModel
+from fedbench.task import TaskSpec
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    """LoRA on q and v of every image-tower attention block (FedIT defaults)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank = {self.rank} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout = {self.dropout} must be in [0, 1)")
+
+
+@register_method("fedavg-lora")
+class FedAvgLoRA(Method):
+    """FedAvg of LoRA adapters and task heads (arXiv 2305.05644)."""
+
+    Options = LoRAOptions
+    paper = "https://arxiv.org/abs/2305.05644"
+
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
+        model = ClientModel(backbone, list(tasks))
+        o = self.options
+        inject_lora(backbone.image_tower, LoRASpec(o.rank, o.alpha, o.dropout))
+        return model
+
+
+@register_method("ffa-lora")
+class FFALoRA(FedAvgLoRA):
+    """FFA-LoRA: A frozen at the shared initial seed, only B trained and sent (arXiv 2403.12313)."""
+
+    paper = "https://arxiv.org/abs/2403.12313"
+
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
+        model = super().build_model(backbone, tasks)
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)  # every client builds A from the same seed
+        return model
+
+
+@register_method("fedsa-lora")
+class FedSALoRA(FedAvgLoRA):
+    """FedSA-LoRA: A matrices shared and averaged, B matrices and heads local (arXiv 2410.01463)."""
+
+    paper = "https://arxiv.org/abs/2410.01463"
+
+    def tag(self, name: str) -> Tag:
+        return "shared" if ".lora_A." in name else "local"

@@ -1,0 +1,335 @@
+"""Leaderboard numbers against hand-computed values on a tiny hand-built record set."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedbench.leaderboard import build_leaderboard, plot, render
+from fedbench.records import append_records, read_records
+
+A, B, C = "fedavg-lora", "mmrouter-moa[router_inputs=image]", "local-lora"
+TASKS = ("ref", "vqa")
+DEVICE = "cuda:NVIDIA H100"
+S2 = math.sqrt(2)
+
+
+def _run(label, seed, *, glob, clients, up, down, params, completed=True, device=DEVICE, majority=None):
+    """Records of one run: 2 rounds x 2 clients.
+
+    glob: {task: last-round global accuracy} (round 1 is 0.0 everywhere, so a board using it fails);
+    clients: {client: {task: last-round accuracy}}; up/down: bytes per client per round at round 1,
+    doubled at round 2; params: (trainable, shared, local).
+    """
+    run_id = f"{label}-s{seed}-{completed}"
+    common = dict(
+        run_id=run_id,
+        method=label.split("[")[0],
+        label=label,
+        seed=seed,
+        protocol="quick",
+        protocol_hash="abc123",
+        git_commit="deadbee",
+        suite="scenes",
+        synthetic=True,
+        device=device,
+    )
+    rows = []
+    for rnd in (1, 2):
+        for client in (0, 1):
+            rows.append(
+                dict(
+                    common,
+                    kind="train",
+                    round=rnd,
+                    client=client,
+                    up_bytes=up * rnd,
+                    down_bytes=down * rnd,
+                    up_bytes_analytic=up * rnd,
+                    down_bytes_analytic=down * rnd,
+                    compute_s=1.5,
+                    timer="cuda_events",
+                    n_examples=10,
+                )
+            )
+        for task in TASKS:
+            rows.append(
+                dict(
+                    common,
+                    kind="eval",
+                    round=rnd,
+                    scope="global",
+                    client=-1,
+                    task=task,
+                    split="global_test",
+                    metric="accuracy",
+                    value=glob[task] if rnd == 2 else 0.0,
+                    n=100,
+                )
+            )
+            for client, acc in clients.items():
+                rows.append(
+                    dict(
+                        common,
+                        kind="eval",
+                        round=rnd,
+                        scope="client",
+                        client=client,
+                        task=task,
+                        split="test",
+                        metric="accuracy",
+                        value=acc[task] if rnd == 2 else 0.0,
+                        n=20,
+                    )
+                )
+    rows.append(
+        dict(
+            common,
+            kind="run",
+            params_trainable=params[0],
+            params_shared=params[1],
+            params_local=params[2],
+            rounds=2,
+            tasks=list(TASKS),
+            completed=completed,
+            versions={"torch": "2.14.1"},
+            partition=[{"client": 0}, {"client": 1}],
+        )
+    )
+    majority = majority or {"ref": 0.25, "vqa": 0.5 if seed == 0 else 0.3}
+    rows += [dict(common, kind="majority", task=t, value=v) for t, v in majority.items()]
+    return rows
+
+
+def _records() -> list[dict]:
+    rows = []
+    # A: mean_acc per seed 0.70 / 0.60; worst client 0.5 / 0.4; seed 1 sends twice the bytes.
+    rows += _run(
+        A,
+        0,
+        glob={"vqa": 0.8, "ref": 0.6},
+        clients={0: {"vqa": 0.8, "ref": 0.6}, 1: {"vqa": 0.4, "ref": 0.6}},
+        up=1_000_000,
+        down=2_000_000,
+        params=(1000, 1000, 0),
+    )
+    rows += _run(
+        A,
+        1,
+        glob={"vqa": 0.7, "ref": 0.5},
+        clients={0: {"vqa": 0.3, "ref": 0.5}, 1: {"vqa": 0.9, "ref": 0.9}},
+        up=2_000_000,
+        down=4_000_000,
+        params=(1000, 1000, 0),
+        device="cpu",
+    )
+    # B: mean_acc per seed 0.9 / 0.8.
+    rows += _run(
+        B,
+        0,
+        glob={"vqa": 0.9, "ref": 0.9},
+        clients={0: {"vqa": 0.6, "ref": 0.6}, 1: {"vqa": 0.8, "ref": 0.8}},
+        up=500_000,
+        down=500_000,
+        params=(3000, 2000, 1000),
+    )
+    rows += _run(
+        B,
+        1,
+        glob={"vqa": 0.9, "ref": 0.7},
+        clients={0: {"vqa": 0.7, "ref": 0.7}, 1: {"vqa": 0.9, "ref": 0.9}},
+        up=500_000,
+        down=500_000,
+        params=(3000, 2000, 1000),
+    )
+    # C: one seed only -> std is NaN.
+    rows += _run(
+        C,
+        0,
+        glob={"vqa": 0.5, "ref": 0.5},
+        clients={0: {"vqa": 0.5, "ref": 0.5}, 1: {"vqa": 0.5, "ref": 0.5}},
+        up=0,
+        down=0,
+        params=(500, 0, 500),
+    )
+    # Incomplete runs (an extra A seed, and a label with no completed run) must not count at all.
+    perfect = {"vqa": 1.0, "ref": 1.0}
+    rows += _run(
+        A,
+        2,
+        glob=perfect,
+        clients={0: perfect},
+        up=9,
+        down=9,
+        params=(1, 1, 1),
+        completed=False,
+        majority={"vqa": 0.99, "ref": 0.99},
+    )
+    rows += _run(
+        "ghost", 0, glob=perfect, clients={0: perfect}, up=9, down=9, params=(1, 1, 1), completed=False
+    )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def board() -> pd.DataFrame:
+    return build_leaderboard(pd.DataFrame(_records()))
+
+
+def _row(board: pd.DataFrame, method: str) -> pd.Series:
+    return board.set_index("method").loc[method]
+
+
+def test_column_order_and_rows(board):
+    figures = [
+        "acc_ref",
+        "acc_vqa",
+        "mean_acc",
+        "worst_client_acc",
+        "up_mb_per_round",
+        "down_mb_per_round",
+        "total_mb",
+        "compute_s",
+    ]
+    params = ["params_trainable", "params_shared", "params_local"]
+    assert list(board.columns) == [
+        "method",
+        *figures,
+        "device",
+        *params,
+        *(f"{c}_std" for c in [*figures, *params]),
+    ]
+    assert list(board["method"]) == [B, A, C, "majority"]  # mean_acc desc, majority last; ghost dropped
+
+
+def test_accuracy_uses_last_round_and_completed_runs(board):
+    a = _row(board, A)
+    assert a["acc_vqa"] == pytest.approx(0.75)
+    assert a["acc_ref"] == pytest.approx(0.55)
+    assert a["mean_acc"] == pytest.approx(0.65)
+    assert a["worst_client_acc"] == pytest.approx(0.45)  # min over clients of per-client task mean
+    assert _row(board, B)["worst_client_acc"] == pytest.approx(0.65)
+    assert board.attrs["n_seeds"] == {A: 2, B: 2, C: 1}
+
+
+def test_std_over_seeds(board):
+    a, b = _row(board, A), _row(board, B)
+    assert a["acc_vqa_std"] == pytest.approx(0.1 / S2)
+    assert a["mean_acc_std"] == pytest.approx(0.1 / S2)
+    assert b["acc_vqa_std"] == pytest.approx(0.0, abs=1e-12)
+    assert b["acc_ref_std"] == pytest.approx(0.2 / S2)
+    assert a["worst_client_acc_std"] == pytest.approx(0.1 / S2)
+    assert a["params_trainable_std"] == 0.0
+    assert np.isnan(_row(board, C)["mean_acc_std"])
+
+
+def test_communication_and_compute(board):
+    a = _row(board, A)
+    # seed 0: rounds send 2 MB and 4 MB up (2 clients) -> 3 MB/round; seed 1 twice that -> 6.
+    assert a["up_mb_per_round"] == pytest.approx(4.5)
+    assert a["up_mb_per_round_std"] == pytest.approx(3 / S2)
+    assert a["down_mb_per_round"] == pytest.approx(9.0)
+    # seed 0: (2 + 4) up + (4 + 8) down = 18 MB; seed 1: 36 MB.
+    assert a["total_mb"] == pytest.approx(27.0)
+    assert a["total_mb_std"] == pytest.approx(18 / S2)
+    assert a["compute_s"] == pytest.approx(6.0)  # 4 train rows x 1.5 s
+    assert a["device"] == f"cpu,{DEVICE}"
+    assert _row(board, B)["device"] == DEVICE
+    assert (_row(board, B)[["params_trainable", "params_shared", "params_local"]] == [3000, 2000, 1000]).all()
+
+
+def test_majority_row(board):
+    maj = _row(board, "majority")
+    # Seed 0 vqa 0.5, seed 1 vqa 0.3 (written by every label's run); the incomplete run's 0.99 is ignored.
+    assert maj["acc_vqa"] == pytest.approx(0.4)
+    assert maj["acc_ref"] == pytest.approx(0.25)
+    assert maj["acc_vqa_std"] == pytest.approx(0.2 / S2)
+    assert maj[["mean_acc", "worst_client_acc", "total_mb", "params_trainable"]].isna().all()
+
+
+def test_attrs(board):
+    assert board.attrs["synthetic"] is True
+    assert board.attrs["synthetic_suites"] == ["scenes"]
+    assert board.attrs["protocols"] == {"quick": ["abc123"]}
+    assert board.attrs["timers"] == ["cuda_events"]
+
+
+def test_no_completed_run_and_duplicate_seed_raise():
+    rows = _run(A, 0, glob={"vqa": 1, "ref": 1}, clients={}, up=1, down=1, params=(1, 1, 1), completed=False)
+    with pytest.raises(ValueError, match="no completed runs"):
+        build_leaderboard(pd.DataFrame(rows))
+    twice = _records() + [
+        dict(r, run_id="again")
+        for r in _run(B, 0, glob={"vqa": 1, "ref": 1}, clients={}, up=1, down=1, params=(1, 1, 1))
+    ]
+    with pytest.raises(ValueError, match=r"several completed runs for .*seed 0"):
+        build_leaderboard(pd.DataFrame(twice))
+
+
+def test_render_table_and_markdown(board):
+    table = render(board, "table")
+    assert f"│ {B} │ 0.800 ± 0.141 │" in table  # label brackets are not taken for rich markup
+    assert "0.650 ± 0.071" in table and "SYNTHETIC" in table and "…" not in table
+    md = render(board, "markdown")
+    lines = md.splitlines()
+    assert lines[0].startswith("| method | acc_ref | acc_vqa | mean_acc |")
+    assert f"| {A} | 0.550 ± 0.071 | 0.750 ± 0.071 | 0.650 ± 0.071 | 0.450 ± 0.071 |" in md
+    assert "| 3,000 | 2,000 | 1,000 |" in md  # params: no "± 0" for counts that do not vary
+    assert f"| {C} | 0.500 | 0.500 | 0.500 |" in md  # one seed: mean only
+    assert "| majority | 0.250 ± 0.000 | 0.400 ± 0.141 |  |" in md
+    assert "SYNTHETIC" in md and "cuda_events" in md and "abc123" in md
+
+
+def test_render_csv_round_trips(board):
+    back = pd.read_csv(io.StringIO(render(board, "csv")))
+    pd.testing.assert_frame_equal(back, board, check_dtype=False)
+
+
+def test_render_unknown_format(board):
+    with pytest.raises(ValueError, match=r"'html'.*table, markdown, csv"):
+        render(board, "html")
+
+
+def test_append_is_whole_lines_and_reader_skips_partial_tail(tmp_path):
+    path = tmp_path / "runs" / "r1" / "records.jsonl"
+    append_records(path, [{"kind": "run", "x": np.int64(3), "y": np.float32(0.5), "a": np.arange(2)}])
+    append_records(path, [{"kind": "eval", "x": 4}, {"kind": "eval", "x": 5}])
+    assert [json.loads(line)["x"] for line in path.read_text().splitlines()] == [3, 4, 5]
+    with open(path, "a") as f:
+        f.write('{"kind": "eval", "x"')  # a crash mid-write
+    assert read_records(tmp_path)["x"].tolist() == [3, 4, 5]
+    append_records(path, [{"kind": "eval", "x": 6}])  # the next writer closes the torn line first
+    with pytest.warns(RuntimeWarning, match="torn"):
+        df = read_records(tmp_path)
+    assert df["x"].tolist() == [3, 4, 5, 6]
+    assert df.loc[0, "a"] == [0, 1]
+
+
+def test_read_records_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+        read_records(tmp_path)
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        append_records(tmp_path / "x.jsonl", [{"v": object()}])
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_read_back_builds_same_board(tmp_path, board):
+    rows = _records()
+    for run_id in dict.fromkeys(r["run_id"] for r in rows):
+        append_records(
+            tmp_path / "runs" / run_id / "records.jsonl", [r for r in rows if r["run_id"] == run_id]
+        )
+    again = build_leaderboard(read_records(tmp_path))
+    pd.testing.assert_frame_equal(again, board)
+
+
+def test_plot_files(tmp_path):
+    paths = plot(pd.DataFrame(_records()), tmp_path / "plots")
+    assert [p.name for p in paths] == ["acc_vs_comm.png", "acc_per_round.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
