@@ -20,16 +20,23 @@ from fedbench.options import OptionError, parse_method_spec
 from fedbench.payload import ContractError
 from fedbench.protocol import MethodEntry, Protocol, ProtocolError
 from fedbench.registry import BACKBONES, METHODS, SUITES, TASKS, UnknownNameError
+from fedbench.simulation import CheckpointMismatch
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Benchmark federated Mixture-of-Adapters methods."
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Benchmark federated Mixture-of-Adapters methods.",
 )
-backbone_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prepare and inspect backbones.")
+backbone_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Prepare backbones."
+)
 app.add_typer(backbone_app, name="backbone")
 console = Console()
 err_console = Console(stderr=True)
 
 USER_ERRORS = (
+    CheckpointMismatch,
     ProtocolError,
     OptionError,
     UnknownNameError,
@@ -54,9 +61,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except PermissionError as err:
-            err_console.print(
-                f"[bold red]error:[/] cannot write '{err.filename}': {err.strerror}", soft_wrap=True
-            )
+            err_console.print(f"[bold red]error:[/] cannot write '{err.filename}': {err.strerror}", soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -52,9 +52,7 @@ class ExampleTable:
     def __len__(self) -> int:
         return len(self.image_index)
 
-    def rows(
-        self, *, client: int | None = None, split: int | None = None, task: str | None = None
-    ) -> np.ndarray:
+    def rows(self, *, client: int | None = None, split: int | None = None, task: str | None = None) -> np.ndarray:
         """Indices of the rows matching every given filter."""
         mask = np.ones(len(self), dtype=bool)
         if client is not None:
@@ -100,9 +98,7 @@ class ClientPlan:
             "n_train": self.n_train,
             "n_test": self.n_test,
             "domain_weights": [round(w, 4) for w in self.domain_weights],
-            "class_weights": None
-            if self.class_weights is None
-            else [round(w, 4) for w in self.class_weights],
+            "class_weights": None if self.class_weights is None else [round(w, 4) for w in self.class_weights],
             "has_ocr": self.has_ocr,
         }
 

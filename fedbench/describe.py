@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -14,14 +15,17 @@ from fedbench.simulation import Run, prepare
 
 
 def module_group(name: str) -> str:
-    """Collapse layer indices so 4 blocks of LoRA read as one line: ``resblocks.*.attn...``."""
-    return re.sub(r"\.\d+\.", ".*.", name)
+    """One line per module kind: layer indices collapsed (``resblocks.*``), heads per task."""
+    name = re.sub(r"\.parametrizations\.(\w+)\.\d+\.", r".\1.", name)
+    name = re.sub(r"\.\d+\.", ".*.", name)
+    parts = name.removesuffix(".default").split(".")
+    return ".".join(parts[:2]) if parts[0] == "heads" else ".".join(parts)
 
 
 def describe_method(proto: Protocol, console: Console) -> dict:
     entry = proto.methods[0]
     prep = prepare(proto, proto.seeds[0])
-    run = Run(prep, entry, results_dir=None)  # type: ignore[arg-type]  # never executed, only built
+    run = Run(prep, entry, results_dir=Path("."))  # only built, never executed: nothing is written
     model = run.build()
     tags = run.method.tags(model)
     params = dict(model.named_parameters())
@@ -51,8 +55,6 @@ def describe_method(proto: Protocol, console: Console) -> dict:
         down = len(serialize(run.method.download(server_state, info)))
         up = len(serialize(run.method.upload(model, info)))
         sizes.append((down, up))
-        wire.add_row(
-            str(info.client), ",".join(info.tasks), "yes" if info.has_ocr else "no", f"{down:,}", f"{up:,}"
-        )
+        wire.add_row(str(info.client), ",".join(info.tasks), "yes" if info.has_ocr else "no", f"{down:,}", f"{up:,}")
     console.print(wire)
     return {"counts": counts, "groups": groups, "bytes": sizes}

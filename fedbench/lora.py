@@ -55,9 +55,7 @@ class LoRADelta(nn.Module):
         self.lora_B = nn.ParameterDict()
         for name in adapters:
             self.lora_A[name] = nn.Parameter(torch.empty(len(slices), spec.rank, in_features))
-            self.lora_B[name] = nn.Parameter(
-                torch.zeros(len(slices), slices[0].stop - slices[0].start, spec.rank)
-            )
+            self.lora_B[name] = nn.Parameter(torch.zeros(len(slices), slices[0].stop - slices[0].start, spec.rank))
             nn.init.kaiming_uniform_(self.lora_A[name].view(-1, in_features), a=math.sqrt(5))
         self.mix: dict[str, float] = {adapters[0]: 1.0}
         self.detached: set[str] = set()
@@ -83,16 +81,12 @@ class LoRADelta(nn.Module):
         cursor = 0
         for i, sl in enumerate(self.slices):
             if sl.start > cursor:
-                pieces.append(
-                    torch.zeros(sl.start - cursor, weight.shape[1], dtype=weight.dtype, device=weight.device)
-                )
+                pieces.append(torch.zeros(sl.start - cursor, weight.shape[1], dtype=weight.dtype, device=weight.device))
             pieces.append(d[i].to(weight.dtype))
             cursor = sl.stop
         if cursor < weight.shape[0]:
             pieces.append(
-                torch.zeros(
-                    weight.shape[0] - cursor, weight.shape[1], dtype=weight.dtype, device=weight.device
-                )
+                torch.zeros(weight.shape[0] - cursor, weight.shape[1], dtype=weight.dtype, device=weight.device)
             )
         return weight + torch.cat(pieces, 0)
 
@@ -104,9 +98,7 @@ def attention_qv_targets(tower: nn.Module) -> list[tuple[nn.Module, str, list[sl
         if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             d = module.embed_dim
             targets.append((module, "in_proj_weight", [slice(0, d), slice(2 * d, 3 * d)]))
-        elif hasattr(module, "in_proj_weight") and isinstance(
-            getattr(module, "in_proj_weight", None), nn.Parameter
-        ):
+        elif hasattr(module, "in_proj_weight") and isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
             d = module.in_proj_weight.shape[1]  # open_clip's custom Attention
             targets.append((module, "in_proj_weight", [slice(0, d), slice(2 * d, 3 * d)]))
         elif hasattr(module, "q_proj") and hasattr(module, "v_proj") and isinstance(module.q_proj, nn.Linear):
@@ -117,9 +109,7 @@ def attention_qv_targets(tower: nn.Module) -> list[tuple[nn.Module, str, list[sl
     return targets
 
 
-def inject_lora(
-    tower: nn.Module, spec: LoRASpec, adapters: tuple[str, ...] = ("default",)
-) -> list[LoRADelta]:
+def inject_lora(tower: nn.Module, spec: LoRASpec, adapters: tuple[str, ...] = ("default",)) -> list[LoRADelta]:
     """Attach a :class:`LoRADelta` to every q/v projection of ``tower``; returns them in order."""
     deltas = []
     for module, weight_name, slices in attention_qv_targets(tower):

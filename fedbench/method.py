@@ -55,8 +55,10 @@ class Method:
     """Base class of every federated method; subclass and register with :func:`register_method`.
 
     Defaults give FedAvg: every trainable tensor shared, the server state is the global
-    copy of the shared tensors, every client downloads all of it, and the server takes the
-    example-weighted mean of the uploads.
+    copy of the shared tensors, and the server takes the example-weighted mean of the uploads.
+    Harness choice: a client exchanges only the task heads of the tasks it holds (a head of a
+    task without data is neither trained nor useful to it), so each head is averaged over the
+    clients that hold its task.
     """
 
     name: ClassVar[str] = ""
@@ -88,11 +90,13 @@ class Method:
         return {n: p.detach().clone() for n, p in model.named_parameters() if tags.get(n) == "shared"}
 
     def download(self, server_state: Payload, client: ClientInfo) -> Payload:
-        return dict(server_state)
+        return {n: t for n, t in server_state.items() if holds(client, n)}
 
     def upload(self, model: ClientModel, client: ClientInfo) -> Payload:
         tags = self.tags(model)
-        return {n: p.detach().clone() for n, p in model.named_parameters() if tags.get(n) == "shared"}
+        return {
+            n: p.detach().clone() for n, p in model.named_parameters() if tags.get(n) == "shared" and holds(client, n)
+        }
 
     def aggregate(self, server_state: Payload, replies: Sequence[Reply]) -> Payload:
         """Pure function of the replies: example-weighted mean per tensor."""
@@ -101,6 +105,13 @@ class Method:
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "paper": self.paper, "options": dataclasses.asdict(self.options)}
+
+
+def holds(client: ClientInfo, name: str) -> bool:
+    """False for the parameters of a task head whose task the client does not hold."""
+    if not name.startswith("heads."):
+        return True
+    return name.split(".", 2)[1] in client.tasks
 
 
 def register_method(name: str):

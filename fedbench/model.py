@@ -20,6 +20,8 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 from fedbench.backbone import Backbone
 from fedbench.task import TaskSpec
 
+OCR_TOKENS = 8  # at most this many OCR tokens per row, in reading order
+
 
 @dataclass
 class Batch:
@@ -30,8 +32,8 @@ class Batch:
     task: np.ndarray  # [B] task names
     task_id: torch.Tensor  # [B] index into the run's task list
     question: torch.Tensor  # [B,E] frozen text-tower embedding of the question
-    ocr: torch.Tensor  # [B,E] embedding of the OCR text (zeros where absent)
-    ocr_mask: torch.Tensor  # [B] bool, True where the row has OCR text
+    ocr: torch.Tensor  # [B,K,E] embeddings of the OCR tokens in reading order (zeros where absent)
+    ocr_mask: torch.Tensor  # [B,K] bool, True for present OCR tokens
     label: torch.Tensor  # [B] answer index (-1 for box tasks)
     box: torch.Tensor  # [B,4] target box (NaN for answer tasks)
 
@@ -46,8 +48,8 @@ class Features:
     tokens: torch.Tensor  # [B,L,Dt] patch tokens
     image: torch.Tensor  # [B,E] pooled image embedding
     question: torch.Tensor  # [B,E]
-    ocr: torch.Tensor  # [B,E]
-    ocr_mask: torch.Tensor  # [B]
+    ocr: torch.Tensor  # [B,K,E] OCR token embeddings
+    ocr_mask: torch.Tensor  # [B,K]
     task_id: torch.Tensor  # [B]
 
     def select(self, idx: torch.Tensor) -> Features:
@@ -69,16 +71,35 @@ class QueryPool(nn.Module):
         return torch.einsum("bl,bld->bd", weights, tokens), weights
 
 
+class OCRPointer(nn.Module):
+    """Attention over the OCR tokens (M4C-style: OCR tokens as a set with reading-order slots).
+
+    The query is made from the question and the image; a row without OCR tokens gets a learned
+    null vector instead, so clients without OCR train the same head.
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.slot = nn.Parameter(torch.zeros(OCR_TOKENS, embed_dim))
+        self.query = nn.Linear(2 * embed_dim, embed_dim)
+        self.null = nn.Parameter(torch.zeros(embed_dim))
+
+    def forward(self, f: Features) -> torch.Tensor:
+        keys = f.ocr + self.slot[: f.ocr.shape[1]]
+        scores = torch.einsum("bke,be->bk", keys, self.query(torch.cat([f.question, f.image], -1)))
+        scores = (scores / math.sqrt(keys.shape[-1])).masked_fill(~f.ocr_mask, -1e9)
+        read = torch.einsum("bk,bke->be", scores.softmax(-1), f.ocr)
+        return torch.where(f.ocr_mask.any(1, keepdim=True), read, self.null.expand_as(read))
+
+
 class AnswerHead(nn.Module):
-    """Answer classifier on [image, question, question-pooled tokens, (OCR or learned null)]."""
+    """Answer classifier on [image, question, question-pooled tokens, (OCR read-out)]."""
 
     def __init__(self, spec: TaskSpec, token_dim: int, embed_dim: int, hidden: int = 256) -> None:
         super().__init__()
-        self.uses_ocr = spec.uses_ocr
         self.pool = QueryPool(token_dim, embed_dim)
-        in_dim = 2 * embed_dim + token_dim + (embed_dim if self.uses_ocr else 0)
-        if self.uses_ocr:
-            self.ocr_null = nn.Parameter(torch.zeros(embed_dim))
+        self.ocr = OCRPointer(embed_dim) if spec.uses_ocr else None
+        in_dim = 2 * embed_dim + token_dim + (embed_dim if spec.uses_ocr else 0)
         self.mlp = nn.Sequential(
             nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, spec.num_answers)
         )
@@ -86,8 +107,8 @@ class AnswerHead(nn.Module):
     def forward(self, f: Features) -> torch.Tensor:
         pooled, _ = self.pool(f.tokens, f.question)
         parts = [f.image, f.question, pooled]
-        if self.uses_ocr:
-            parts.append(torch.where(f.ocr_mask[:, None], f.ocr, self.ocr_null.expand_as(f.ocr)))
+        if self.ocr is not None:
+            parts.append(self.ocr(f))
         return self.mlp(torch.cat(parts, -1))
 
     @staticmethod
@@ -149,9 +170,7 @@ class ClientModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.tasks = list(tasks)
-        self.heads = nn.ModuleDict(
-            {t.name: make_head(t, backbone.token_dim, backbone.embed_dim) for t in tasks}
-        )
+        self.heads = nn.ModuleDict({t.name: make_head(t, backbone.token_dim, backbone.embed_dim) for t in tasks})
 
     def encode(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> Features:
         tokens, image = cached if cached is not None else self.backbone.encode_image(batch.images)

@@ -18,16 +18,12 @@ def _convert(value: Any, tp: Any, owner: str, key: str) -> Any:
         if literal_choices is not None:
             if value not in literal_choices:
                 choices = ", ".join(map(str, literal_choices))
-                raise OptionError(
-                    f"option '{key}' of {owner} = {value!r} is invalid: choose one of {choices}"
-                )
+                raise OptionError(f"option '{key}' of {owner} = {value!r} is invalid: choose one of {choices}")
             return value
         if origin is tuple:
             items = value.replace("+", ",").split(",") if isinstance(value, str) else list(value)
             (inner, *_rest) = typing.get_args(tp)
-            return tuple(
-                _convert(v.strip() if isinstance(v, str) else v, inner, owner, key) for v in items if v != ""
-            )
+            return tuple(_convert(v.strip() if isinstance(v, str) else v, inner, owner, key) for v in items if v != "")
         if tp is bool:
             if isinstance(value, bool):
                 return value

@@ -179,8 +179,7 @@ def _build(cls: type, table: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise ProtocolError(
-            f"unknown protocol field '{prefix}{unknown[0]}'. "
-            f"Valid fields: {', '.join(prefix + n for n in names)}"
+            f"unknown protocol field '{prefix}{unknown[0]}'. Valid fields: {', '.join(prefix + n for n in names)}"
         )
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in table.items()})
 
@@ -191,13 +190,9 @@ def _method_entry(item: Any, index: int) -> MethodEntry:
     if isinstance(item, dict) and isinstance(item.get("name"), str):
         extra = sorted(set(item) - {"name", "options"})
         if extra:
-            raise ProtocolError(
-                f"unknown protocol field 'methods[{index}].{extra[0]}'. Valid fields: name, options"
-            )
+            raise ProtocolError(f"unknown protocol field 'methods[{index}].{extra[0]}'. Valid fields: name, options")
         return MethodEntry(item["name"], dict(item.get("options", {})))
-    raise ProtocolError(
-        f"protocol field 'methods[{index}]' must be a method name or {{name, options}}, got {item!r}"
-    )
+    raise ProtocolError(f"protocol field 'methods[{index}]' must be a method name or {{name, options}}, got {item!r}")
 
 
 def from_dict(table: dict[str, Any]) -> Protocol:

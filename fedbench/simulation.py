@@ -22,7 +22,7 @@ import torch
 from fedbench.backbone import Backbone, create_backbone
 from fedbench.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, TRAIN, ClientPlan, ExampleTable
 from fedbench.method import ClientInfo, Method, Reply, count_params, create_method
-from fedbench.model import Batch, ClientModel, sub_batch
+from fedbench.model import OCR_TOKENS, Batch, ClientModel, sub_batch
 from fedbench.payload import Payload, analytic_bytes, check_upload, deserialize, serialize
 from fedbench.protocol import MethodEntry, Protocol
 from fedbench.provenance import git_commit, library_versions
@@ -55,13 +55,9 @@ class RowStore:
         self.task_names = [s.name for s in specs]
         self.images = table.images.to(device)
         self.image_index = torch.as_tensor(table.image_index, dtype=torch.long)
-        self.task_id = torch.as_tensor(
-            [self.task_names.index(t) for t in table.task], dtype=torch.long, device=device
-        )
+        self.task_id = torch.as_tensor([self.task_names.index(t) for t in table.task], dtype=torch.long, device=device)
         self.question = self._encode(backbone, table.question)
-        self.ocr = self._encode(backbone, table.ocr_text)
-        self.ocr_mask = torch.as_tensor(table.ocr_text != "", device=device)
-        self.ocr[~self.ocr_mask] = 0.0
+        self.ocr, self.ocr_mask = self._encode_tokens(backbone, table.ocr_text)
         self.label = torch.as_tensor(table.label, dtype=torch.long, device=device)
         self.box = torch.as_tensor(table.box, dtype=torch.float32, device=device)
 
@@ -69,6 +65,24 @@ class RowStore:
     def _encode(backbone: Backbone, texts: np.ndarray) -> torch.Tensor:
         unique, inverse = np.unique(texts.astype(str), return_inverse=True)
         return backbone.encode_text(list(unique))[torch.as_tensor(inverse, device=backbone.mean.device)]
+
+    @staticmethod
+    def _encode_tokens(backbone: Backbone, texts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """OCR text -> one embedding per whitespace token (reading order), at most OCR_TOKENS."""
+        tokens = [str(t).split()[:OCR_TOKENS] for t in texts]
+        vocab = sorted({w for ts in tokens for w in ts})
+        device = backbone.mean.device
+        k = max((len(ts) for ts in tokens), default=0) or 1
+        emb = torch.zeros(len(texts), k, backbone.embed_dim, device=device)
+        mask = torch.zeros(len(texts), k, dtype=torch.bool, device=device)
+        if vocab:
+            table = backbone.encode_text(vocab)
+            index = {w: i for i, w in enumerate(vocab)}
+            for row, ts in enumerate(tokens):
+                if ts:
+                    emb[row, : len(ts)] = table[[index[w] for w in ts]]
+                    mask[row, : len(ts)] = True
+        return emb, mask
 
     def batch(self, rows: np.ndarray, with_images: bool = True) -> Batch:
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
@@ -131,9 +145,7 @@ def prepare(
     table = suite(plans, protocol.data, list(protocol.tasks), seed)
     backbone = backbone or create_backbone(protocol.backbone.name, device)
     store = RowStore(table, specs, backbone, device)
-    return Prepared(
-        protocol, seed, plans, table, specs, backbone, store, device, majority_scores(table, specs)
-    )
+    return Prepared(protocol, seed, plans, table, specs, backbone, store, device, majority_scores(table, specs))
 
 
 def majority_scores(table: ExampleTable, specs: Sequence[TaskSpec]) -> dict[str, float]:
@@ -232,6 +244,10 @@ def run_id_for(entry: MethodEntry, seed: int, protocol: Protocol) -> str:
     return f"{slug}__seed{seed}__{protocol.hash}"
 
 
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint that the current code cannot resume."""
+
+
 Progress = Callable[[str, dict[str, Any]], None]
 
 
@@ -242,9 +258,7 @@ def _noop(event: str, info: dict[str, Any]) -> None:
 class Run:
     """One (method row, seed) run of a protocol, resumable from its last completed round."""
 
-    def __init__(
-        self, prep: Prepared, entry: MethodEntry, results_dir: Path, progress: Progress = _noop
-    ) -> None:
+    def __init__(self, prep: Prepared, entry: MethodEntry, results_dir: Path, progress: Progress = _noop) -> None:
         self.prep, self.entry, self.progress = prep, entry, progress
         self.protocol = prep.protocol
         self.method: Method = create_method(entry.name, entry.options)
@@ -296,23 +310,25 @@ class Run:
         shared = {n for n, t in tags.items() if t == "shared"}
         local = {n for n, t in tags.items() if t == "local"}
         init = trainable_state(model)
+        self._trainable = list(init)
         server_state = self.method.init_server_state(model)
         client_states: dict[int, State] = {}
         start = 0
         if self.checkpoint_path.is_file():
             ckpt = torch.load(self.checkpoint_path, weights_only=True)
+            if sorted(ckpt.get("trainable", [])) != sorted(init):
+                raise CheckpointMismatch(
+                    f"checkpoint '{self.checkpoint_path}' was written by a model with other parameters "
+                    "(code changed since); remove that run directory or use another --results"
+                )
             start, server_state, client_states = ckpt["round"], ckpt["server_state"], ckpt["client_states"]
             self._truncate_records(start)
             self.progress("resume", {"run_id": self.run_id, "round": start})
         infos = self.prep.infos
         rounds = self.protocol.rounds
-        self.progress(
-            "start", {"run_id": self.run_id, "label": self.entry.label, "rounds": rounds, "start": start}
-        )
+        self.progress("start", {"run_id": self.run_id, "label": self.entry.label, "rounds": rounds, "start": start})
         for r in range(start, rounds):
-            rows, server_state = self._round(
-                r, model, server_state, client_states, init, infos, shared, local
-            )
+            rows, server_state = self._round(r, model, server_state, client_states, init, infos, shared, local)
             if (r + 1) == rounds or (self.protocol.eval.every and (r + 1) % self.protocol.eval.every == 0):
                 rows += self._evaluate(r, model, server_state, client_states, init, infos)
             append_records(self.records_path, rows)
@@ -390,9 +406,7 @@ class Run:
                 rows.append(self._eval_row(r, "client", info.client, task, "test", correct[mask]))
             for task in info.tasks:
                 if (digest, task) not in seen:
-                    seen[(digest, task)] = correct_per_row(
-                        model, store, table.rows(split=GLOBAL_TEST, task=task), bs
-                    )
+                    seen[(digest, task)] = correct_per_row(model, store, table.rows(split=GLOBAL_TEST, task=task), bs)
                 per_task.setdefault(task, []).append(seen[(digest, task)].mean())
         for task, values in per_task.items():
             n = len(table.rows(split=GLOBAL_TEST, task=task))
@@ -421,11 +435,10 @@ class Run:
             "n": len(correct),
         }
 
-    def _save_checkpoint(
-        self, next_round: int, server_state: Payload, client_states: dict[int, State]
-    ) -> None:
+    def _save_checkpoint(self, next_round: int, server_state: Payload, client_states: dict[int, State]) -> None:
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save({"round": next_round, "server_state": server_state, "client_states": client_states}, tmp)
+        body = {"round": next_round, "server_state": server_state, "client_states": client_states}
+        torch.save({**body, "trainable": sorted(self._trainable)}, tmp)
         tmp.replace(self.checkpoint_path)
 
     def _truncate_records(self, next_round: int) -> None:

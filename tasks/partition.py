@@ -26,9 +26,7 @@ def _task_assignment(tasks: list[str], num_clients: int, per_client: int) -> lis
             f"{num_clients} clients holding {k} task(s) each cannot cover all {n_tasks} tasks {tasks}; "
             "raise num_clients or tasks_per_client"
         )
-    starts = [
-        c % n_tasks if num_clients >= n_tasks else c * n_tasks // num_clients for c in range(num_clients)
-    ]
+    starts = [c % n_tasks if num_clients >= n_tasks else c * n_tasks // num_clients for c in range(num_clients)]
     return [tuple(tasks[(s + j) % n_tasks] for j in range(k)) for s in starts]
 
 
@@ -50,9 +48,7 @@ def make_plans(
 
     if config.dirichlet_alpha > 0:
         rng = np.random.default_rng([seed, _DIRICHLET])
-        class_weights = [
-            tuple(float(p) for p in rng.dirichlet([config.dirichlet_alpha] * n_classes)) for _ in range(n)
-        ]
+        class_weights = [tuple(float(p) for p in rng.dirichlet([config.dirichlet_alpha] * n_classes)) for _ in range(n)]
     else:
         class_weights = [None] * n
 
@@ -104,9 +100,7 @@ def partition_summary(table: ExampleTable) -> list[dict]:
         labels: dict[str, list[int]] = {}
         for task in sorted(set(table.task[mine].tolist())):
             in_task = mine & (table.task == task)
-            rows[task] = {
-                name: int((in_task & (table.split == code)).sum()) for code, name in SPLIT_NAMES.items()
-            }
+            rows[task] = {name: int((in_task & (table.split == code)).sum()) for code, name in SPLIT_NAMES.items()}
             spec = TASKS.get(task)
             if spec.family == "classification":
                 labels[task] = np.bincount(table.label[in_task], minlength=spec.num_answers).tolist()

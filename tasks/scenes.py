@@ -140,9 +140,7 @@ def _background(domain: int, size: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
-def _place(
-    sizes: list[tuple[int, int]], size: int, rng: np.random.Generator
-) -> list[tuple[int, int, int, int]]:
+def _place(sizes: list[tuple[int, int]], size: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
     """Non-overlapping boxes fully inside the image: 64 candidates per item, first free one wins."""
     for _ in range(100):
         boxes = np.empty((0, 4), dtype=np.int64)
@@ -186,9 +184,7 @@ def _draw_one(cls: int, domain: int, size: int, rng: np.random.Generator) -> tup
     others = rng.choice(len(CLASSES) - 1, size=n_objects - 1, replace=False)
     classes = [cls] + [int(c) + int(c >= cls) for c in others]  # distinct (colour, shape) combos
     sides = [int(rng.integers(round(_LARGE[0] * scale), round(_LARGE[1] * scale) + 1))]
-    sides += [
-        int(s) for s in rng.integers(round(_SMALL[0] * scale), round(_SMALL[1] * scale) + 1, n_objects - 1)
-    ]
+    sides += [int(s) for s in rng.integers(round(_SMALL[0] * scale), round(_SMALL[1] * scale) + 1, n_objects - 1)]
     jitter = rng.integers(-dom.jitter, dom.jitter + 1, (n_objects, 3)).tolist()
 
     font_size = max(6, round(dom.font_size * scale))
@@ -208,9 +204,7 @@ def _draw_one(cls: int, domain: int, size: int, rng: np.random.Generator) -> tup
     objects = []
     for c, box, jit in zip(classes, obj_boxes, jitter, strict=True):
         colour, shape = divmod(c, len(SHAPES))
-        rgb = tuple(
-            min(255, max(0, int(v) + t + j)) for v, t, j in zip(_RGB[colour], dom.tint, jit, strict=True)
-        )
+        rgb = tuple(min(255, max(0, int(v) + t + j)) for v, t, j in zip(_RGB[colour], dom.tint, jit, strict=True))
         _draw_shape(draw, shape, box, rgb)
         objects.append(SceneObject(colour, shape, box))
     signs = []
@@ -259,14 +253,10 @@ def _vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, int]:
         return "how many shapes are there?", VQA_ANSWERS.index(COUNT_WORDS[len(shapes) - 2])
     if kind == "colour_of":
         shape = unique_shapes[int(rng.integers(len(unique_shapes)))]
-        return f"what colour is the {SHAPES[shape]}?", VQA_ANSWERS.index(
-            COLOURS[colours[shapes.index(shape)]]
-        )
+        return f"what colour is the {SHAPES[shape]}?", VQA_ANSWERS.index(COLOURS[colours[shapes.index(shape)]])
     if kind == "shape_of":
         colour = unique_colours[int(rng.integers(len(unique_colours)))]
-        return f"what shape is the {COLOURS[colour]} object?", VQA_ANSWERS.index(
-            SHAPES[shapes[colours.index(colour)]]
-        )
+        return f"what shape is the {COLOURS[colour]} object?", VQA_ANSWERS.index(SHAPES[shapes[colours.index(colour)]])
     present = {o.cls for o in scene.objects}
     if rng.random() < 0.5:
         cls, answer = sorted(present)[int(rng.integers(len(present)))], "yes"
@@ -307,9 +297,7 @@ TASK_SPECS = {
 }
 
 
-def _sample(
-    weights: tuple[float, ...] | None, n_options: int, n: int, rng: np.random.Generator
-) -> np.ndarray:
+def _sample(weights: tuple[float, ...] | None, n_options: int, n: int, rng: np.random.Generator) -> np.ndarray:
     if weights is None:
         return rng.integers(0, n_options, n)
     p = np.asarray(weights, dtype=np.float64)
@@ -319,9 +307,7 @@ def _sample(
 
 
 @register_suite(SUITE)
-def build_scenes(
-    plans: list[ClientPlan], config: PartitionConfig, tasks: list[str], seed: int
-) -> ExampleTable:
+def build_scenes(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str], seed: int) -> ExampleTable:
     """Draw every client's train/test images and the global test set, one row per (image, task).
 
     Client rows exist only for the plan's tasks that are in ``tasks``; each global-test image
@@ -339,9 +325,7 @@ def build_scenes(
         if not held:
             continue
         for split, n in ((TRAIN, plan.n_train), (TEST, plan.n_test)):
-            groups.append(
-                (plan.client, split, held, n, plan.domain_weights, plan.class_weights, plan.has_ocr)
-            )
+            groups.append((plan.client, split, held, n, plan.domain_weights, plan.class_weights, plan.has_ocr))
     groups.append((GLOBAL_CLIENT, GLOBAL_TEST, list(tasks), config.global_test_images, None, None, True))
 
     columns = ("image_index", "task", "question", "ocr", "label", "box", "client", "split", "domain")

@@ -171,9 +171,7 @@ def _records() -> list[dict]:
         completed=False,
         majority={"vqa": 0.99, "ref": 0.99},
     )
-    rows += _run(
-        "ghost", 0, glob=perfect, clients={0: perfect}, up=9, down=9, params=(1, 1, 1), completed=False
-    )
+    rows += _run("ghost", 0, glob=perfect, clients={0: perfect}, up=9, down=9, params=(1, 1, 1), completed=False)
     return rows
 
 
@@ -322,9 +320,7 @@ def test_read_records_errors(tmp_path):
 def test_read_back_builds_same_board(tmp_path, board):
     rows = _records()
     for run_id in dict.fromkeys(r["run_id"] for r in rows):
-        append_records(
-            tmp_path / "runs" / run_id / "records.jsonl", [r for r in rows if r["run_id"] == run_id]
-        )
+        append_records(tmp_path / "runs" / run_id / "records.jsonl", [r for r in rows if r["run_id"] == run_id])
     again = build_leaderboard(read_records(tmp_path))
     pd.testing.assert_frame_equal(again, board)
 

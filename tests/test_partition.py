@@ -107,9 +107,7 @@ def test_partition_summary():
     assert [s["client"] for s in summary] == [0, 1, 2, 3, GLOBAL_CLIENT]
     for plan, s in zip(plans, summary[:-1], strict=True):
         assert set(s["rows"]) == set(plan.tasks)
-        assert all(
-            r == {"train": plan.n_train, "test": plan.n_test, "global_test": 0} for r in s["rows"].values()
-        )
+        assert all(r == {"train": plan.n_train, "test": plan.n_test, "global_test": 0} for r in s["rows"].values())
         assert sum(s["domain_histogram"]) == s["images"]
         assert s["has_ocr"] == plan.has_ocr
         if "classification" in plan.tasks:

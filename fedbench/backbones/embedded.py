@@ -112,9 +112,7 @@ def _wrap(model: open_clip.CLIP, tokenizer: WordTokenizer, name: str) -> Backbon
 def load_embedded(path: Path = WEIGHTS_PATH) -> tuple[open_clip.CLIP, WordTokenizer, dict]:
     """Load the committed weights; returns (model, tokenizer, metadata)."""
     if not path.is_file():
-        raise BackboneUnavailable(
-            f"embedded backbone weights '{path}' are missing: run `fedbench backbone pretrain`"
-        )
+        raise BackboneUnavailable(f"embedded backbone weights '{path}' are missing: run `fedbench backbone pretrain`")
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -126,9 +124,7 @@ def load_embedded(path: Path = WEIGHTS_PATH) -> tuple[open_clip.CLIP, WordTokeni
         config["model"]["text_cfg"]["context_length"],
     )
     if tokenizer.vocab != vocab:
-        raise BackboneUnavailable(
-            f"embedded backbone '{path}' has a vocabulary this tokenizer cannot rebuild"
-        )
+        raise BackboneUnavailable(f"embedded backbone '{path}' has a vocabulary this tokenizer cannot rebuild")
     model = build_clip(len(vocab), config)
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     model.load_state_dict(state)

@@ -1,0 +1,74 @@
+"""Speed of the harness's hot paths, reported as ratios against a baseline measured in the same run.
+
+Run: ``pytest benchmarks/ --benchmark-only``. Nothing here asserts a time; the ratio lands in
+each benchmark's ``extra_info`` (and in ``--benchmark-json``).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fedbench.data import PartitionConfig
+from fedbench.payload import serialize
+from fedbench.protocol import LocalConfig, MethodEntry, Protocol
+from fedbench.simulation import Run, correct_per_row, prepare
+
+PROTO = Protocol(
+    name="bench",
+    data=PartitionConfig(num_clients=2, train_images=32, test_images=8, global_test_images=48),
+    local=LocalConfig(steps=1, batch_size=32),
+)
+
+
+@pytest.fixture(scope="module")
+def prep():
+    return prepare(PROTO, 0, device=torch.device("cpu"))
+
+
+def _seconds(fn, repeat: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def test_eval_encodes_each_image_once(benchmark, prep, tmp_path):
+    """Evaluation encodes unique images once for all their task rows; baseline encodes per row."""
+    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path)
+    model = run.build()
+    rows = prep.table.rows(split=2)
+
+    def per_row_baseline():
+        with torch.no_grad():
+            for i in range(0, len(rows), 128):
+                model(prep.store.batch(rows[i : i + 128]))
+
+    baseline = _seconds(per_row_baseline, 3)
+    benchmark(correct_per_row, model, prep.store, rows, 128)
+    benchmark.extra_info["baseline_s"] = baseline
+    benchmark.extra_info["speedup_vs_per_row"] = baseline / benchmark.stats.stats.min
+
+
+def test_safetensors_payload_vs_torch_save(benchmark, prep, tmp_path):
+    """The wire format: safetensors serialization against torch.save of the same payload."""
+    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path)
+    payload = run.method.upload(run.build(), prep.infos[0])
+
+    def torch_save():
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        return buf.getvalue()
+
+    baseline = _seconds(torch_save)
+    blob = benchmark(serialize, payload)
+    benchmark.extra_info["baseline_s"] = baseline
+    benchmark.extra_info["speed_ratio_vs_torch_save"] = baseline / benchmark.stats.stats.min
+    benchmark.extra_info["size_ratio_vs_torch_save"] = len(blob) / len(torch_save())
+    assert np.isfinite(benchmark.extra_info["size_ratio_vs_torch_save"])

@@ -1,0 +1,47 @@
+import pytest
+
+from fedbench import protocol
+from fedbench.protocol import ProtocolError
+
+
+@pytest.mark.parametrize("name", ["smoke", "default"])
+def test_presets_load_and_validate(name):
+    proto = protocol.load(name)
+    assert proto.name == name
+    assert len(proto.hash) == 12
+
+
+def test_hash_ignores_name_but_not_numbers():
+    p = protocol.load("smoke")
+    assert p.replace(name="other").hash == p.hash
+    assert p.replace(rounds=p.rounds + 1).hash != p.hash
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("rounds = 0", "'rounds' = 0 is invalid: expected an integer >= 1"),
+        ("roundz = 3", "unknown protocol field 'roundz'. Valid fields:"),
+        ("[data]\nocr_fraction = 1.5", "'data.ocr_fraction' = 1.5 is invalid: expected a number in [0, 1]"),
+        ("[data]\nnum_clients = 'four'", "'data.num_clients' must be int"),
+        ("[local]\noptimizer = 'sgd'", "'local.optimizer' = 'sgd' is invalid: expected one of: adamw"),
+        ("rounds = [", "malformed TOML"),
+        ("methods = [{name = 'fedavg-lora', colour = 1}]", "unknown protocol field 'methods[0].colour'"),
+    ],
+)
+def test_bad_fields_are_named(tmp_path, toml, needle):
+    path = tmp_path / "p.toml"
+    path.write_text(toml)
+    with pytest.raises(ProtocolError) as info:
+        protocol.load(str(path))
+    assert needle in str(info.value)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ProtocolError, match=r"Unknown preset 'smok'\. Available: default, smoke"):
+        protocol.load("smok")
+
+
+def test_method_options_make_labels():
+    proto = protocol.from_dict({"methods": ["fedavg-lora", {"name": "ffa-lora", "options": {"rank": 4}}]})
+    assert [m.label for m in proto.methods] == ["fedavg-lora", "ffa-lora[rank=4]"]

@@ -1,0 +1,104 @@
+"""End-to-end runs on the tiny protocol: determinism, resume, a toy plug-in, the leaderboard."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fedbench.leaderboard import build_leaderboard, render
+from fedbench.method import Method, register_method
+from fedbench.protocol import MethodEntry
+from fedbench.records import read_jsonl, read_records
+from fedbench.registry import METHODS
+from fedbench.simulation import Run
+
+VOLATILE = {"compute_s", "git_commit", "versions"}
+
+
+def _stable(rows):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def test_same_seed_gives_identical_records(tiny_prep, tmp_path):
+    a = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path / "a").execute()
+    b = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path / "b").execute()
+    rows_a = read_jsonl(tmp_path / "a" / "runs" / a / "records.jsonl")
+    rows_b = read_jsonl(tmp_path / "b" / "runs" / b / "records.jsonl")
+    assert _stable(rows_a) == _stable(rows_b)
+    train = [r for r in rows_a if r["kind"] == "train"]
+    assert train and all(r["up_bytes"] > r["up_bytes_analytic"] > 0 for r in train)
+    assert all(r["timer"] == "process_cpu" for r in train)
+
+
+def test_killed_run_resumes_to_the_same_numbers(tiny_prep, tmp_path, monkeypatch):
+    clean = Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "clean").execute()
+    original = Run._round
+
+    def crash_on_second_round(self, r, *args, **kwargs):
+        if r == 1:
+            raise KeyboardInterrupt
+        return original(self, r, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "_round", crash_on_second_round)
+    with pytest.raises(KeyboardInterrupt):
+        Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "killed").execute()
+    monkeypatch.setattr(Run, "_round", original)
+    resumed = Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "killed")
+    assert resumed.checkpoint_path.is_file()
+    resumed.execute()
+    a = read_jsonl(tmp_path / "clean" / "runs" / clean / "records.jsonl")
+    b = read_jsonl(resumed.records_path)
+    assert _stable(a) == _stable(b)
+
+
+@dataclass(frozen=True)
+class ToyOptions:
+    head_only: bool = True
+
+
+def test_toy_method_registered_in_a_test_module_runs_without_harness_changes(tiny_prep, tmp_path):
+    @register_method("toy-local-heads")
+    class ToyLocalHeads(Method):
+        """Heads only, kept local: nothing crosses the network but an empty payload."""
+
+        Options = ToyOptions
+
+        def tag(self, name):
+            return "local"
+
+    try:
+        run_id = Run(tiny_prep, MethodEntry("toy-local-heads"), tmp_path).execute()
+        rows = read_jsonl(tmp_path / "runs" / run_id / "records.jsonl")
+        train = [r for r in rows if r["kind"] == "train"]
+        assert all(r["up_bytes_analytic"] == 0 for r in train)
+        board = build_leaderboard(read_records(tmp_path))
+        assert list(board["method"])[-1] == "majority"
+        assert "toy-local-heads" in set(board["method"])
+        assert board.set_index("method").loc["toy-local-heads", "params_shared"] == 0
+    finally:
+        METHODS.unregister("toy-local-heads")
+
+
+def test_leaderboard_has_method_rows_majority_and_synthetic_label(tiny_prep, tmp_path):
+    for name in ("fedavg-lora", "ffa-lora"):
+        Run(tiny_prep, MethodEntry(name), tmp_path).execute()
+    board = build_leaderboard(read_records(tmp_path))
+    assert list(board["method"])[-1] == "majority"
+    assert {"fedavg-lora", "ffa-lora"} <= set(board["method"])
+    for task in ("classification", "vqa", "grounding", "ocr_vqa"):
+        assert f"acc_{task}" in board.columns
+    md = render(board, "markdown")
+    assert "SYNTHETIC" in md
+    fed = board.set_index("method").loc["fedavg-lora"]
+    ffa = board.set_index("method").loc["ffa-lora"]
+    assert fed["up_mb_per_round"] > ffa["up_mb_per_round"] > 0
+
+
+def test_completed_run_is_skipped_not_redone(tiny_prep, tmp_path):
+    run = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path)
+    run.execute()
+    before = run.records_path.read_bytes()
+    events = []
+    Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path, lambda e, i: events.append(e)).execute()
+    assert events == ["skip"] and run.records_path.read_bytes() == before
+    assert torch.get_num_threads() >= 1
