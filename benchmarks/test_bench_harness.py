@@ -16,7 +16,7 @@ import torch
 from fedbench.data import PartitionConfig
 from fedbench.payload import serialize
 from fedbench.protocol import LocalConfig, MethodEntry, Protocol
-from fedbench.simulation import Run, correct_per_row, prepare
+from fedbench.simulation import Run, evaluate_rows, prepare
 
 PROTO = Protocol(
     name="bench",
@@ -51,7 +51,8 @@ def test_eval_encodes_each_image_once(benchmark, prep, tmp_path):
                 model(prep.store.batch(rows[i : i + 128]))
 
     baseline = _seconds(per_row_baseline, 3)
-    benchmark(correct_per_row, model, prep.store, rows, 128)
+    ctx = run.context(prep.infos[0], 0)
+    benchmark(evaluate_rows, model, run.method, ctx, rows, 128)
     benchmark.extra_info["baseline_s"] = baseline
     benchmark.extra_info["speedup_vs_per_row"] = baseline / benchmark.stats.stats.min
 

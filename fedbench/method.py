@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -22,6 +22,9 @@ from fedbench.options import build_config
 from fedbench.payload import Payload
 from fedbench.registry import METHODS
 from fedbench.task import TaskSpec
+
+if TYPE_CHECKING:
+    from fedbench.simulation import ClientContext
 
 Tag = Literal["shared", "local"]
 
@@ -83,6 +86,17 @@ class Method:
 
     def tags(self, model: ClientModel) -> dict[str, Tag]:
         return {n: self.tag(n) for n, p in model.named_parameters() if p.requires_grad}
+
+    # --- client work ------------------------------------------------------------------------
+    def local_update(self, model: ClientModel, ctx: ClientContext) -> None:
+        """One client's local training; default: every trainable parameter, ``local.steps`` steps."""
+        ctx.train(model, [p for p in model.parameters() if p.requires_grad])
+
+    def encode_images(
+        self, model: ClientModel, image_ids: torch.Tensor, ctx: ClientContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image features at evaluation (override for instance-wise adapter mixing)."""
+        return model.backbone.encode_image(ctx.store.images[image_ids.to(ctx.store.device)])
 
     # --- communication ----------------------------------------------------------------------
     def init_server_state(self, model: ClientModel) -> Payload:

@@ -170,6 +170,9 @@ class ClientModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.tasks = list(tasks)
+        self.task_names = [t.name for t in tasks]
+        self.routing: torch.Tensor | None = None  # [B, E] routing weights of the last forward, if any
+        self.expert_names: list[str] = []
         self.heads = nn.ModuleDict({t.name: make_head(t, backbone.token_dim, backbone.embed_dim) for t in tasks})
 
     def encode(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> Features:

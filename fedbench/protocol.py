@@ -99,9 +99,12 @@ class Protocol:
 
     @property
     def hash(self) -> str:
-        """Hash of everything that changes numbers (the name does not)."""
+        """Hash of everything that changes a run's numbers; not the name, nor the list of seeds and
+        method rows (each record carries its own seed and method), so adding a seed or a method
+        row keeps the runs already made."""
         body = self.as_dict()
-        body.pop("name")
+        for key in ("name", "seeds", "methods"):
+            body.pop(key)
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def replace(self, **changes: Any) -> Protocol:

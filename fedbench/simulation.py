@@ -114,6 +114,7 @@ class Prepared:
     store: RowStore
     device: torch.device
     majority: dict[str, float]
+    features: FeatureCache
 
     @property
     def infos(self) -> list[ClientInfo]:
@@ -145,7 +146,10 @@ def prepare(
     table = suite(plans, protocol.data, list(protocol.tasks), seed)
     backbone = backbone or create_backbone(protocol.backbone.name, device)
     store = RowStore(table, specs, backbone, device)
-    return Prepared(protocol, seed, plans, table, specs, backbone, store, device, majority_scores(table, specs))
+    features = FeatureCache(backbone, store.images, protocol.eval.batch_size)
+    return Prepared(
+        protocol, seed, plans, table, specs, backbone, store, device, majority_scores(table, specs), features
+    )
 
 
 def majority_scores(table: ExampleTable, specs: Sequence[TaskSpec]) -> dict[str, float]:
@@ -196,47 +200,106 @@ def sample_clients(seed: int, round_: int, num_clients: int, fraction: float) ->
     return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
 
 
-def local_train(model: ClientModel, store: RowStore, rows: np.ndarray, protocol: Protocol, seed: int) -> None:
-    """``local.steps`` AdamW steps on batches drawn with replacement from the client's train rows."""
-    cfg = protocol.local
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout inside LoRA
-    model.train()
-    for _ in range(cfg.steps):
-        pick = rows[torch.randint(len(rows), (min(cfg.batch_size, len(rows)),), generator=gen).numpy()]
-        loss = model.loss(store.batch(pick))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
+class FeatureCache:
+    """Frozen-backbone image features of every image, computed once per seed and shared by all
+    methods whose trainable parts sit after the towers (keyed by the backbone and the table)."""
+
+    def __init__(self, backbone: Backbone, images: torch.Tensor, batch_size: int = 256) -> None:
+        self.backbone, self.images, self.batch_size = backbone, images, batch_size
+        self._tokens: torch.Tensor | None = None
+        self._pooled: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _fill(self) -> None:
+        tokens, pooled = [], []
+        for i in range(0, len(self.images), self.batch_size):
+            t, p = self.backbone.encode_image(self.images[i : i + self.batch_size])
+            tokens.append(t)
+            pooled.append(p)
+        self._tokens, self._pooled = torch.cat(tokens), torch.cat(pooled)
+
+    def get(self, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tokens is None:
+            self._fill()
+        idx = image_index.to(self._tokens.device)
+        return self._tokens[idx], self._pooled[idx]
+
+
+@dataclass
+class ClientContext:
+    """What a method may use on a client during its local update: its info, its training rows and
+    the harness's training loop (so no method writes its own optimiser loop)."""
+
+    info: ClientInfo
+    round: int
+    store: RowStore
+    train_rows: np.ndarray
+    protocol: Protocol
+    seed: int
+    features: FeatureCache
+
+    def inputs(self, model: ClientModel, rows: np.ndarray) -> tuple[Batch, tuple[torch.Tensor, torch.Tensor] | None]:
+        """A batch of ``rows`` and, when the backbone is frozen, its cached image features."""
+        frozen = not model.uses_backbone_grad()
+        batch = self.store.batch(rows, with_images=not frozen)
+        return batch, self.features.get(batch.image_index) if frozen else None
+
+    def sample(self, n: int, purpose: str) -> np.ndarray:
+        """``n`` training rows drawn with replacement, from a stream named by ``purpose``."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.info.client, purpose))
+        return self.train_rows[torch.randint(len(self.train_rows), (n,), generator=gen).numpy()]
+
+    def train(self, model: ClientModel, params: Sequence[torch.nn.Parameter], phase: str = "train") -> None:
+        """``local.steps`` AdamW steps on ``params`` over batches drawn from the client's train rows."""
+        cfg = self.protocol.local
+        opt = torch.optim.AdamW(list(params), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.info.client, phase))
+        torch.manual_seed(derive_seed(self.seed, self.round, self.info.client, phase, "dropout"))
+        model.train()
+        bs = min(cfg.batch_size, len(self.train_rows))
+        for _ in range(cfg.steps):
+            pick = self.train_rows[torch.randint(len(self.train_rows), (bs,), generator=gen).numpy()]
+            loss = model.loss(*self.inputs(model, pick))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
 
 
 @torch.no_grad()
-def correct_per_row(model: ClientModel, store: RowStore, rows: np.ndarray, batch_size: int) -> np.ndarray:
-    """1.0 where the model answers the row correctly (IoU >= 0.5 for boxes); images encoded once."""
+def evaluate_rows(
+    model: ClientModel, method: Method, ctx: ClientContext, rows: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per row: 1.0 where the model answers correctly (IoU >= 0.5 for boxes); images encoded once.
+
+    Also returns, per task, the summed routing weights over experts when the model routes.
+    """
     model.eval()
     out = np.zeros(len(rows), dtype=np.float64)
+    usage: dict[str, np.ndarray] = {}
     if len(rows) == 0:
-        return out
-    images, position = np.unique(store.image_index[rows].numpy(), return_inverse=True)
-    tokens, pooled = [], []
-    for i in range(0, len(images), batch_size):
-        t, p = model.backbone.encode_image(
-            store.images[torch.as_tensor(images[i : i + batch_size], device=store.device)]
-        )
-        tokens.append(t)
-        pooled.append(p)
-    tokens_all, pooled_all = torch.cat(tokens), torch.cat(pooled)
+        return out, usage
+    images, position = np.unique(ctx.store.image_index[rows].numpy(), return_inverse=True)
+    image_ids = torch.as_tensor(images)
+    if model.uses_backbone_grad() or type(method).encode_images is not Method.encode_images:
+        parts = [
+            method.encode_images(model, image_ids[i : i + batch_size], ctx) for i in range(0, len(images), batch_size)
+        ]
+        tokens_all, pooled_all = torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
+    else:
+        tokens_all, pooled_all = ctx.features.get(image_ids)
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        pos = torch.as_tensor(position[i : i + batch_size], device=store.device)
-        batch = store.batch(chunk, with_images=False)
-        for _name, (idx, head_out) in model.forward(batch, cached=(tokens_all[pos], pooled_all[pos])).items():
-            head = model.heads[_name]
+        pos = torch.as_tensor(position[i : i + batch_size], device=tokens_all.device)
+        batch = ctx.store.batch(chunk, with_images=False)
+        for name, (idx, head_out) in model.forward(batch, cached=(tokens_all[pos], pooled_all[pos])).items():
+            head = model.heads[name]
             out[i + idx.cpu().numpy()] = head.correct(head_out, sub_batch(batch, idx)).cpu().numpy()
-    return out
+        if model.routing is not None:
+            weights = model.routing.detach().cpu().numpy()
+            for task in np.unique(batch.task):
+                usage[task] = usage.get(task, 0) + weights[batch.task == task].sum(0)
+    return out, usage
 
 
 def run_id_for(entry: MethodEntry, seed: int, protocol: Protocol) -> str:
@@ -281,7 +344,13 @@ class Run:
             "suite": p.data.suite,
             "synthetic": bool(self.prep.table.synthetic),
             "device": self.device_name,
+            "versions": library_versions(),
         }
+
+    def context(self, info: ClientInfo, r: int) -> ClientContext:
+        rows = self.prep.table.rows(client=info.client, split=TRAIN)
+        prep = self.prep
+        return ClientContext(info, r, prep.store, rows, self.protocol, prep.seed, prep.features)
 
     def completed(self) -> bool:
         if not self.records_path.is_file():
@@ -356,9 +425,10 @@ class Run:
             down = self.method.download(server_state, info)
             down_blob = serialize(down)
             load_state(model, init, client_states.get(c), deserialize(down_blob))
-            train_rows = self.prep.table.rows(client=c, split=TRAIN)
+            ctx = self.context(info, r)
+            train_rows = ctx.train_rows
             with ComputeTimer(self.prep.device) as timer:
-                local_train(model, self.prep.store, train_rows, proto, derive_seed(seed, r, c, "train"))
+                self.method.local_update(model, ctx)
             up = self.method.upload(model, info)
             check_upload(up, shared, local, self.entry.name)
             up_blob = serialize(up)
@@ -394,20 +464,26 @@ class Run:
         """Each client's model (its state + what the server would send it) on its own test split
         (scope client) and on the global test of the tasks it holds; a task's global score is the
         mean over the clients holding it."""
-        table, store, bs = self.prep.table, self.prep.store, self.protocol.eval.batch_size
-        rows, per_task, seen = [], {}, {}
+        table, bs = self.prep.table, self.protocol.eval.batch_size
+        rows, per_task, seen, usage = [], {}, {}, {}
         for info in infos:
             load_state(model, init, client_states.get(info.client), self.method.download(server_state, info))
+            ctx = self.context(info, r)
             digest = state_digest(model)
             own = table.rows(client=info.client, split=TEST)
-            correct = correct_per_row(model, store, own, bs)
+            correct, _ = evaluate_rows(model, self.method, ctx, own, bs)
             for task in info.tasks:
                 mask = table.task[own] == task
                 rows.append(self._eval_row(r, "client", info.client, task, "test", correct[mask]))
             for task in info.tasks:
                 if (digest, task) not in seen:
-                    seen[(digest, task)] = correct_per_row(model, store, table.rows(split=GLOBAL_TEST, task=task), bs)
-                per_task.setdefault(task, []).append(seen[(digest, task)].mean())
+                    global_rows = table.rows(split=GLOBAL_TEST, task=task)
+                    seen[(digest, task)] = evaluate_rows(model, self.method, ctx, global_rows, bs)
+                task_correct, task_usage = seen[(digest, task)]
+                per_task.setdefault(task, []).append(task_correct.mean())
+                if task in task_usage:
+                    usage.setdefault(task, []).append(task_usage[task] / len(task_correct))
+        rows += self._usage_rows(r, model, usage)
         for task, values in per_task.items():
             n = len(table.rows(split=GLOBAL_TEST, task=task))
             rows.append(
@@ -419,6 +495,15 @@ class Run:
                 }
             )
         return rows
+
+    def _usage_rows(self, r: int, model: ClientModel, usage: dict[str, list[np.ndarray]]) -> list[dict]:
+        """Expert-usage matrix: mean routing weight per (task, expert) on the global test set,
+        averaged over the clients that hold the task."""
+        return [
+            {**self.common(), "kind": "usage", "round": r, "task": task, "expert": expert, "value": float(value)}
+            for task, per_client in sorted(usage.items())
+            for expert, value in zip(model.expert_names, np.mean(per_client, 0), strict=True)
+        ]
 
     def _eval_row(self, r: int, scope: str, client: int, task: str, split: str, correct: np.ndarray) -> dict:
         spec = TASKS.get(task)
@@ -463,7 +548,6 @@ class Run:
                 "tasks": list(self.protocol.tasks),
                 **count_params(model, tags),
                 "options": dataclasses.asdict(self.method.options),
-                "versions": library_versions(),
                 "protocol_config": self.protocol.as_dict(),
                 "partition": [p.as_record() for p in self.prep.plans],
             }

@@ -7,7 +7,7 @@ from fedbench.method import create_method
 from fedbench.payload import check_upload, serialize
 from fedbench.protocol import MethodEntry
 from fedbench.registry import METHODS
-from fedbench.simulation import Run, local_train, trainable_state
+from fedbench.simulation import Run, trainable_state
 
 
 @pytest.fixture(params=METHODS.names())
@@ -32,11 +32,10 @@ def test_upload_holds_exactly_the_shared_tensors(built, tiny_prep):
 
 
 def test_local_training_changes_only_trainable_tensors(built, tiny_prep):
-    _run, model = built
+    run, model = built
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = trainable_state(model)
-    rows = tiny_prep.table.rows(client=0, split=0)
-    local_train(model, tiny_prep.store, rows, tiny_prep.protocol, seed=1)
+    run.method.local_update(model, run.context(tiny_prep.infos[0], 0))
     after = trainable_state(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert all(torch.equal(frozen_before[n], p) for n, p in model.named_parameters() if not p.requires_grad)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from fedbench import protocol
@@ -14,7 +16,9 @@ def test_presets_load_and_validate(name):
 def test_hash_ignores_name_but_not_numbers():
     p = protocol.load("smoke")
     assert p.replace(name="other").hash == p.hash
+    assert p.replace(seeds=(5, 6)).hash == p.hash  # each record carries its own seed
     assert p.replace(rounds=p.rounds + 1).hash != p.hash
+    assert p.replace(local=dataclasses.replace(p.local, lr=0.5)).hash != p.hash
 
 
 @pytest.mark.parametrize(
