@@ -56,6 +56,17 @@ def _per_run(recs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     client = ev[ev["scope"] == "client"].groupby(["run_id", "client", "task"])["value"].mean()
     out["worst_client_acc"] = client.groupby(level=["run_id", "client"]).mean().groupby(level="run_id").min()
 
+    # FedDPA's P (own tasks) and TTP (all tasks, own included): each client's model on the global
+    # test set, averaged over its tasks, then over clients.
+    cg = ev[ev["scope"] == "client_global"] if "scope" in ev else ev.iloc[:0]
+    if not cg.empty:
+        held = cg[cg["held"].eq(True)]
+        out["p_acc"] = held.groupby(["run_id", "client"])["value"].mean().groupby(level="run_id").mean()
+        out["ttp_acc"] = cg.groupby(["run_id", "client"])["value"].mean().groupby(level="run_id").mean()
+    else:
+        out["p_acc"] = np.nan
+        out["ttp_acc"] = np.nan
+
     train = recs[recs["kind"] == "train"]
     per_round = train.groupby(["run_id", "round"])[["up_bytes", "down_bytes"]].sum()
     mean_round = per_round.groupby(level="run_id").mean()
@@ -111,7 +122,7 @@ def build_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
         pairs = sorted({f"{lab} seed {seed}" for lab, seed in zip(dup["label"], dup["seed"], strict=True)})
         raise ValueError(f"several completed runs for {', '.join(pairs)}; keep one run per (label, seed)")
 
-    fig_cols = [*(f"acc_{t}" for t in tasks), "mean_acc", "worst_client_acc", *_COST_COLS]
+    fig_cols = [*(f"acc_{t}" for t in tasks), "mean_acc", "worst_client_acc", "p_acc", "ttp_acc", *_COST_COLS]
     num_cols = [*fig_cols, *_PARAM_COLS]
     grouped = per_run.groupby("label")[num_cols]
     board = grouped.mean()

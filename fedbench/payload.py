@@ -36,14 +36,21 @@ class ContractError(RuntimeError):
     """A method broke the shared/local contract (e.g. uploaded a local tensor)."""
 
 
+META = "meta."  # prefix of message tensors that are not parameters (e.g. FedMix's gate mass)
+
+
 def check_upload(payload: Payload, shared: set[str], local: set[str], method: str) -> None:
-    """Reject an upload carrying any tensor that is not tagged shared."""
+    """Reject an upload carrying any tensor that is not tagged shared.
+
+    Tensors named ``meta.*`` are message metadata a method declares (routing statistics,
+    selections); they are not parameters, cross the network and are counted like any other.
+    """
     leaked = sorted(k for k in payload if k in local)
     if leaked:
         raise ContractError(
             f"method '{method}' uploaded local tensor(s) {leaked[:3]}: local tensors never leave a client"
         )
-    unknown = sorted(k for k in payload if k not in shared)
+    unknown = sorted(k for k in payload if k not in shared and not k.startswith(META))
     if unknown:
         raise ContractError(
             f"method '{method}' uploaded tensor(s) {unknown[:3]} that are not tagged shared; "

@@ -23,7 +23,7 @@ from fedbench.backbone import Backbone, create_backbone
 from fedbench.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, TRAIN, ClientPlan, ExampleTable
 from fedbench.method import ClientInfo, Method, Reply, count_params, create_method
 from fedbench.model import OCR_TOKENS, Batch, ClientModel, sub_batch
-from fedbench.payload import Payload, analytic_bytes, check_upload, deserialize, serialize
+from fedbench.payload import META, Payload, analytic_bytes, check_upload, deserialize, serialize
 from fedbench.protocol import MethodEntry, Protocol
 from fedbench.provenance import git_commit, library_versions
 from fedbench.records import append_records, read_jsonl
@@ -175,11 +175,14 @@ def trainable_state(model: ClientModel) -> State:
 
 
 def load_state(model: ClientModel, *states: State | None) -> None:
-    """Copy the given states into the model's parameters, later states winning."""
+    """Copy the given states into the model's parameters, later states winning (``meta.*`` message
+    tensors are not parameters and are skipped)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for state in states:
             for name, tensor in (state or {}).items():
+                if name.startswith(META):
+                    continue
                 if name not in params:
                     raise KeyError(f"payload tensor '{name}' is not a parameter of the model")
                 params[name].copy_(tensor)
@@ -461,31 +464,36 @@ class Run:
         init: State,
         infos: list[ClientInfo],
     ) -> list[dict]:
-        """Each client's model (its state + what the server would send it) on its own test split
-        (scope client) and on the global test of the tasks it holds; a task's global score is the
-        mean over the clients holding it."""
+        """Every client's model: its own state + what the server would send a client asking for
+        every task. Scored on its own test split (scope ``client``) and on the global test set of
+        every task (scope ``client_global``, with ``held`` telling own tasks: P averages those,
+        TTP all). A task's ``global`` score is the mean over the clients that hold it."""
         table, bs = self.prep.table, self.protocol.eval.batch_size
+        all_tasks = tuple(self.prep.store.task_names)
+        global_rows = table.rows(split=GLOBAL_TEST)
         rows, per_task, seen, usage = [], {}, {}, {}
         for info in infos:
-            load_state(model, init, client_states.get(info.client), self.method.download(server_state, info))
+            asking_all = dataclasses.replace(info, tasks=all_tasks)
+            load_state(model, init, client_states.get(info.client), self.method.download(server_state, asking_all))
             ctx = self.context(info, r)
-            digest = state_digest(model)
             own = table.rows(client=info.client, split=TEST)
             correct, _ = evaluate_rows(model, self.method, ctx, own, bs)
             for task in info.tasks:
-                mask = table.task[own] == task
-                rows.append(self._eval_row(r, "client", info.client, task, "test", correct[mask]))
-            for task in info.tasks:
-                if (digest, task) not in seen:
-                    global_rows = table.rows(split=GLOBAL_TEST, task=task)
-                    seen[(digest, task)] = evaluate_rows(model, self.method, ctx, global_rows, bs)
-                task_correct, task_usage = seen[(digest, task)]
-                per_task.setdefault(task, []).append(task_correct.mean())
-                if task in task_usage:
-                    usage.setdefault(task, []).append(task_usage[task] / len(task_correct))
-        rows += self._usage_rows(r, model, usage)
+                rows.append(self._eval_row(r, "client", info.client, task, "test", correct[table.task[own] == task]))
+            digest = (state_digest(model), info.has_ocr)
+            if digest not in seen:
+                seen[digest] = evaluate_rows(model, self.method, ctx, global_rows, bs)
+            global_correct, task_usage = seen[digest]
+            for task in all_tasks:
+                mask = table.task[global_rows] == task
+                row = self._eval_row(r, "client_global", info.client, task, "global_test", global_correct[mask])
+                rows.append({**row, "held": task in info.tasks})
+                if task in info.tasks:
+                    per_task.setdefault(task, []).append(row["value"])
+                    if task in task_usage:
+                        usage.setdefault(task, []).append(task_usage[task] / mask.sum())
         for task, values in per_task.items():
-            n = len(table.rows(split=GLOBAL_TEST, task=task))
+            n = int((table.task[global_rows] == task).sum())
             rows.append(
                 {
                     **self._eval_row(r, "global", GLOBAL_CLIENT, task, "global_test", np.array([])),
@@ -494,7 +502,7 @@ class Run:
                     "clients": len(values),
                 }
             )
-        return rows
+        return rows + self._usage_rows(r, model, usage)
 
     def _usage_rows(self, r: int, model: ClientModel, usage: dict[str, list[np.ndarray]]) -> list[dict]:
         """Expert-usage matrix: mean routing weight per (task, expert) on the global test set,

@@ -190,6 +190,8 @@ def test_column_order_and_rows(board):
         "acc_vqa",
         "mean_acc",
         "worst_client_acc",
+        "p_acc",
+        "ttp_acc",
         "up_mb_per_round",
         "down_mb_per_round",
         "total_mb",
@@ -329,3 +331,32 @@ def test_plot_files(tmp_path):
     paths = plot(pd.DataFrame(_records()), tmp_path / "plots")
     assert [p.name for p in paths] == ["acc_vs_comm.png", "acc_per_round.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+
+
+def test_p_and_ttp_average_own_tasks_and_all_tasks_per_client():
+    base = dict(
+        run_id="r",
+        method="m",
+        label="m",
+        seed=0,
+        protocol="q",
+        protocol_hash="h",
+        git_commit="g",
+        suite="scenes",
+        synthetic=True,
+        device="cpu",
+    )
+    rows = [dict(base, kind="run", completed=True, params_trainable=1, params_shared=1, params_local=0)]
+    rows.append(dict(base, kind="train", round=0, client=0, up_bytes=1, down_bytes=1, compute_s=1.0, timer="t"))
+    # client 0 holds ref (0.8) and sees vqa at 0.2; client 1 holds vqa (0.6) and sees ref at 0.0
+    scores = {(0, "ref"): (0.8, True), (0, "vqa"): (0.2, False), (1, "ref"): (0.0, False), (1, "vqa"): (0.6, True)}
+    for (client, task), (value, held) in scores.items():
+        rows.append(
+            dict(base, kind="eval", round=0, scope="client_global", client=client, task=task, value=value, held=held)
+        )
+        if held:
+            rows.append(dict(base, kind="eval", round=0, scope="client", client=client, task=task, value=value))
+            rows.append(dict(base, kind="eval", round=0, scope="global", client=-1, task=task, value=value))
+    board = build_leaderboard(pd.DataFrame(rows)).set_index("method")
+    assert board.loc["m", "p_acc"] == pytest.approx((0.8 + 0.6) / 2)
+    assert board.loc["m", "ttp_acc"] == pytest.approx(((0.8 + 0.2) / 2 + (0.0 + 0.6) / 2) / 2)
