@@ -44,6 +44,7 @@ class Backbone(nn.Module):
         image_size: input side the image tower expects.
         token_dim / embed_dim: width of patch tokens and of pooled embeddings.
         name: the spec it was created from.
+        meta: provenance shown with results (pretraining steps, zero-shot accuracy, chance).
     """
 
     def __init__(
@@ -58,8 +59,10 @@ class Backbone(nn.Module):
         name: str,
         mean: Sequence[float] = OPENAI_MEAN,
         std: Sequence[float] = OPENAI_STD,
+        meta: dict | None = None,
     ) -> None:
         super().__init__()
+        self.meta = dict(meta or {})  # provenance, e.g. the embedded backbone's zero-shot accuracy
         self.towers = towers
         self._image_tower_name = next(n for n, m in towers.named_modules() if m is image_tower)
         self._encode_image = encode_image_fn

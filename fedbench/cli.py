@@ -148,6 +148,7 @@ def run(
         f"{len(proto.seeds)} seed(s), {proto.rounds} rounds, backbone {proto.backbone.name}"
     )
     (results / "protocol.toml").write_text(protocol_to_toml(proto))
+    (results / "command.txt").write_text(" ".join(["fedbench", *sys.argv[1:]]) + "\n")
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -178,13 +179,19 @@ def run(
 
         for seed in proto.seeds:
             prep = prepare(proto, seed)
+            if seed == proto.seeds[0] and "zero_shot_acc" in prep.backbone.meta:
+                meta = prep.backbone.meta
+                progress.console.print(
+                    f"backbone {prep.backbone.name}: zero-shot accuracy {meta['zero_shot_acc']:.3f} "
+                    f"(chance {meta['chance']:.3f}) on held-out synthetic scenes"
+                )
             clients_per_round = max(1, round(proto.clients.sample_fraction * proto.data.num_clients))
             progress.update(clients_bar, total=clients_per_round)
             for entry in proto.methods:
                 Run(prep, entry, results, on_event).execute()
                 progress.advance(rows_bar)
     board = build_leaderboard(read_records(results))
-    console.print(render(board, "table"))
+    console.print(render(board, "table"), markup=False, highlight=False)
     (results / "leaderboard.md").write_text(render(board, "markdown"))
     (results / "leaderboard.csv").write_text(render(board, "csv"))
     if plots:

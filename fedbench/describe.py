@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedbench.method import count_params
@@ -33,11 +34,11 @@ def describe_method(proto: Protocol, console: Console) -> dict:
     for name, tag in tags.items():
         key = (module_group(name), tag)
         groups[key] = groups.get(key, 0) + params[name].numel()
-    console.print(f"[bold]{entry.label}[/]  {run.method.paper}")
-    console.print(f"options: {run.method.describe()['options']}")
+    console.print(f"[bold]{escape(entry.label)}[/]  {run.method.paper}")
+    console.print(f"options: {run.method.describe()['options']}", markup=False)
     doc = (type(run.method).__doc__ or "").strip()
     if doc:
-        console.print(doc)
+        console.print(doc, markup=False)
     table = Table(title="trainable parameters")
     for col in ("module", "tag", "params"):
         table.add_column(col)

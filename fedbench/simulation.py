@@ -84,10 +84,10 @@ class RowStore:
                     mask[row, : len(ts)] = True
         return emb, mask
 
-    def batch(self, rows: np.ndarray, with_images: bool = True) -> Batch:
+    def batch(self, rows: np.ndarray) -> Batch:
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         image_index = self.image_index[rows]
-        images = self.images[image_index.to(self.device)] if with_images else self.images[:0]
+        images = self.images[image_index.to(self.device)]
         return Batch(
             images,
             image_index,
@@ -188,15 +188,6 @@ def load_state(model: ClientModel, *states: State | None) -> None:
                 params[name].copy_(tensor)
 
 
-def state_digest(model: ClientModel) -> str:
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def sample_clients(seed: int, round_: int, num_clients: int, fraction: float) -> list[int]:
     k = max(1, round(fraction * num_clients))
     rng = np.random.default_rng(derive_seed(seed, round_, "sample"))
@@ -243,9 +234,8 @@ class ClientContext:
 
     def inputs(self, model: ClientModel, rows: np.ndarray) -> tuple[Batch, tuple[torch.Tensor, torch.Tensor] | None]:
         """A batch of ``rows`` and, when the backbone is frozen, its cached image features."""
-        frozen = not model.uses_backbone_grad()
-        batch = self.store.batch(rows, with_images=not frozen)
-        return batch, self.features.get(batch.image_index) if frozen else None
+        batch = self.store.batch(rows)
+        return batch, None if model.uses_backbone_grad() else self.features.get(batch.image_index)
 
     def sample(self, n: int, purpose: str) -> np.ndarray:
         """``n`` training rows drawn with replacement, from a stream named by ``purpose``."""
@@ -294,7 +284,7 @@ def evaluate_rows(
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         pos = torch.as_tensor(position[i : i + batch_size], device=tokens_all.device)
-        batch = ctx.store.batch(chunk, with_images=False)
+        batch = ctx.store.batch(chunk)
         for name, (idx, head_out) in model.forward(batch, cached=(tokens_all[pos], pooled_all[pos])).items():
             head = model.heads[name]
             out[i + idx.cpu().numpy()] = head.correct(head_out, sub_batch(batch, idx)).cpu().numpy()
@@ -428,6 +418,7 @@ class Run:
             down = self.method.download(server_state, info)
             down_blob = serialize(down)
             load_state(model, init, client_states.get(c), deserialize(down_blob))
+            model.set_client(info)
             ctx = self.context(info, r)
             train_rows = ctx.train_rows
             with ComputeTimer(self.prep.device) as timer:
@@ -471,19 +462,17 @@ class Run:
         table, bs = self.prep.table, self.protocol.eval.batch_size
         all_tasks = tuple(self.prep.store.task_names)
         global_rows = table.rows(split=GLOBAL_TEST)
-        rows, per_task, seen, usage = [], {}, {}, {}
+        rows, per_task, usage = [], {}, {}
         for info in infos:
             asking_all = dataclasses.replace(info, tasks=all_tasks)
             load_state(model, init, client_states.get(info.client), self.method.download(server_state, asking_all))
+            model.set_client(info)
             ctx = self.context(info, r)
             own = table.rows(client=info.client, split=TEST)
             correct, _ = evaluate_rows(model, self.method, ctx, own, bs)
             for task in info.tasks:
                 rows.append(self._eval_row(r, "client", info.client, task, "test", correct[table.task[own] == task]))
-            digest = (state_digest(model), info.has_ocr)
-            if digest not in seen:
-                seen[digest] = evaluate_rows(model, self.method, ctx, global_rows, bs)
-            global_correct, task_usage = seen[digest]
+            global_correct, task_usage = evaluate_rows(model, self.method, ctx, global_rows, bs)
             for task in all_tasks:
                 mask = table.task[global_rows] == task
                 row = self._eval_row(r, "client_global", info.client, task, "global_test", global_correct[mask])
@@ -557,6 +546,8 @@ class Run:
                 **count_params(model, tags),
                 "options": dataclasses.asdict(self.method.options),
                 "protocol_config": self.protocol.as_dict(),
+                "backbone": self.prep.backbone.name,
+                "backbone_meta": self.prep.backbone.meta,
                 "partition": [p.as_record() for p in self.prep.plans],
             }
         )

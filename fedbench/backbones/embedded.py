@@ -89,7 +89,7 @@ def build_clip(vocab_size: int, config: dict | None = None) -> open_clip.CLIP:
     return open_clip.CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), text_cfg)
 
 
-def _wrap(model: open_clip.CLIP, tokenizer: WordTokenizer, name: str) -> Backbone:
+def _wrap(model: open_clip.CLIP, tokenizer: WordTokenizer, name: str, meta: dict | None = None) -> Backbone:
     model.visual.output_tokens = True
     cfg = _load_config()["model"]
 
@@ -106,6 +106,7 @@ def _wrap(model: open_clip.CLIP, tokenizer: WordTokenizer, name: str) -> Backbon
         token_dim=cfg["vision_cfg"]["width"],
         embed_dim=cfg["embed_dim"],
         name=name,
+        meta=meta,
     )
 
 
@@ -134,8 +135,9 @@ def load_embedded(path: Path = WEIGHTS_PATH) -> tuple[open_clip.CLIP, WordTokeni
 @register_backbone("embedded")
 def create_embedded(rest: str, spec: str) -> Backbone:
     """``embedded`` (the committed weights) or ``embedded:PATH`` (another checkpoint of the same config)."""
-    model, tokenizer, _meta = load_embedded(Path(rest) if rest else WEIGHTS_PATH)
-    return _wrap(model, tokenizer, spec)
+    model, tokenizer, meta = load_embedded(Path(rest) if rest else WEIGHTS_PATH)
+    shown = ("zero_shot_acc", "chance", "steps", "synthetic")
+    return _wrap(model, tokenizer, spec, {k: meta[k] for k in shown if k in meta})
 
 
 def zero_shot_accuracy(

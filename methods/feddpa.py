@@ -1,0 +1,271 @@
+"""FedDPA-T: Dual-Personalizing Adapter (Yang et al., NeurIPS 2024, https://arxiv.org/abs/2403.19211).
+
+Shared / local / aggregation: two LoRA adapters on the q and v projections of every image-tower
+attention block: the **global** adapter (shared; the only adapter that travels) and the
+**local** adapter (never leaves its client). The task heads are shared by default (option
+``heads``; see below). Server: mean of the uploads with **uniform** weights, as the official
+``FedAvg`` (``fed_utils/model_aggregation.py`` weights every client by 1); ``weighting=examples``
+weights by training examples. Each tensor is averaged over the replies that carry it (a head
+over the clients holding its task).
+
+Client schedule (FedDPA-T, official ``main.py`` with ``--local_model True``): round 0 trains the
+global adapter alone (mix {global: 1}). Every later round runs two passes of ``local.steps``
+steps each: (1) the local adapter, with the received global adapter mixed in frozen and
+detached (mix {local: w, global: 1 - w}, ``local_weight`` w = 0.5); (2) the global adapter
+alone (mix {global: 1}) from the received global, which is then uploaded. A round thus costs
+twice the compute of FedAvg-LoRA after round 0, as in the paper.
+
+Inference (instance-wise dynamic weighting, official ``GlobalModel_generated.py --auto``): each
+test image is embedded with the local adapter alone; α = ``max_weight`` (0.5) × the mean cosine
+similarity to the embeddings of ``num_reference`` (5) of the client's training inputs; the
+image's features are then computed with the mix {global: α, local: 1 − α}. One α per image,
+never one per batch. ``model.routing`` = [α, 1 − α] per row (experts "global", "local"), so the
+expert-usage records show the mixing.
+
+Simplifications / harness choices:
+- No LLM on a CPU: the adapters sit in the frozen CLIP image tower (as for FedAvg-LoRA), so the
+  "instance" whose α is computed is the image; the embedding is the pooled image embedding
+  with the local adapter active (official: the LLM's last hidden state of the prompt's last
+  token with the local adapter active).
+- Task heads: in the paper the output layer is the LLM's pretrained head, identical on every
+  client, and the global adapter exists to serve test-time tasks the client never trained
+  (the TTP score). Our heads are new and must be trained; kept local, a client's heads of the
+  tasks it does not hold would stay at their init and its TTP on those tasks would be chance
+  whatever the global adapter learned. So by default (``heads=shared``) heads play the role of
+  the common output layer: trained with the global adapter in pass (2) and in round 0, frozen
+  while the local adapter trains in pass (1), exchanged only for held tasks and averaged like
+  the global adapter; personalization lives in the local adapter alone, as in the paper.
+  ``heads=local`` keeps them personal instead (trained in both passes, never sent).
+- Embedding for α: ``embedding=pooled`` (default) uses the pooled image embedding, the
+  analogue of the official default ``emb_type=last``; ``token_mean`` averages the patch
+  tokens, the analogue of ``emb_type=avg``. Beware: the embedded backbone's pooled embeddings
+  of different images are nearly orthogonal (mean pairwise cosine ≈ 0.04, against ≈ 0.73 for
+  the token mean), so with ``pooled`` α stays near 0 and inference runs almost on the local
+  adapter alone; the LLM hidden states of the paper are far more similar to each other.
+- Reference inputs: one draw of ``num_reference`` training rows per client and evaluation
+  (``ctx.sample``, with replacement), shared by all its test images (official: a fresh
+  ``random.sample`` per test instance). α is not clipped (official neither).
+- Exact per-instance mixing: the LoRA delta lives in the weights, so each unique test image
+  runs through the tower alone with its own mix (one forward per image at evaluation).
+- The local adapter is created at build (B = 0) and persists in the client's stored state
+  (official: created fresh in round 1, reloaded from the client's last local adapter later).
+- Only FedDPA-T (iterative) is implemented, not FedDPA-F (fine-tune the local adapter after
+  federated training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedbench.aggregate import weighted_mean
+from fedbench.backbone import Backbone
+from fedbench.lora import LoRADelta, LoRASpec, inject_lora
+from fedbench.method import Method, Reply, Tag, register_method
+from fedbench.model import Batch, ClientModel
+from fedbench.payload import Payload
+from fedbench.task import TaskSpec
+
+if TYPE_CHECKING:
+    from fedbench.simulation import ClientContext
+
+GLOBAL, LOCAL = "global", "local"
+REFERENCE_STREAM = "feddpa-reference"
+
+
+@dataclass(frozen=True)
+class FedDPAOptions:
+    """FedDPA-T defaults of the official code (LoRA r 8 / alpha 16 / dropout 0.05 on q, v)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    local_weight: float = 0.5  # weight of the local adapter in pass (1); the global gets 1 - it
+    num_reference: int = 5  # training inputs compared with each test instance
+    max_weight: float = 0.5  # α = max_weight × mean cosine similarity
+    weighting: Literal["uniform", "examples"] = "uniform"
+    heads: Literal["shared", "local"] = "shared"
+    embedding: Literal["pooled", "token_mean"] = "pooled"  # official emb_type: last (default) / avg
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank = {self.rank} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout = {self.dropout} must be in [0, 1)")
+        if not 0 < self.local_weight <= 1:
+            raise ValueError(f"local_weight = {self.local_weight} must be in (0, 1]")
+        if self.num_reference < 1:
+            raise ValueError(f"num_reference = {self.num_reference} must be >= 1")
+        if not 0 <= self.max_weight <= 1:
+            raise ValueError(f"max_weight = {self.max_weight} must be in [0, 1]")
+
+
+def adapter_of(name: str) -> str | None:
+    """``global`` / ``local`` for a LoRA parameter name (``...lora_A.global``), else None."""
+    parts = name.rsplit(".", 2)
+    if len(parts) == 3 and parts[1] in ("lora_A", "lora_B") and parts[2] in (GLOBAL, LOCAL):
+        return parts[2]
+    return None
+
+
+class FedDPAModel(ClientModel):
+    """Backbone with global + local LoRA in the image tower; routing = per-row [α, 1 − α] at evaluation."""
+
+    def __init__(self, backbone: Backbone, tasks: list[TaskSpec], spec: LoRASpec) -> None:
+        super().__init__(backbone, tasks)
+        inject_lora(backbone.image_tower, spec, adapters=(GLOBAL, LOCAL))
+        self.expert_names = [GLOBAL, LOCAL]
+        self.image_alpha: dict[int, float] = {}  # image id -> α of the last encode_images
+
+    def deltas(self) -> list[LoRADelta]:
+        return [m for m in self.modules() if isinstance(m, LoRADelta)]
+
+    @contextmanager
+    def mixed(self, mix: Mapping[str, float], detached: Sequence[str] = ()) -> Iterator[None]:
+        """Every LoRA layer computes W0 + s·Σ mix[a]·ΔW_a (``detached`` ones without gradient); restored after."""
+        deltas = self.deltas()
+        saved = [(d.mix, d.detached) for d in deltas]
+        try:
+            for d in deltas:
+                d.mix, d.detached = {k: float(v) for k, v in mix.items()}, set(detached)
+            yield
+        finally:
+            for d, (m, det) in zip(deltas, saved, strict=True):
+                d.mix, d.detached = m, det
+
+    def forward(
+        self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = super().forward(batch, cached)
+        ids = batch.image_index.tolist()
+        if self.image_alpha and all(i in self.image_alpha for i in ids):
+            alpha = torch.tensor([self.image_alpha[i] for i in ids], dtype=torch.float32)
+            self.routing = torch.stack([alpha, 1 - alpha], -1)
+        else:
+            self.routing = None
+        return out
+
+
+@contextmanager
+def evaluating(model: ClientModel) -> Iterator[None]:
+    """Eval mode (no LoRA dropout) and no gradients; the previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def local_embeddings(
+    model: FedDPAModel, image_ids: torch.Tensor, ctx: ClientContext, embedding: str = "pooled"
+) -> torch.Tensor:
+    """Image embeddings with only the local adapter active (mix {local: 1}): the pooled embedding,
+    or the mean of the patch tokens (``token_mean``)."""
+    with evaluating(model), model.mixed({LOCAL: 1.0}):
+        tokens, pooled = model.backbone.encode_image(ctx.store.images[image_ids.to(ctx.store.device)])
+    return pooled if embedding == "pooled" else tokens.mean(1)
+
+
+def reference_images(ctx: ClientContext, num_reference: int = 5) -> torch.Tensor:
+    """Image ids of ``num_reference`` training inputs of the client (the ``feddpa-reference`` stream)."""
+    rows = ctx.sample(num_reference, REFERENCE_STREAM)
+    return ctx.store.image_index[np.asarray(rows)]
+
+
+def instance_alphas(
+    model: FedDPAModel,
+    image_ids: torch.Tensor,
+    ctx: ClientContext,
+    num_reference: int = 5,
+    max_weight: float = 0.5,
+    embedding: str = "pooled",
+) -> torch.Tensor:
+    """α per image: max_weight × mean cosine similarity (local-adapter embeddings) to the references."""
+    test = local_embeddings(model, image_ids, ctx, embedding)
+    refs = local_embeddings(model, reference_images(ctx, num_reference), ctx, embedding)
+    sims = F.cosine_similarity(test[:, None, :], refs[None, :, :], dim=-1)  # [n_images, n_refs]
+    return (max_weight * sims.mean(1)).cpu()
+
+
+@register_method("feddpa")
+class FedDPA(Method):
+    """FedDPA-T: global LoRA shared (uniform mean), local LoRA kept; per-instance mix at test (arXiv 2403.19211)."""
+
+    Options = FedDPAOptions
+    paper = "https://arxiv.org/abs/2403.19211"
+
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
+        o = self.options
+        return FedDPAModel(backbone, list(tasks), LoRASpec(o.rank, o.alpha, o.dropout))
+
+    def tag(self, name: str) -> Tag:
+        adapter = adapter_of(name)
+        if adapter == GLOBAL:
+            return "shared"
+        if adapter == LOCAL:
+            return "local"
+        if name.startswith("heads."):
+            return self.options.heads
+        raise ValueError(f"feddpa: unexpected trainable parameter '{name}'")
+
+    def local_update(self, model: ClientModel, ctx: ClientContext) -> None:
+        assert isinstance(model, FedDPAModel)
+        model.image_alpha.clear()
+        params = dict(model.named_parameters())
+        flags = {n: p.requires_grad for n, p in params.items()}
+        glob = [p for n, p in params.items() if adapter_of(n) == GLOBAL]
+        loc = [p for n, p in params.items() if adapter_of(n) == LOCAL]
+        heads = [p for n, p in params.items() if n.startswith("heads.") and flags[n]]
+
+        def trainable(group: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+            chosen = {id(p) for p in group}
+            for n, p in params.items():
+                if flags[n]:
+                    p.requires_grad_(id(p) in chosen)
+            return group
+
+        try:
+            if ctx.round > 0:  # pass (1): the local adapter, global mixed in frozen and detached
+                w = self.options.local_weight
+                with model.mixed({LOCAL: w, GLOBAL: 1.0 - w}, detached=(GLOBAL,)):
+                    group = loc + (heads if self.options.heads == "local" else [])
+                    ctx.train(model, trainable(group), phase="feddpa-local")
+            with model.mixed({GLOBAL: 1.0}):  # pass (2) / round 0: the global adapter alone
+                ctx.train(model, trainable(glob + heads), phase="feddpa-global")
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(flags[n])
+
+    def encode_images(
+        self, model: ClientModel, image_ids: torch.Tensor, ctx: ClientContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: α from the local-adapter embedding, then features with mix {global: α, local: 1 − α}."""
+        assert isinstance(model, FedDPAModel)
+        o = self.options
+        alphas = instance_alphas(model, image_ids, ctx, o.num_reference, o.max_weight, o.embedding).tolist()
+        images = ctx.store.images[image_ids.to(ctx.store.device)]
+        tokens, pooled = [], []
+        with evaluating(model):
+            for i, alpha in enumerate(alphas):  # one forward per image: the mix is in the weights
+                with model.mixed({GLOBAL: alpha, LOCAL: 1.0 - alpha}):
+                    t, p = model.backbone.encode_image(images[i : i + 1])
+                tokens.append(t)
+                pooled.append(p)
+        model.image_alpha.update(zip(image_ids.tolist(), alphas, strict=True))
+        return torch.cat(tokens), torch.cat(pooled)
+
+    def aggregate(self, server_state: Payload, replies: Sequence[Reply]) -> Payload:
+        """Mean of the uploads per tensor: uniform weights (official) or by training examples."""
+        if self.options.weighting == "uniform":
+            weights = [1.0] * len(replies)
+        else:
+            weights = [float(r.num_examples) for r in replies]
+        return {**server_state, **weighted_mean([r.payload for r in replies], weights)}

@@ -1,0 +1,238 @@
+"""FedMix: Federated Mixture of Experts (Reisser et al., arXiv 2107.06724; METHODS.md §2).
+
+The method's description, harness choices included, is the class docstring (shown by
+``fedbench describe``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedbench.aggregate import weighted_mean
+from fedbench.backbone import Backbone
+from fedbench.method import ClientInfo, Method, Reply, Tag, register_method
+from fedbench.moa import Adapter, entropy
+from fedbench.model import Batch, ClientModel, Features, make_head
+from fedbench.payload import META, Payload
+from fedbench.task import TaskSpec
+
+SELECTION = "selection/"  # server-state prefix of the per-client expert selections
+META_SELECTION = META + "selection"
+META_GATE_MASS = META + "gate_mass"
+
+
+@dataclass(frozen=True)
+class FedMixOptions:
+    """K experts (the paper's CIFAR-10 setting), m per client, entropy sparsity weight."""
+
+    num_experts: int = 4
+    experts_per_client: int = 2
+    sparsity_weight: float = 0.01
+    bottleneck: int = 32
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts = {self.num_experts} must be >= 1")
+        if not 1 <= self.experts_per_client <= self.num_experts:
+            raise ValueError(f"experts_per_client = {self.experts_per_client} must be in [1, num_experts]")
+        if self.sparsity_weight < 0:
+            raise ValueError(f"sparsity_weight = {self.sparsity_weight} must be >= 0")
+        if self.bottleneck < 1:
+            raise ValueError(f"bottleneck = {self.bottleneck} must be >= 1")
+
+
+class Expert(nn.Module):
+    """One expert: an adapter on the patch tokens and its own head per task."""
+
+    def __init__(self, tasks: Sequence[TaskSpec], token_dim: int, embed_dim: int, bottleneck: int) -> None:
+        super().__init__()
+        self.adapter = Adapter(token_dim, bottleneck)
+        self.heads = nn.ModuleDict({t.name: make_head(t, token_dim, embed_dim) for t in tasks})
+
+
+class FedMixModel(ClientModel):
+    """Frozen towers -> K (adapter + heads) experts mixed by a shared gate."""
+
+    def __init__(self, backbone: Backbone, tasks: list[TaskSpec], options: FedMixOptions) -> None:
+        super().__init__(backbone, tasks)
+        for p in self.heads.parameters():  # only the heads' static loss / correct rules are used
+            p.requires_grad_(False)
+        dt, de = backbone.token_dim, backbone.embed_dim
+        self.experts = nn.ModuleList(Expert(tasks, dt, de, options.bottleneck) for _ in range(options.num_experts))
+        self.gate = nn.Linear(2 * de, options.num_experts)
+        self.expert_names = [f"expert{k}" for k in range(options.num_experts)]
+        self.sparsity_weight = options.sparsity_weight
+        self.is_box = {t.name: t.is_box for t in tasks}
+        self._gate_probs: torch.Tensor | None = None
+        # what this client's last local update chose (read by upload)
+        self.selection: torch.Tensor | None = None
+        self.gate_mass: torch.Tensor | None = None
+
+    def gate_probs(self, f: Features) -> torch.Tensor:
+        return self.gate(torch.cat([f.image, f.question], -1)).softmax(-1)
+
+    def forward(
+        self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        f = self.encode(batch, cached)
+        g = self.gate_probs(f)
+        self._gate_probs = g
+        self.routing = g
+        tokens = [f.tokens + e.adapter(f.tokens) for e in self.experts]
+        outputs = {}
+        for name in dict.fromkeys(batch.task.tolist()):
+            idx = torch.from_numpy(np.flatnonzero(batch.task == name)).to(f.image.device)
+            sub = f.select(idx)
+            gk = g[idx]  # [b, K]
+            outs = [e.heads[name](replace(sub, tokens=t[idx])) for e, t in zip(self.experts, tokens, strict=True)]
+            if self.is_box[name]:
+                mixed = (torch.stack(outs, -1) * gk.unsqueeze(1)).sum(-1)
+            else:  # log of the mixture of predictive distributions
+                logp = torch.stack([o.log_softmax(-1) for o in outs], -1)  # [b, A, K]
+                mixed = torch.logsumexp(logp + gk.clamp_min(1e-12).log().unsqueeze(1), -1)
+            outputs[name] = (idx, mixed)
+        return outputs
+
+    def extra_loss(self) -> torch.Tensor | float:
+        if self._gate_probs is None or self.sparsity_weight == 0:
+            return 0.0
+        return self.sparsity_weight * entropy(self._gate_probs.mean(0))
+
+
+def expert_of(name: str) -> int | None:
+    """Index of the expert a parameter belongs to (None for the gate)."""
+    return int(name.split(".")[1]) if name.startswith("experts.") else None
+
+
+def exchanged(client: ClientInfo, name: str) -> bool:
+    """False for an expert's head of a task the client does not hold."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[0] == "experts" and parts[2] == "heads":
+        return parts[3] in client.tasks
+    return True
+
+
+@register_method("fedmix")
+class FedMix(Method):
+    """FedMix, Federated Mixture of Experts (Reisser et al.): https://arxiv.org/abs/2107.06724 (METHODS.md §2).
+
+    Not the mixup method of the same name (Yoon et al. 2021). No public code exists.
+
+    - Shared: one gate (Linear on concat(pooled image, pooled question) -> softmax over K, one
+      gate for all clients) and K experts, each a bottleneck adapter on the patch tokens plus its
+      own full set of task heads. Nothing is local; the default ``model.heads`` are frozen and
+      unused (only their static loss / accuracy rules are).
+    - Prediction: the gate-weighted mixture of the experts' predictive distributions; answer
+      tasks output ``log Σ_k g_k softmax(logits_k)`` (cross-entropy on it = the mixture's NLL),
+      box tasks ``Σ_k g_k box_k``.
+    - Client: at the start of its update it measures the downloaded gate's mean mass over all its
+      training rows and keeps the top ``experts_per_client`` experts; only those (and the gate)
+      are trained and uploaded. Loss = mixture NLL (+ box loss on the mixed box) +
+      ``sparsity_weight`` × entropy of the batch's mean gate mass.
+    - Download: the gate + the experts the client selected the last time it took part (all K for
+      a client the server has not seen yet: it needs them to measure its gate mass).
+    - Server: gate = example-weighted mean over the sampled clients; expert k = mean over the
+      clients that trained it, weighted by examples × that client's mean gate mass on k.
+
+    Simplifications / harness choices:
+    - Experts are adapters + heads on frozen CLIP features (the paper trains whole networks).
+    - Sparsity penalty = entropy of the client's mean gate mass over the batch, weight 0.01.
+    - Expert aggregation weights (examples × gate mass) are ours; the paper's are unverified.
+    - A client's selection travels as ``meta.selection`` (m int64 indices) with its mean gate
+      mass ``meta.gate_mass`` (K floats); the server keeps it under ``selection/<client>``.
+    - Faithful to the paper's "each client keeps only its experts": a client is evaluated with
+      ITS experts. An expert it does not download stays at the client's own stored copy (or the
+      common init if it never trained it).
+    - As for every method here, an expert's heads of tasks the client does not hold are neither
+      trained nor exchanged.
+    - Before any local update (e.g. ``fedbench describe``) an upload carries experts 0..m-1 and a
+      uniform gate mass: a stand-in to show the bytes.
+    """
+
+    Options = FedMixOptions
+    paper = "https://arxiv.org/abs/2107.06724"
+
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
+        return FedMixModel(backbone, list(tasks), self.options)
+
+    def tag(self, name: str) -> Tag:
+        return "shared"
+
+    # --- client ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure_gate_mass(self, model: FedMixModel, ctx) -> torch.Tensor:
+        """Mean gate probability over all the client's training rows (downloaded gate, no grad)."""
+        model.eval()
+        rows = ctx.train_rows
+        total = torch.zeros(self.options.num_experts, dtype=torch.float64)
+        step = max(1, ctx.protocol.eval.batch_size)
+        for i in range(0, len(rows), step):
+            batch, cached = ctx.inputs(model, rows[i : i + step])
+            total += model.gate_probs(model.encode(batch, cached)).sum(0).double().cpu()
+        return (total / max(len(rows), 1)).float()
+
+    def local_update(self, model: FedMixModel, ctx) -> None:
+        mass = self.measure_gate_mass(model, ctx)
+        selection = torch.sort(torch.topk(mass, self.options.experts_per_client).indices).values
+        model.selection, model.gate_mass = selection, mass
+        chosen = set(selection.tolist())
+        frozen = [p for k, e in enumerate(model.experts) if k not in chosen for p in e.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            ctx.train(model, [p for p in model.parameters() if p.requires_grad])
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    # --- communication --------------------------------------------------------------------
+    def upload(self, model: FedMixModel, client: ClientInfo) -> Payload:
+        k, m = self.options.num_experts, self.options.experts_per_client
+        selection = model.selection if model.selection is not None else torch.arange(m)
+        mass = model.gate_mass if model.gate_mass is not None else torch.full((k,), 1.0 / k)
+        chosen = set(selection.tolist())
+        tags = self.tags(model)
+        up = {
+            n: p.detach().clone()
+            for n, p in model.named_parameters()
+            if tags.get(n) == "shared" and exchanged(client, n) and expert_of(n) in (None, *chosen)
+        }
+        up[META_SELECTION] = selection.to(torch.int64).clone()
+        up[META_GATE_MASS] = mass.to(torch.float32).clone()
+        return up
+
+    def download(self, server_state: Payload, client: ClientInfo) -> Payload:
+        selection = server_state.get(f"{SELECTION}{client.client}")
+        chosen = None if selection is None else set(selection.tolist())
+        return {
+            n: t
+            for n, t in server_state.items()
+            if not n.startswith(SELECTION)
+            and exchanged(client, n)
+            and (chosen is None or expert_of(n) is None or expert_of(n) in chosen)
+        }
+
+    def aggregate(self, server_state: Payload, replies: Sequence[Reply]) -> Payload:
+        """Gate: example-weighted mean; expert k: over its trainers, weights examples × gate mass on k."""
+        params = [{n: t for n, t in r.payload.items() if not n.startswith(META)} for r in replies]
+        new = weighted_mean(
+            [{n: t for n, t in p.items() if expert_of(n) is None} for p in params],
+            [r.num_examples for r in replies],
+        )
+        trained = sorted({expert_of(n) for p in params for n in p} - {None})
+        for k in trained:
+            group = [(p, r) for p, r in zip(params, replies, strict=True) if any(expert_of(n) == k for n in p)]
+            new.update(
+                weighted_mean(
+                    [{n: t for n, t in p.items() if expert_of(n) == k} for p, _ in group],
+                    [r.num_examples * float(r.payload[META_GATE_MASS][k]) for _, r in group],
+                )
+            )
+        for r in replies:
+            new[f"{SELECTION}{r.client.client}"] = r.payload[META_SELECTION].to(torch.int64).clone()
+        return {**server_state, **new}
