@@ -20,7 +20,8 @@ def module_group(name: str) -> str:
     name = re.sub(r"\.parametrizations\.(\w+)\.\d+\.", r".\1.", name)
     name = re.sub(r"\.\d+\.", ".*.", name)
     parts = name.removesuffix(".default").split(".")
-    return ".".join(parts[:2]) if parts[0] == "heads" else ".".join(parts)
+    per_task = ("heads", "task_adapters", "aoa")  # one line per task's module, not per tensor
+    return ".".join(parts[:2]) if parts[0] in per_task else ".".join(parts)
 
 
 def describe_method(proto: Protocol, console: Console) -> dict:

@@ -88,6 +88,11 @@ class Method:
         return {n: self.tag(n) for n, p in model.named_parameters() if p.requires_grad}
 
     # --- client work ------------------------------------------------------------------------
+    def prepare_client(self, model: ClientModel, ctx: ClientContext) -> None:
+        """Called whenever the harness loads a client's state into the model (before its local
+        update and before its evaluation); default: tell the model its client."""
+        model.set_client(ctx.info)
+
     def local_update(self, model: ClientModel, ctx: ClientContext) -> None:
         """One client's local training; default: every trainable parameter, ``local.steps`` steps."""
         ctx.train(model, [p for p in model.parameters() if p.requires_grad])

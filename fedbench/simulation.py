@@ -418,8 +418,8 @@ class Run:
             down = self.method.download(server_state, info)
             down_blob = serialize(down)
             load_state(model, init, client_states.get(c), deserialize(down_blob))
-            model.set_client(info)
             ctx = self.context(info, r)
+            self.method.prepare_client(model, ctx)
             train_rows = ctx.train_rows
             with ComputeTimer(self.prep.device) as timer:
                 self.method.local_update(model, ctx)
@@ -466,8 +466,8 @@ class Run:
         for info in infos:
             asking_all = dataclasses.replace(info, tasks=all_tasks)
             load_state(model, init, client_states.get(info.client), self.method.download(server_state, asking_all))
-            model.set_client(info)
             ctx = self.context(info, r)
+            self.method.prepare_client(model, ctx)
             own = table.rows(client=info.client, split=TEST)
             correct, _ = evaluate_rows(model, self.method, ctx, own, bs)
             for task in info.tasks:

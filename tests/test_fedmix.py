@@ -62,7 +62,9 @@ def test_local_update_trains_and_uploads_only_the_top_m_experts(tiny_prep, tmp_p
     model = run.build()
     info = tiny_prep.infos[0]
     before = trainable_state(model)
-    run.method.local_update(model, run.context(info, 0))
+    ctx = run.context(info, 0)
+    run.method.prepare_client(model, ctx)  # as the harness does
+    run.method.local_update(model, ctx)
     after = trainable_state(model)
     assert set(after) == set(before), "requires_grad restored after the update"
     selection = model.selection.tolist()

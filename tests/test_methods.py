@@ -35,7 +35,9 @@ def test_local_training_changes_only_trainable_tensors(built, tiny_prep):
     run, model = built
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = trainable_state(model)
-    run.method.local_update(model, run.context(tiny_prep.infos[0], 0))
+    ctx = run.context(tiny_prep.infos[0], 0)
+    run.method.prepare_client(model, ctx)  # as the harness does
+    run.method.local_update(model, ctx)
     after = trainable_state(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert all(torch.equal(frozen_before[n], p) for n, p in model.named_parameters() if not p.requires_grad)

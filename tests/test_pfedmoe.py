@@ -19,7 +19,9 @@ def test_only_the_global_expert_is_shared_and_travels(tiny_prep, tmp_path):
     assert shared and all(n.startswith("global_expert.") for n in shared)
     assert {n.split(".")[0] for n in local} == {"local_expert", "gate", "heads"}
     info = tiny_prep.infos[1]
-    run.method.local_update(model, run.context(info, 0))
+    ctx = run.context(info, 0)
+    run.method.prepare_client(model, ctx)  # as the harness does
+    run.method.local_update(model, ctx)
     up = run.method.upload(model, info)
     check_upload(up, shared, local, "pfedmoe")
     params = dict(model.named_parameters())
@@ -87,8 +89,9 @@ def test_local_width_masks_the_units_past_the_clients_width(tiny_prep, tmp_path)
     # training client 0 (width 4): the masked units get no gradient (AdamW only decays them)
     info = tiny_prep.infos[0]
     before_state = trainable_state(model)
-    model.set_client(info)  # as the harness does when it loads a client
-    run.method.local_update(model, run.context(info, 0))
+    ctx = run.context(info, 0)
+    run.method.prepare_client(model, ctx)  # as the harness does
+    run.method.local_update(model, ctx)
     assert model.local_width == 4
     decay = (1 - tiny_prep.protocol.local.lr * tiny_prep.protocol.local.weight_decay) ** tiny_prep.protocol.local.steps
     after = model.local_expert

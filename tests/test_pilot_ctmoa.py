@@ -1,0 +1,264 @@
+"""pilot-ctmoa (methods/pilot_ctmoa.py, fedbench/task_experts.py): tags, payloads, task-wise and
+distance-weighted aggregation, stages, local training, end-to-end smoke run."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fedbench.method import ClientInfo, Reply, create_method
+from fedbench.payload import check_upload, serialize
+from fedbench.protocol import MethodEntry
+from fedbench.records import read_jsonl
+from fedbench.simulation import Run, trainable_state
+from fedbench.task_experts import STAGE1, STAGE2, client_key, stage1_length, stage_of
+
+t = torch.tensor
+ALL = ("classification", "vqa", "grounding", "ocr_vqa")
+
+
+def _split(run, model):
+    tags = run.method.tags(model)
+    return {n for n, g in tags.items() if g == "shared"}, {n for n, g in tags.items() if g == "local"}
+
+
+def _features(run, model, info, n=6):
+    """``n`` training rows of ``info``, half from each end (so both of its tasks appear)."""
+    ctx = run.context(info, 0)
+    rows = np.concatenate([ctx.train_rows[: n // 2], ctx.train_rows[-(n - n // 2) :]])
+    batch, cached = ctx.inputs(model, rows)
+    assert len(set(batch.task.tolist())) == 2
+    return model.encode(batch, cached)
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("up.weight"):
+                p.normal_(0, 0.1)
+
+
+def test_tags_and_upload_hold_exactly_the_clients_shared_tensors(tiny_prep, tmp_path):
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    model = run.build()
+    shared, local = _split(run, model)
+    assert {n.split(".")[0] for n in shared} == {"task_adapters", "heads"}
+    assert {n.split(".")[0] for n in local} == {"client_adapter", "router", "aoa"}
+    assert model.router.image.bias is None and model.router.image.out_features == len(ALL)
+    info = tiny_prep.infos[0]
+    ctx = run.context(info, 0)
+    run.method.prepare_client(model, ctx)  # as the harness does
+    run.method.local_update(model, ctx)
+    up = run.method.upload(model, info)
+    check_upload(up, shared, local, "pilot-ctmoa")
+    expected = {n for n in shared if n.split(".")[1] in info.tasks}  # own tasks' adapters and heads
+    assert set(up) == expected
+    params = dict(model.named_parameters())
+    assert all(torch.equal(up[n], params[n]) for n in up)
+
+
+def test_share_router_uploads_router_and_the_trained_adapters_on_adapters(tiny_prep, tmp_path):
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa", {"share_router": True}), tmp_path)
+    model = run.build()
+    shared, local = _split(run, model)
+    assert {n.split(".")[0] for n in local} == {"client_adapter"}
+    info = tiny_prep.infos[1]
+    up = run.method.upload(model, info)
+    check_upload(up, shared, local, "pilot-ctmoa")
+    assert {n for n in up if n.startswith("router.")} == {"router.image.weight"}
+    assert {n.split(".")[1] for n in up if n.startswith("aoa.")} == set(ALL) - set(info.tasks)
+    down = run.method.download(run.method.init_server_state(model), info)
+    assert {n.split(".")[1] for n in down if n.startswith("aoa.")} == set(ALL)
+
+
+def test_download_carries_all_task_adapters_and_counts_their_bytes(tiny_prep, tmp_path):
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    model = run.build()
+    shared, _ = _split(run, model)
+    state = run.method.init_server_state(model)
+    info = tiny_prep.infos[0]
+    down = run.method.download(state, info)
+    adapters = {n for n in shared if n.startswith("task_adapters.")}
+    assert {n.split(".")[1] for n in adapters} == set(ALL)
+    assert adapters <= set(down)  # download ⊇ all T task adapters
+    assert {n.split(".")[1] for n in down if n.startswith("heads.")} == set(info.tasks)
+    assert set(down) <= shared
+    foreign = {n: down[n] for n in adapters if n.split(".")[1] not in info.tasks}
+    assert foreign
+    without = {n: v for n, v in down.items() if n not in foreign}
+    assert len(serialize(down)) - len(serialize(without)) >= sum(v.numel() * 4 for v in foreign.values())
+
+
+def test_task_adapters_are_averaged_within_their_task():
+    method = create_method("pilot-ctmoa")
+    a, b, c = "task_adapters.classification.up.bias", "task_adapters.vqa.up.bias", "task_adapters.grounding.up.bias"
+    replies = [
+        Reply(ClientInfo(0, ("classification", "vqa"), False, 1), {a: t([2.0, 4.0]), b: t([1.0])}, 1),
+        Reply(ClientInfo(1, ("vqa", "grounding"), True, 3), {b: t([5.0]), c: t([-1.0, 7.0])}, 3),
+    ]
+    state = {a: t([9.0, 9.0]), b: t([9.0]), c: t([9.0, 9.0]), "task_adapters.ocr_vqa.up.bias": t([8.0])}
+    new = method.aggregate(state, replies)
+    assert torch.allclose(new[b], t([(1 * 1.0 + 3 * 5.0) / 4]))  # both clients hold vqa
+    assert torch.equal(new[a], t([2.0, 4.0]))  # only the first holds classification
+    assert torch.equal(new[c], t([-1.0, 7.0]))
+    assert torch.equal(new["task_adapters.ocr_vqa.up.bias"], t([8.0]))  # nobody held it: kept
+
+
+@pytest.mark.parametrize(
+    ("nearest", "expected"),
+    [
+        # values 0, 1, 3 (examples 1, 1, 2): d01 = 1, d02 = 3, d12 = 2
+        # nearest 1: c0 <- c1: (1·0 + 1·1)/2; c1 <- c0: (1·1 + 1·0)/2; c2 <- c1: (2·3 + 1·1)/3
+        (1, (0.5, 0.5, 7 / 3)),
+        # nearest 2: c0: neighbours (1·1 + 1/3·3)/(4/3) = 1.5, n = 3 -> (0 + 3·1.5)/4
+        #            c1: (1·0 + 1/2·3)/(3/2) = 1.0 -> (1 + 3·1)/4; c2: (1/2·1 + 1/3·0)/(5/6) = 0.6 -> (2·3 + 2·0.6)/4
+        (2, (1.125, 1.0, 1.8)),
+    ],
+)
+def test_heads_get_per_client_distance_weighted_aggregates(nearest, expected):
+    method = create_method("pilot-ctmoa", {"nearest": nearest})
+    h, other = "heads.vqa.mlp.3.bias", "heads.grounding.mlp.3.bias"
+    values, examples = (0.0, 1.0, 3.0), (1, 1, 2)
+    replies = [
+        Reply(ClientInfo(c, ("vqa", "grounding"), False, n), {h: t([v, 0.0]), other: t([float(c)])}, n)
+        for c, (v, n) in enumerate(zip(values, examples, strict=True))
+    ]
+    state = {h: t([9.0, 9.0]), other: t([9.0])}
+    new = method.aggregate(state, replies)
+    for c, e in enumerate(expected):
+        assert torch.allclose(new[client_key(c, h)], t([e, 0.0]), atol=1e-6)
+    assert torch.allclose(new[h], t([(0 + 1 + 6) / 4, 0.0]))  # plain example-weighted mean
+    # the download gives each client its own aggregate, the plain mean to a client never seen
+    assert torch.allclose(method.download(new, replies[2].client)[h], t([expected[2], 0.0]), atol=1e-6)
+    stranger = ClientInfo(7, ("vqa",), False, 5)
+    assert torch.equal(method.download(new, stranger)[h], new[h])
+    assert not any("/" in n for n in method.download(new, stranger))
+    # at evaluation (all tasks asked): own aggregate for held heads, plain mean for the others
+    asking_all = ClientInfo(0, ALL, False, 1)
+    state_with_cls = {**new, "heads.classification.mlp.3.bias": t([3.0])}
+    down = method.download(state_with_cls, asking_all)
+    assert torch.allclose(down[h], t([expected[0], 0.0]), atol=1e-6)
+    assert torch.equal(down["heads.classification.mlp.3.bias"], t([3.0]))
+
+
+def test_distance_weighted_groups_clients_by_task():
+    """A client's head of task t is mixed only with the other holders of t."""
+    method = create_method("pilot-ctmoa", {"nearest": 3})
+    h = "heads.vqa.mlp.3.bias"
+    replies = [
+        Reply(ClientInfo(0, ("vqa",), False, 1), {h: t([0.0])}, 1),
+        Reply(ClientInfo(1, ("grounding",), False, 1), {"heads.grounding.mlp.3.bias": t([5.0])}, 1),
+        Reply(ClientInfo(2, ("vqa",), False, 1), {h: t([2.0])}, 1),
+    ]
+    new = method.aggregate({}, replies)
+    assert torch.allclose(new[client_key(0, h)], t([1.0])) and torch.allclose(new[client_key(2, h)], t([1.0]))
+    assert torch.equal(new[client_key(1, "heads.grounding.mlp.3.bias")], t([5.0]))  # alone: its own
+    assert client_key(1, h) not in new
+
+
+def test_stage_schedule():
+    assert stage1_length(-1, 10) == 2 and stage1_length(-1, 3) == 1 and stage1_length(-1, 2) == 1
+    assert stage1_length(0, 10) == 0 and stage1_length(4, 10) == 4
+    assert [stage_of(r, 10, -1) for r in range(4)] == [STAGE1, STAGE1, STAGE2, STAGE2]
+    with pytest.raises(ValueError, match="stage1_rounds"):
+        create_method("pilot-ctmoa", {"stage1_rounds": -2})
+    with pytest.raises(ValueError, match="nearest"):
+        create_method("pilot-ctmoa", {"nearest": 0})
+
+
+def test_stage1_is_task_plus_client_adapter_with_orthogonality(tiny_prep, tmp_path):
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    model = run.build()
+    _perturb(model)
+    info = tiny_prep.infos[0]
+    f = _features(run, model, info)
+    model.bind(STAGE1, info.tasks, True)
+    with torch.no_grad():
+        out = model.adapt(f)
+        task = torch.stack(
+            [model.task_adapters[model.task_names[i]](x) for i, x in zip(f.task_id, f.tokens, strict=True)]
+        )
+        client = model.client_adapter(f.tokens)
+        orth = (
+            (torch.nn.functional.normalize(task, dim=-1) * torch.nn.functional.normalize(client, dim=-1))
+            .sum(-1)
+            .pow(2)
+            .mean()
+        )
+    assert model.routing is None
+    assert torch.allclose(out.tokens, f.tokens + task + client, atol=1e-5)
+    assert torch.allclose(model.extra_loss(), 0.1 * orth)
+
+
+def test_stage2_routes_tokens_over_the_task_experts(tiny_prep, tmp_path):
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    model = run.build()
+    _perturb(model)
+    info = tiny_prep.infos[0]
+    f = _features(run, model, info)
+    model.bind(STAGE2, info.tasks, True)
+    with torch.no_grad():
+        out = model.adapt(f)
+        x = f.tokens
+        w = model.router.image(x).softmax(-1)  # [B, L, T]
+        mix = 0
+        for i, name in enumerate(model.task_names):
+            e = model.task_adapters[name](x)
+            if name not in info.tasks:
+                e = e + model.aoa[name](e)
+            mix = mix + w[..., i, None] * e
+    assert torch.allclose(out.tokens, x + mix + model.client_adapter(x), atol=1e-5)
+    assert model.routing.shape == (6, len(ALL)) and torch.allclose(model.routing, w.mean(1))
+    assert model.expert_names == list(ALL)
+    top = create_method("pilot-ctmoa", {"top_k": 1})
+    assert top.options.top_k == 1
+
+
+def test_stage2_trains_own_experts_aoas_router_and_freezes_the_rest(tiny_prep, tmp_path):
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa", {"stage1_rounds": 1}), tmp_path)
+    model = run.build()
+    _perturb(model)
+    info = tiny_prep.infos[0]
+    before = trainable_state(model)
+    ctx = run.context(info, 1)
+    run.method.prepare_client(model, ctx)  # as the harness does
+    run.method.local_update(model, ctx)
+    after = trainable_state(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    for name in before:
+        parts = name.split(".")
+        if parts[0] in ("client_adapter",) or (parts[0] in ("task_adapters", "heads") and parts[1] not in info.tasks):
+            assert name not in changed, name
+        if parts[0] == "aoa" and parts[1] in info.tasks:
+            assert name not in changed, name
+    assert "router.image.weight" in changed
+    assert any(n.startswith(f"aoa.{t}.") for t in set(ALL) - set(info.tasks) for n in changed)
+    assert any(n.startswith(f"task_adapters.{t}.") for t in info.tasks for n in changed)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n in before)  # restored
+    # stage 1 trains the client adapter and not the router
+    before = trainable_state(model)
+    ctx = run.context(info, 0)
+    run.method.prepare_client(model, ctx)  # as the harness does
+    run.method.local_update(model, ctx)
+    changed = {n for n in before if not torch.equal(before[n], trainable_state(model)[n])}
+    assert any(n.startswith("client_adapter.") for n in changed)
+    assert not any(n.startswith(("router.", "aoa.")) for n in changed)
+
+
+def test_smoke_run_records_usage_in_stage2(tiny_prep, tmp_path):
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    run.execute()
+    records = read_jsonl(tmp_path / "runs" / run.run_id / "records.jsonl")
+    usage = [r for r in records if r["kind"] == "usage"]
+    assert usage and {r["round"] for r in usage} == {1}  # 2 rounds: stage 1 then stage 2
+    assert {r["expert"] for r in usage} == set(ALL)
+    for task in {r["task"] for r in usage}:
+        assert sum(r["value"] for r in usage if r["task"] == task) == pytest.approx(1.0)
+    train = [r for r in records if r["kind"] == "train"]
+    assert train and all(r["down_bytes"] > r["up_bytes"] for r in train)  # foreign adapters come down
+    evals = [r for r in records if r["kind"] == "eval" and r["scope"] == "global"]
+    assert evals and all(0.0 <= r["value"] <= 1.0 for r in evals)
+    run_row = next(r for r in records if r["kind"] == "run")
+    assert run_row["params_local"] > 0 and run_row["params_shared"] > 0
+    assert dataclasses.asdict(run.method.options)["stage1_rounds"] == -1
