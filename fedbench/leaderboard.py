@@ -226,13 +226,14 @@ def plot(board_df_records: pd.DataFrame, out_dir: Path) -> list[Path]:
 
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.add_subplot()
-    for _, row in methods.iterrows():
+    for i, (_, row) in enumerate(methods.iterrows()):
         ax.errorbar(
             row["total_mb"],
             row["mean_acc"],
             xerr=np.nan_to_num(row["total_mb_std"]),
             yerr=np.nan_to_num(row["mean_acc_std"]),
-            fmt="o",
+            fmt=_MARKERS[i % len(_MARKERS)],
+            color=_color(i),
             capsize=3,
             label=row["method"],
         )
@@ -250,8 +251,8 @@ def plot(board_df_records: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.add_subplot()
     curves = _round_curves(_completed(board_df_records))
-    for label in methods["method"]:
-        ax.plot(curves.index, curves[label], marker="o", label=label)
+    for i, label in enumerate(methods["method"]):
+        ax.plot(curves.index, curves[label], marker=_MARKERS[i % len(_MARKERS)], color=_color(i), label=label)
     if not majority.empty:
         ax.axhline(majority.iloc[0], color="grey", linestyle="--", label=MAJORITY)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -259,4 +260,49 @@ def plot(board_df_records: pd.DataFrame, out_dir: Path) -> list[Path]:
     ax.legend(fontsize="small")
     rounds = out_dir / "acc_per_round.png"
     fig.savefig(rounds, dpi=120)
-    return [comm, rounds]
+    paths = [comm, rounds]
+    usage = _usage_matrices(_completed(board_df_records))
+    if usage:
+        paths.append(_plot_usage(usage, out_dir / "expert_usage.png", suffix))
+    return paths
+
+
+def _usage_matrices(recs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per label: task × expert mean routing weight on the global test set (last round, mean over seeds)."""
+    if "expert" not in recs:
+        return {}
+    usage = recs[recs["kind"] == "usage"]
+    usage = usage[usage["round"] == usage.groupby("run_id")["round"].transform("max")]
+    return {
+        label: group.pivot_table(index="task", columns="expert", values="value", aggfunc="mean")
+        for label, group in usage.groupby("label")
+    }
+
+
+def _plot_usage(usage: dict[str, pd.DataFrame], path: Path, suffix: str) -> Path:
+    """One heatmap per routed method: which experts each task family uses."""
+    n = len(usage)
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
+    for i, (label, matrix) in enumerate(sorted(usage.items())):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        image = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(matrix.shape[0]), matrix.index, fontsize=7)
+        for (r, c), v in np.ndenumerate(matrix.to_numpy()):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.5 else "black")
+        ax.set_title(label, fontsize=7)
+    fig.colorbar(image, ax=fig.axes, shrink=0.6, label="mean routing weight")
+    fig.suptitle(f"Expert usage per task (global test){suffix}")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _color(i: int) -> tuple:
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i % 20)

@@ -300,6 +300,19 @@ def run_id_for(entry: MethodEntry, seed: int, protocol: Protocol) -> str:
     return f"{slug}__seed{seed}__{protocol.hash}"
 
 
+@dataclass
+class Federation:
+    """What persists between rounds: the server's state, every client's stored trainable state,
+    and the initial state every client starts from (one seeded build)."""
+
+    server: Payload
+    clients: dict[int, State]
+    init: State
+    infos: list[ClientInfo]
+    shared: set[str]
+    local: set[str]
+
+
 class CheckpointMismatch(RuntimeError):
     """A checkpoint that the current code cannot resume."""
 
@@ -369,12 +382,15 @@ class Run:
                 f"method '{self.entry.name}' tagged {next(iter(bad))!r} as "
                 f"{next(iter(bad.values()))!r}; tags are shared|local"
             )
-        shared = {n for n, t in tags.items() if t == "shared"}
-        local = {n for n, t in tags.items() if t == "local"}
         init = trainable_state(model)
-        self._trainable = list(init)
-        server_state = self.method.init_server_state(model)
-        client_states: dict[int, State] = {}
+        fed = Federation(
+            server=self.method.init_server_state(model),
+            clients={},
+            init=init,
+            infos=self.prep.infos,
+            shared={n for n, t in tags.items() if t == "shared"},
+            local={n for n, t in tags.items() if t == "local"},
+        )
         start = 0
         if self.checkpoint_path.is_file():
             ckpt = torch.load(self.checkpoint_path, weights_only=True)
@@ -383,51 +399,48 @@ class Run:
                     f"checkpoint '{self.checkpoint_path}' was written by a model with other parameters "
                     "(code changed since); remove that run directory or use another --results"
                 )
-            start, server_state, client_states = ckpt["round"], ckpt["server_state"], ckpt["client_states"]
+            start, fed.server, fed.clients = ckpt["round"], ckpt["server_state"], ckpt["client_states"]
             self._truncate_records(start)
             self.progress("resume", {"run_id": self.run_id, "round": start})
-        infos = self.prep.infos
         rounds = self.protocol.rounds
         self.progress("start", {"run_id": self.run_id, "label": self.entry.label, "rounds": rounds, "start": start})
         for r in range(start, rounds):
-            rows, server_state = self._round(r, model, server_state, client_states, init, infos, shared, local)
+            rows = self._round(r, model, fed)
             if (r + 1) == rounds or (self.protocol.eval.every and (r + 1) % self.protocol.eval.every == 0):
-                rows += self._evaluate(r, model, server_state, client_states, init, infos)
+                rows += self._evaluate(r, model, fed)
             append_records(self.records_path, rows)
-            self._save_checkpoint(r + 1, server_state, client_states)
+            self._save_checkpoint(r + 1, fed)
             self.progress("round", {"run_id": self.run_id, "round": r + 1, "rounds": rounds})
         self._finish(model, tags)
         return self.run_id
 
-    def _round(
-        self,
-        r: int,
-        model: ClientModel,
-        server_state: Payload,
-        client_states: dict[int, State],
-        init: State,
-        infos: list[ClientInfo],
-        shared: set[str],
-        local: set[str],
-    ) -> tuple[list[dict], Payload]:
+    def _load_client(
+        self, model: ClientModel, fed: Federation, info: ClientInfo, payload: Payload, r: int
+    ) -> ClientContext:
+        """Initial state, then the client's stored state, then what the server sent it."""
+        load_state(model, fed.init, fed.clients.get(info.client), payload)
+        ctx = self.context(info, r)
+        self.method.prepare_client(model, ctx)
+        return ctx
+
+    def _round(self, r: int, model: ClientModel, fed: Federation) -> list[dict]:
+        """Sample, download, train, upload, aggregate (updates ``fed`` in place); train records."""
         proto, seed = self.protocol, self.prep.seed
-        sampled = sample_clients(seed, r, len(infos), proto.clients.sample_fraction)
+        sampled = sample_clients(seed, r, len(fed.infos), proto.clients.sample_fraction)
         replies, rows = [], []
         for c in sampled:
-            info = infos[c]
-            down = self.method.download(server_state, info)
+            info = fed.infos[c]
+            down = self.method.download(fed.server, info)
             down_blob = serialize(down)
-            load_state(model, init, client_states.get(c), deserialize(down_blob))
-            ctx = self.context(info, r)
-            self.method.prepare_client(model, ctx)
+            ctx = self._load_client(model, fed, info, deserialize(down_blob), r)
             train_rows = ctx.train_rows
             with ComputeTimer(self.prep.device) as timer:
                 self.method.local_update(model, ctx)
             up = self.method.upload(model, info)
-            check_upload(up, shared, local, self.entry.name)
+            check_upload(up, fed.shared, fed.local, self.entry.name)
             up_blob = serialize(up)
             replies.append(Reply(info, deserialize(up_blob), len(train_rows)))
-            client_states[c] = trainable_state(model)
+            fed.clients[c] = trainable_state(model)
             rows.append(
                 {
                     **self.common(),
@@ -444,17 +457,10 @@ class Run:
                 }
             )
             self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
-        return rows, self.method.aggregate(server_state, replies)
+        fed.server = self.method.aggregate(fed.server, replies)
+        return rows
 
-    def _evaluate(
-        self,
-        r: int,
-        model: ClientModel,
-        server_state: Payload,
-        client_states: dict[int, State],
-        init: State,
-        infos: list[ClientInfo],
-    ) -> list[dict]:
+    def _evaluate(self, r: int, model: ClientModel, fed: Federation) -> list[dict]:
         """Every client's model: its own state + what the server would send a client asking for
         every task. Scored on its own test split (scope ``client``) and on the global test set of
         every task (scope ``client_global``, with ``held`` telling own tasks: P averages those,
@@ -463,11 +469,9 @@ class Run:
         all_tasks = tuple(self.prep.store.task_names)
         global_rows = table.rows(split=GLOBAL_TEST)
         rows, per_task, usage = [], {}, {}
-        for info in infos:
+        for info in fed.infos:
             asking_all = dataclasses.replace(info, tasks=all_tasks)
-            load_state(model, init, client_states.get(info.client), self.method.download(server_state, asking_all))
-            ctx = self.context(info, r)
-            self.method.prepare_client(model, ctx)
+            ctx = self._load_client(model, fed, info, self.method.download(fed.server, asking_all), r)
             own = table.rows(client=info.client, split=TEST)
             correct, _ = evaluate_rows(model, self.method, ctx, own, bs)
             for task in info.tasks:
@@ -517,10 +521,10 @@ class Run:
             "n": len(correct),
         }
 
-    def _save_checkpoint(self, next_round: int, server_state: Payload, client_states: dict[int, State]) -> None:
+    def _save_checkpoint(self, next_round: int, fed: Federation) -> None:
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        body = {"round": next_round, "server_state": server_state, "client_states": client_states}
-        torch.save({**body, "trainable": sorted(self._trainable)}, tmp)
+        body = {"round": next_round, "server_state": fed.server, "client_states": fed.clients}
+        torch.save({**body, "trainable": sorted(fed.init)}, tmp)
         tmp.replace(self.checkpoint_path)
 
     def _truncate_records(self, next_round: int) -> None:
