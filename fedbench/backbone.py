@@ -8,7 +8,6 @@ dispatches on the part before the first colon.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -95,18 +94,6 @@ class Backbone(nn.Module):
         if not out:
             return torch.zeros(0, self.embed_dim, device=self.mean.device)
         return torch.cat(out).float()
-
-    def fingerprint(self) -> str:
-        """Hash of name and weights: keys any feature cache built from this backbone."""
-        h = hashlib.sha256(self.name.encode())
-        for k, v in sorted(self.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().float().cpu().numpy().tobytes()[:4096])
-        return h.hexdigest()[:16]
-
-
-def backbone_schemes() -> list[str]:
-    return BACKBONES.names()
 
 
 def create_backbone(spec: str, device: str | torch.device = "cpu") -> Backbone:

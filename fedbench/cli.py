@@ -299,8 +299,4 @@ def backbone_info() -> None:
     console.print({"vocab_size": len(tokenizer.vocab), **shown})
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
 __all__ = ["app"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -46,7 +46,6 @@ class Reply:
     client: ClientInfo
     payload: Payload
     num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,3 @@ def count_params(model: ClientModel, tags: dict[str, Tag]) -> dict[str, int]:
     shared = sum(params[n].numel() for n, t in tags.items() if t == "shared")
     local = sum(params[n].numel() for n, t in tags.items() if t == "local")
     return {"params_trainable": shared + local, "params_shared": shared, "params_local": local}
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)

@@ -29,6 +29,7 @@ from fedbench.provenance import git_commit, library_versions
 from fedbench.records import append_records, read_jsonl
 from fedbench.registry import SUITES, TASKS
 from fedbench.task import TaskSpec
+from fedbench.tasks.partition import make_plans, partition_summary  # partitioners live with the tasks
 from fedbench.timing import ComputeTimer, device_label
 
 State = dict[str, torch.Tensor]
@@ -133,7 +134,6 @@ def prepare(
     protocol: Protocol, seed: int, backbone: Backbone | None = None, device: torch.device | None = None
 ) -> Prepared:
     """Partition, draw the suite and encode text for one seed."""
-    from fedbench.tasks.partition import make_plans  # the partitioners live with the tasks
 
     device = device or default_device()
     specs = [TASKS.get(name) for name in protocol.tasks]
@@ -553,6 +553,7 @@ class Run:
                 "backbone": self.prep.backbone.name,
                 "backbone_meta": self.prep.backbone.meta,
                 "partition": [p.as_record() for p in self.prep.plans],
+                "partition_summary": partition_summary(self.prep.table),
             }
         )
         append_records(self.records_path, rows)
