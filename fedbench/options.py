@@ -14,12 +14,12 @@ class OptionError(ValueError):
 def _convert(value: Any, tp: Any, owner: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     literal_choices = typing.get_args(tp) if origin is typing.Literal else None
+    if literal_choices is not None:
+        if value not in literal_choices:
+            choices = ", ".join(map(str, literal_choices))
+            raise OptionError(f"option '{key}' of {owner} = {value!r} is invalid: choose one of {choices}")
+        return value
     try:
-        if literal_choices is not None:
-            if value not in literal_choices:
-                choices = ", ".join(map(str, literal_choices))
-                raise OptionError(f"option '{key}' of {owner} = {value!r} is invalid: choose one of {choices}")
-            return value
         if origin is tuple:
             items = value.replace("+", ",").split(",") if isinstance(value, str) else list(value)
             (inner, *_rest) = typing.get_args(tp)
@@ -40,6 +40,8 @@ def _convert(value: Any, tp: Any, owner: str, key: str) -> Any:
             return float(value)
         if tp is str:
             return str(value)
+    except OptionError:
+        raise
     except (TypeError, ValueError):
         name = getattr(tp, "__name__", str(tp))
         raise OptionError(f"option '{key}' of {owner} = {value!r} is invalid: expected {name}") from None

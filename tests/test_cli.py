@@ -29,6 +29,7 @@ def _fails_cleanly(args, needle):
         (["run", "--methods", "fedavg-lora:rnk=2"], "unknown option 'rnk' for method 'fedavg-lora'. Valid options:"),
         (["leaderboard", "--results", ".", "--format", "xml"], "--format 'xml' is invalid. Choose one of: table"),
         (["describe", "fedmx"], "Unknown method 'fedmx'"),
+        (["run", "--methods", "feddpa:weighting=median"], "'median' is invalid: choose one of uniform, examples"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, needle):
