@@ -102,3 +102,12 @@ def test_completed_run_is_skipped_not_redone(tiny_prep, tmp_path):
     Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path, lambda e, i: events.append(e)).execute()
     assert events == ["skip"] and run.records_path.read_bytes() == before
     assert torch.get_num_threads() >= 1
+
+
+def test_routed_methods_get_an_expert_usage_plot(tiny_prep, tmp_path):
+    from fedbench.leaderboard import plot
+
+    Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path).execute()
+    paths = plot(read_records(tmp_path), tmp_path / "plots")
+    assert [p.name for p in paths] == ["acc_vs_comm.png", "acc_per_round.png", "expert_usage.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
