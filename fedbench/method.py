@@ -89,8 +89,8 @@ class Method:
     # --- client work ------------------------------------------------------------------------
     def prepare_client(self, model: ClientModel, ctx: ClientContext) -> None:
         """Called whenever the harness loads a client's state into the model (before its local
-        update and before its evaluation); default: tell the model its client."""
-        model.set_client(ctx.info)
+        update and before its evaluation): per-client structure (widths, stages, OCR branches)
+        is set here from ``ctx.info`` and ``ctx.round``. Default: nothing per client."""
 
     def local_update(self, model: ClientModel, ctx: ClientContext) -> None:
         """One client's local training; default: every trainable parameter, ``local.steps`` steps."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,9 +19,6 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from fedbench.backbone import Backbone
 from fedbench.task import TaskSpec
-
-if TYPE_CHECKING:
-    from fedbench.method import ClientInfo
 
 OCR_TOKENS = 8  # at most this many OCR tokens per row, in reading order
 
@@ -175,7 +171,6 @@ class ClientModel(nn.Module):
         self.backbone = backbone
         self.tasks = list(tasks)
         self.task_names = [t.name for t in tasks]
-        self.client: ClientInfo | None = None  # the client whose state is loaded (set by the harness)
         self.routing: torch.Tensor | None = None  # [B, E] routing weights of the last forward, if any
         self.expert_names: list[str] = []
         self.heads = nn.ModuleDict({t.name: make_head(t, backbone.token_dim, backbone.embed_dim) for t in tasks})
@@ -183,12 +178,6 @@ class ClientModel(nn.Module):
     def encode(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> Features:
         tokens, image = cached if cached is not None else self.backbone.encode_image(batch.images)
         return Features(tokens, image, batch.question, batch.ocr, batch.ocr_mask, batch.task_id)
-
-    def set_client(self, client: ClientInfo) -> None:
-        """Called by the harness whenever it loads a client's state into this model (before its
-        local update and before its evaluation): per-client structure (widths, OCR branches)
-        reads ``self.client``."""
-        self.client = client
 
     def adapt(self, features: Features) -> Features:
         """Method hook: adapters / experts on the backbone's output (identity by default)."""

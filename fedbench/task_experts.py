@@ -327,7 +327,6 @@ class TaskExpertsMethod(Method):
 
     def prepare_client(self, model: TaskExpertModel, ctx: ClientContext) -> None:
         """The stage of this round, the client's tasks and whether it holds the OCR expert."""
-        super().prepare_client(model, ctx)
         model.bind(self.stage(ctx), ctx.info.tasks, self.holds_ocr_expert(ctx.info))
 
     def local_update(self, model: TaskExpertModel, ctx: ClientContext) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from fedbench.method import ClientInfo, Method, Tag, register_method
 from fedbench.moa import Adapter
 from fedbench.model import Batch, ClientModel, Features
 from fedbench.task import TaskSpec
+
+if TYPE_CHECKING:
+    from fedbench.simulation import ClientContext
 
 PIXEL_SIDE = 16  # the pixel gate sees the image at 16x16x3
 
@@ -75,7 +78,6 @@ class PFedMoEModel(ClientModel):
 
     def set_client(self, client: ClientInfo) -> None:
         """The client's local-expert width (model-heterogeneous setting)."""
-        super().set_client(client)
         widths = self.options.local_widths
         self.local_width = widths[client.client % len(widths)]
 
@@ -139,3 +141,6 @@ class PFedMoE(Method):
 
     def tag(self, name: str) -> Tag:
         return "shared" if name.startswith("global_expert.") else "local"
+
+    def prepare_client(self, model: PFedMoEModel, ctx: ClientContext) -> None:
+        model.set_client(ctx.info)

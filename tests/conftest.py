@@ -30,3 +30,16 @@ def backbone():
 @pytest.fixture(scope="session")
 def tiny_prep(backbone):
     return prepare(TINY, 0, backbone=backbone, device=torch.device("cpu"))
+
+
+@pytest.fixture
+def train_client():
+    """One client's local update as the harness runs it: context, prepare_client, local_update."""
+
+    def run_update(run, model, info, round_=0):
+        ctx = run.context(info, round_)
+        run.method.prepare_client(model, ctx)
+        run.method.local_update(model, ctx)
+        return ctx
+
+    return run_update

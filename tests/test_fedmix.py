@@ -57,14 +57,12 @@ def test_output_is_the_gate_weighted_mixture(tiny_prep, tmp_path):
             assert torch.allclose(out.exp().sum(-1), torch.ones(len(idx)), atol=1e-5)
 
 
-def test_local_update_trains_and_uploads_only_the_top_m_experts(tiny_prep, tmp_path):
+def test_local_update_trains_and_uploads_only_the_top_m_experts(tiny_prep, tmp_path, train_client):
     run = Run(tiny_prep, MethodEntry("fedmix"), tmp_path)
     model = run.build()
     info = tiny_prep.infos[0]
     before = trainable_state(model)
-    ctx = run.context(info, 0)
-    run.method.prepare_client(model, ctx)  # as the harness does
-    run.method.local_update(model, ctx)
+    train_client(run, model, info, 0)
     after = trainable_state(model)
     assert set(after) == set(before), "requires_grad restored after the update"
     selection = model.selection.tolist()

@@ -31,13 +31,11 @@ def test_upload_holds_exactly_the_shared_tensors(built, tiny_prep):
     assert set(down) <= shared, "the server only ever holds shared tensors"
 
 
-def test_local_training_changes_only_trainable_tensors(built, tiny_prep):
+def test_local_training_changes_only_trainable_tensors(built, tiny_prep, train_client):
     run, model = built
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = trainable_state(model)
-    ctx = run.context(tiny_prep.infos[0], 0)
-    run.method.prepare_client(model, ctx)  # as the harness does
-    run.method.local_update(model, ctx)
+    train_client(run, model, tiny_prep.infos[0], 0)
     after = trainable_state(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert all(torch.equal(frozen_before[n], p) for n, p in model.named_parameters() if not p.requires_grad)

@@ -189,23 +189,19 @@ def test_client_without_ocr_routes_over_task_experts_only(tiny_prep, tmp_path):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_non_ocr_client_never_trains_ocr_parts(tiny_prep, tmp_path, frozen):
+def test_non_ocr_client_never_trains_ocr_parts(tiny_prep, tmp_path, frozen, train_client):
     run = Run(tiny_prep, MethodEntry("mmrouter-moa", {"ocr_frozen_on_non_ocr": frozen}), tmp_path)
     model = run.build()
     _perturb(model)
     ocr, plain = _infos(tiny_prep)
     for r in (0, 1):  # stage 1, stage 2
         before = trainable_state(model)
-        ctx = run.context(plain, r)
-        run.method.prepare_client(model, ctx)  # as the harness does
-        run.method.local_update(model, ctx)
+        train_client(run, model, plain, r)
         after = trainable_state(model)
         assert all(torch.equal(before[n], after[n]) for n in before if n.startswith(OCR_PARTS))
         assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("heads."))
     before = trainable_state(model)
-    ctx = run.context(ocr, 1)
-    run.method.prepare_client(model, ctx)  # as the harness does
-    run.method.local_update(model, ctx)
+    train_client(run, model, ocr, 1)
     after = trainable_state(model)
     assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith(OCR_PARTS))
 

@@ -10,7 +10,7 @@ from fedbench.records import read_jsonl
 from fedbench.simulation import Run, trainable_state
 
 
-def test_only_the_global_expert_is_shared_and_travels(tiny_prep, tmp_path):
+def test_only_the_global_expert_is_shared_and_travels(tiny_prep, tmp_path, train_client):
     run = Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path)
     model = run.build()
     tags = run.method.tags(model)
@@ -19,9 +19,7 @@ def test_only_the_global_expert_is_shared_and_travels(tiny_prep, tmp_path):
     assert shared and all(n.startswith("global_expert.") for n in shared)
     assert {n.split(".")[0] for n in local} == {"local_expert", "gate", "heads"}
     info = tiny_prep.infos[1]
-    ctx = run.context(info, 0)
-    run.method.prepare_client(model, ctx)  # as the harness does
-    run.method.local_update(model, ctx)
+    train_client(run, model, info, 0)
     up = run.method.upload(model, info)
     check_upload(up, shared, local, "pfedmoe")
     params = dict(model.named_parameters())
@@ -72,7 +70,7 @@ def test_representation_is_the_gated_sum_and_pixels_come_from_the_store(tiny_pre
     assert torch.equal(out.image, f.image)
 
 
-def test_local_width_masks_the_units_past_the_clients_width(tiny_prep, tmp_path):
+def test_local_width_masks_the_units_past_the_clients_width(tiny_prep, tmp_path, train_client):
     run = Run(tiny_prep, MethodEntry("pfedmoe", {"local_widths": "4+8", "gate_input": "features"}), tmp_path)
     model = run.build()
     assert model.local_expert.down.out_features == 8
@@ -89,9 +87,7 @@ def test_local_width_masks_the_units_past_the_clients_width(tiny_prep, tmp_path)
     # training client 0 (width 4): the masked units get no gradient (AdamW only decays them)
     info = tiny_prep.infos[0]
     before_state = trainable_state(model)
-    ctx = run.context(info, 0)
-    run.method.prepare_client(model, ctx)  # as the harness does
-    run.method.local_update(model, ctx)
+    train_client(run, model, info, 0)
     assert model.local_width == 4
     decay = (1 - tiny_prep.protocol.local.lr * tiny_prep.protocol.local.weight_decay) ** tiny_prep.protocol.local.steps
     after = model.local_expert

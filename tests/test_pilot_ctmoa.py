@@ -39,7 +39,7 @@ def _perturb(model):
                 p.normal_(0, 0.1)
 
 
-def test_tags_and_upload_hold_exactly_the_clients_shared_tensors(tiny_prep, tmp_path):
+def test_tags_and_upload_hold_exactly_the_clients_shared_tensors(tiny_prep, tmp_path, train_client):
     run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
     model = run.build()
     shared, local = _split(run, model)
@@ -47,9 +47,7 @@ def test_tags_and_upload_hold_exactly_the_clients_shared_tensors(tiny_prep, tmp_
     assert {n.split(".")[0] for n in local} == {"client_adapter", "router", "aoa"}
     assert model.router.image.bias is None and model.router.image.out_features == len(ALL)
     info = tiny_prep.infos[0]
-    ctx = run.context(info, 0)
-    run.method.prepare_client(model, ctx)  # as the harness does
-    run.method.local_update(model, ctx)
+    train_client(run, model, info, 0)
     up = run.method.upload(model, info)
     check_upload(up, shared, local, "pilot-ctmoa")
     expected = {n for n in shared if n.split(".")[1] in info.tasks}  # own tasks' adapters and heads
@@ -215,15 +213,13 @@ def test_stage2_routes_tokens_over_the_task_experts(tiny_prep, tmp_path):
     assert top.options.top_k == 1
 
 
-def test_stage2_trains_own_experts_aoas_router_and_freezes_the_rest(tiny_prep, tmp_path):
+def test_stage2_trains_own_experts_aoas_router_and_freezes_the_rest(tiny_prep, tmp_path, train_client):
     run = Run(tiny_prep, MethodEntry("pilot-ctmoa", {"stage1_rounds": 1}), tmp_path)
     model = run.build()
     _perturb(model)
     info = tiny_prep.infos[0]
     before = trainable_state(model)
-    ctx = run.context(info, 1)
-    run.method.prepare_client(model, ctx)  # as the harness does
-    run.method.local_update(model, ctx)
+    train_client(run, model, info, 1)
     after = trainable_state(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     for name in before:
@@ -238,9 +234,7 @@ def test_stage2_trains_own_experts_aoas_router_and_freezes_the_rest(tiny_prep, t
     assert all(p.requires_grad for n, p in model.named_parameters() if n in before)  # restored
     # stage 1 trains the client adapter and not the router
     before = trainable_state(model)
-    ctx = run.context(info, 0)
-    run.method.prepare_client(model, ctx)  # as the harness does
-    run.method.local_update(model, ctx)
+    train_client(run, model, info, 0)
     changed = {n for n in before if not torch.equal(before[n], trainable_state(model)[n])}
     assert any(n.startswith("client_adapter.") for n in changed)
     assert not any(n.startswith(("router.", "aoa.")) for n in changed)
