@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -37,12 +38,13 @@ def describe_method(proto: Protocol, console: Console) -> dict:
         groups[key] = groups.get(key, 0) + params[name].numel()
     console.print(f"[bold]{escape(entry.label)}[/]  {run.method.paper}")
     console.print(f"options: {run.method.describe()['options']}", markup=False)
-    doc = (type(run.method).__doc__ or "").strip()
+    doc = inspect.getdoc(type(run.method)) or ""
     if doc:
-        console.print(doc, markup=False)
+        console.print(doc, markup=False, soft_wrap=True)  # the terminal wraps; rich would re-wrap mid-line
     table = Table(title="trainable parameters")
-    for col in ("module", "tag", "params"):
-        table.add_column(col)
+    table.add_column("module", overflow="fold")  # long LoRA names wrap rather than truncate
+    table.add_column("tag")
+    table.add_column("params", justify="right")
     for (group, tag), n in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         table.add_row(group, tag, f"{n:,}")
     console.print(table)

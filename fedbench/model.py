@@ -176,7 +176,14 @@ class ClientModel(nn.Module):
         self.heads = nn.ModuleDict({t.name: make_head(t, backbone.token_dim, backbone.embed_dim) for t in tasks})
 
     def encode(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> Features:
-        tokens, image = cached if cached is not None else self.backbone.encode_image(batch.images)
+        """Frozen features from ``cached``, else from the image tower run once per distinct image
+        (rows asking several questions of one image share its forward pass and its gradient)."""
+        if cached is None:
+            _, first, inverse = np.unique(batch.image_index.numpy(), return_index=True, return_inverse=True)
+            tokens, image = self.backbone.encode_image(batch.images[torch.as_tensor(first, device=batch.images.device)])
+            inverse = torch.as_tensor(inverse, device=tokens.device)
+            cached = tokens[inverse], image[inverse]
+        tokens, image = cached
         return Features(tokens, image, batch.question, batch.ocr, batch.ocr_mask, batch.task_id)
 
     def adapt(self, features: Features) -> Features:

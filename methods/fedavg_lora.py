@@ -1,15 +1,7 @@
 """FedAvg over LoRA and its two frozen/local variants (METHODS.md §1).
 
-- ``fedavg-lora``: FedIT (Zhang et al., arXiv 2305.05644) / OpenFedLLM (arXiv 2402.06954):
-  LoRA on the image tower's q and v projections plus the task heads, all shared; the server
-  averages A and B separately, weighted by examples.
-- ``ffa-lora``: FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313): A frozen at a seed shared
-  by all clients, only B (and the heads) trained and sent: half the LoRA bytes.
-- ``fedsa-lora``: FedSA-LoRA (Guo et al., ICLR 2025, arXiv 2410.01463): A shared, B and the
-  heads stay local.
-
-Simplification: the papers tune an LLM; here LoRA sits in the frozen CLIP image tower (no
-LLM runs on a 2-core CPU), with the same shared/local placement.
+Each method's description, simplifications included, is its class docstring (shown by
+``fedbench describe``).
 """
 
 from __future__ import annotations
@@ -41,7 +33,18 @@ class LoRAOptions:
 
 @register_method("fedavg-lora")
 class FedAvgLoRA(Method):
-    """FedAvg of LoRA adapters and task heads (arXiv 2305.05644)."""
+    """FedIT (Zhang et al., arXiv 2305.05644) / OpenFedLLM (arXiv 2402.06954): FedAvg over LoRA.
+
+    - Shared: LoRA (rank 8, alpha 16, dropout 0.05) on the q and v projections of every image-
+      tower attention block, and the task heads. Nothing is local.
+    - Client: plain supervised loss from the received global weights.
+    - Server: per-tensor example-weighted mean over the sampled clients (A and B averaged
+      separately; a head over the clients holding its task).
+
+    Simplification: the papers tune an LLM; here LoRA sits in the frozen CLIP image tower (no
+    LLM runs on a 2-core CPU), with the same shared/local placement. LoRA dropout is applied to
+    A's input columns, once per forward (the weight-space form of input dropout).
+    """
 
     Options = LoRAOptions
     paper = "https://arxiv.org/abs/2305.05644"
@@ -55,7 +58,12 @@ class FedAvgLoRA(Method):
 
 @register_method("ffa-lora")
 class FFALoRA(FedAvgLoRA):
-    """FFA-LoRA: A frozen at the shared initial seed, only B trained and sent (arXiv 2403.12313)."""
+    """FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313): FedAvg-LoRA with A frozen.
+
+    A is frozen at the initialisation every client builds from the same seed; only B and the
+    task heads train and travel (half the LoRA bytes), averaged as in ``fedavg-lora``.
+    Simplification: LoRA in the CLIP image tower instead of an LLM, as for ``fedavg-lora``.
+    """
 
     paper = "https://arxiv.org/abs/2403.12313"
 
@@ -69,7 +77,12 @@ class FFALoRA(FedAvgLoRA):
 
 @register_method("fedsa-lora")
 class FedSALoRA(FedAvgLoRA):
-    """FedSA-LoRA: A matrices shared and averaged, B matrices and heads local (arXiv 2410.01463)."""
+    """FedSA-LoRA (Guo et al., ICLR 2025, arXiv 2410.01463): A shared, B local.
+
+    The A matrices are shared and averaged by examples; the B matrices and the task heads stay
+    on their client. Simplification: LoRA in the CLIP image tower instead of an LLM, as for
+    ``fedavg-lora``.
+    """
 
     paper = "https://arxiv.org/abs/2410.01463"
 

@@ -1,56 +1,7 @@
 """FedDPA-T: Dual-Personalizing Adapter (Yang et al., NeurIPS 2024, https://arxiv.org/abs/2403.19211).
 
-Shared / local / aggregation: two LoRA adapters on the q and v projections of every image-tower
-attention block: the **global** adapter (shared; the only adapter that travels) and the
-**local** adapter (never leaves its client). The task heads are shared by default (option
-``heads``; see below). Server: mean of the uploads with **uniform** weights, as the official
-``FedAvg`` (``fed_utils/model_aggregation.py`` weights every client by 1); ``weighting=examples``
-weights by training examples. Each tensor is averaged over the replies that carry it (a head
-over the clients holding its task).
-
-Client schedule (FedDPA-T, official ``main.py`` with ``--local_model True``): round 0 trains the
-global adapter alone (mix {global: 1}). Every later round runs two passes of ``local.steps``
-steps each: (1) the local adapter, with the received global adapter mixed in frozen and
-detached (mix {local: w, global: 1 - w}, ``local_weight`` w = 0.5); (2) the global adapter
-alone (mix {global: 1}) from the received global, which is then uploaded. A round thus costs
-twice the compute of FedAvg-LoRA after round 0, as in the paper.
-
-Inference (instance-wise dynamic weighting, official ``GlobalModel_generated.py --auto``): each
-test image is embedded with the local adapter alone; α = ``max_weight`` (0.5) × the mean cosine
-similarity to the embeddings of ``num_reference`` (5) of the client's training inputs; the
-image's features are then computed with the mix {global: α, local: 1 − α}. One α per image,
-never one per batch. ``model.routing`` = [α, 1 − α] per row (experts "global", "local"), so the
-expert-usage records show the mixing.
-
-Simplifications / harness choices:
-- No LLM on a CPU: the adapters sit in the frozen CLIP image tower (as for FedAvg-LoRA), so the
-  "instance" whose α is computed is the image; the embedding is the pooled image embedding
-  with the local adapter active (official: the LLM's last hidden state of the prompt's last
-  token with the local adapter active).
-- Task heads: in the paper the output layer is the LLM's pretrained head, identical on every
-  client, and the global adapter exists to serve test-time tasks the client never trained
-  (the TTP score). Our heads are new and must be trained; kept local, a client's heads of the
-  tasks it does not hold would stay at their init and its TTP on those tasks would be chance
-  whatever the global adapter learned. So by default (``heads=shared``) heads play the role of
-  the common output layer: trained with the global adapter in pass (2) and in round 0, frozen
-  while the local adapter trains in pass (1), exchanged only for held tasks and averaged like
-  the global adapter; personalization lives in the local adapter alone, as in the paper.
-  ``heads=local`` keeps them personal instead (trained in both passes, never sent).
-- Embedding for α: ``embedding=pooled`` (default) uses the pooled image embedding, the
-  analogue of the official default ``emb_type=last``; ``token_mean`` averages the patch
-  tokens, the analogue of ``emb_type=avg``. Beware: the embedded backbone's pooled embeddings
-  of different images are nearly orthogonal (mean pairwise cosine ≈ 0.04, against ≈ 0.73 for
-  the token mean), so with ``pooled`` α stays near 0 and inference runs almost on the local
-  adapter alone; the LLM hidden states of the paper are far more similar to each other.
-- Reference inputs: one draw of ``num_reference`` training rows per client and evaluation
-  (``ctx.sample``, with replacement), shared by all its test images (official: a fresh
-  ``random.sample`` per test instance). α is not clipped (official neither).
-- Exact per-instance mixing: the LoRA delta lives in the weights, so each unique test image
-  runs through the tower alone with its own mix (one forward per image at evaluation).
-- The local adapter is created at build (B = 0) and persists in the client's stored state
-  (official: created fresh in round 1, reloaded from the client's last local adapter later).
-- Only FedDPA-T (iterative) is implemented, not FedDPA-F (fine-tune the local adapter after
-  federated training).
+The method's description, harness choices included, is the class docstring (shown by
+``fedbench describe``).
 """
 
 from __future__ import annotations
@@ -197,7 +148,60 @@ def instance_alphas(
 
 @register_method("feddpa")
 class FedDPA(Method):
-    """FedDPA-T: global LoRA shared (uniform mean), local LoRA kept; per-instance mix at test (arXiv 2403.19211)."""
+    """FedDPA-T (Yang et al., NeurIPS 2024): https://arxiv.org/abs/2403.19211 (METHODS.md §4).
+
+    Shared / local / aggregation: two LoRA adapters on the q and v projections of every image-tower
+    attention block: the **global** adapter (shared; the only adapter that travels) and the
+    **local** adapter (never leaves its client). The task heads are shared by default (option
+    ``heads``; see below). Server: mean of the uploads with **uniform** weights, as the official
+    ``FedAvg`` (``fed_utils/model_aggregation.py`` weights every client by 1); ``weighting=examples``
+    weights by training examples. Each tensor is averaged over the replies that carry it (a head
+    over the clients holding its task).
+
+    Client schedule (FedDPA-T, official ``main.py`` with ``--local_model True``): round 0 trains the
+    global adapter alone (mix {global: 1}). Every later round runs two passes of ``local.steps``
+    steps each: (1) the local adapter, with the received global adapter mixed in frozen and
+    detached (mix {local: w, global: 1 - w}, ``local_weight`` w = 0.5); (2) the global adapter
+    alone (mix {global: 1}) from the received global, which is then uploaded. A round thus costs
+    twice the compute of FedAvg-LoRA after round 0, as in the paper.
+
+    Inference (instance-wise dynamic weighting, official ``GlobalModel_generated.py --auto``): each
+    test image is embedded with the local adapter alone; α = ``max_weight`` (0.5) × the mean cosine
+    similarity to the embeddings of ``num_reference`` (5) of the client's training inputs; the
+    image's features are then computed with the mix {global: α, local: 1 − α}. One α per image,
+    never one per batch. ``model.routing`` = [α, 1 − α] per row (experts "global", "local"), so the
+    expert-usage records show the mixing.
+
+    Simplifications / harness choices:
+    - No LLM on a CPU: the adapters sit in the frozen CLIP image tower (as for FedAvg-LoRA), so the
+      "instance" whose α is computed is the image; the embedding is the pooled image embedding
+      with the local adapter active (official: the LLM's last hidden state of the prompt's last
+      token with the local adapter active).
+    - Task heads: in the paper the output layer is the LLM's pretrained head, identical on every
+      client, and the global adapter exists to serve test-time tasks the client never trained
+      (the TTP score). Our heads are new and must be trained; kept local, a client's heads of the
+      tasks it does not hold would stay at their init and its TTP on those tasks would be chance
+      whatever the global adapter learned. So by default (``heads=shared``) heads play the role of
+      the common output layer: trained with the global adapter in pass (2) and in round 0, frozen
+      while the local adapter trains in pass (1), exchanged only for held tasks and averaged like
+      the global adapter; personalization lives in the local adapter alone, as in the paper.
+      ``heads=local`` keeps them personal instead (trained in both passes, never sent).
+    - Embedding for α: ``embedding=pooled`` (default) uses the pooled image embedding, the
+      analogue of the official default ``emb_type=last``; ``token_mean`` averages the patch
+      tokens, the analogue of ``emb_type=avg``. Beware: the embedded backbone's pooled embeddings
+      of different images are nearly orthogonal (mean pairwise cosine ≈ 0.04, against ≈ 0.73 for
+      the token mean), so with ``pooled`` α stays near 0 and inference runs almost on the local
+      adapter alone; the LLM hidden states of the paper are far more similar to each other.
+    - Reference inputs: one draw of ``num_reference`` training rows per client and evaluation
+      (``ctx.sample``, with replacement), shared by all its test images (official: a fresh
+      ``random.sample`` per test instance). α is not clipped (official neither).
+    - Exact per-instance mixing: the LoRA delta lives in the weights, so each unique test image
+      runs through the tower alone with its own mix (one forward per image at evaluation).
+    - The local adapter is created at build (B = 0) and persists in the client's stored state
+      (official: created fresh in round 1, reloaded from the client's last local adapter later).
+    - Only FedDPA-T (iterative) is implemented, not FedDPA-F (fine-tune the local adapter after
+      federated training).
+    """
 
     Options = FedDPAOptions
     paper = "https://arxiv.org/abs/2403.19211"

@@ -1,5 +1,7 @@
 """Contract tests parametrized over the registry: a method is tested the moment it registers."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -80,3 +82,11 @@ def test_clients_exchange_only_the_heads_of_their_tasks(tiny_prep, tmp_path):
     assert heads == set(info.tasks)
     down = run.method.download(run.method.init_server_state(model), info)
     assert {k.split(".")[1] for k in down if k.startswith("heads.")} == set(info.tasks)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_description_states_paper_and_simplifications(name):
+    """`fedbench describe` prints the class docstring: it must cite the paper and say where we simplify."""
+    doc = inspect.getdoc(METHODS.get(name)) or ""
+    assert "arxiv" in doc.lower(), f"{name}: docstring names no paper"
+    assert "simplif" in doc.lower(), f"{name}: docstring states no simplification / harness choice"
