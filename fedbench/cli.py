@@ -136,7 +136,7 @@ def run(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots next to the leaderboard."),
 ) -> None:
     """Run every method row of a protocol over its seeds and print the leaderboard."""
-    from fedbench.leaderboard import build_leaderboard, plot, render
+    from fedbench.leaderboard import build_leaderboard, build_usage, plot, render
     from fedbench.records import read_records
     from fedbench.simulation import Run, prepare
 
@@ -190,13 +190,20 @@ def run(
             for entry in proto.methods:
                 Run(prep, entry, results, on_event).execute()
                 progress.advance(rows_bar)
-    board = build_leaderboard(read_records(results))
+    records = read_records(results)
+    board = build_leaderboard(records)
     console.print(render(board, "table"), markup=False, highlight=False)
     (results / "leaderboard.md").write_text(render(board, "markdown"))
     (results / "leaderboard.csv").write_text(render(board, "csv"))
+    written = "leaderboard.md/.csv"
+    usage = build_usage(records)
+    if not usage.empty:
+        (results / "expert_usage.md").write_text(render(usage, "markdown"))
+        (results / "expert_usage.csv").write_text(render(usage, "csv"))
+        written += ", expert_usage.md/.csv"
     if plots:
-        plot(read_records(results), results)
-    console.print(f"records, leaderboard.md/.csv{' and plots' if plots else ''} in {results}/")
+        plot(records, results)
+    console.print(f"records, {written}{' and plots' if plots else ''} in {results}/")
 
 
 def protocol_to_toml(proto: Protocol) -> str:
@@ -214,9 +221,10 @@ def leaderboard(
     format: str = typer.Option("table", "--format", help="table, markdown or csv."),
     out: Path = typer.Option(None, help="Write to this file instead of standard output."),
     plots: Path = typer.Option(None, help="Also write PNG plots into this directory."),
+    usage: bool = typer.Option(False, "--usage", help="Render the expert-usage matrix (task × expert) instead."),
 ) -> None:
     """Render the leaderboard (mean ± std over seeds) of a results directory."""
-    from fedbench.leaderboard import build_leaderboard, plot, render
+    from fedbench.leaderboard import build_leaderboard, build_usage, plot, render
     from fedbench.records import read_records
 
     formats = ("table", "markdown", "csv")
@@ -225,7 +233,9 @@ def leaderboard(
     if not results.is_dir():
         raise UsageError(f"results directory '{results}' does not exist")
     records = read_records(results)
-    text = render(build_leaderboard(records), format)
+    if usage and build_usage(records).empty:
+        raise UsageError(f"no expert-usage records in '{results}': none of its methods has a router or gate")
+    text = render(build_usage(records) if usage else build_leaderboard(records), format)
     if out is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:

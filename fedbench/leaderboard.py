@@ -164,7 +164,11 @@ def _cell(board: pd.DataFrame, row: pd.Series, col: str) -> str:
 def _footnotes(board: pd.DataFrame) -> list[str]:
     attrs = board.attrs
     seeds = ", ".join(f"{label}={n}" for label, n in attrs.get("n_seeds", {}).items())
-    notes = [f"Mean ± std over seeds ({seeds}); last eval round of completed runs; higher acc is better."]
+    if attrs.get("what") == "usage":
+        first = "Mean routing weight per task family (row) and expert (column) on the global test set"
+    else:
+        first = "Higher acc is better"
+    notes = [f"{first}; mean ± std over seeds ({seeds}); last eval round of completed runs."]
     if attrs.get("synthetic"):
         suites = ", ".join(attrs.get("synthetic_suites", []))
         notes.append(f"Data: SYNTHETIC (procedurally generated suite: {suites}), not a real-task result.")
@@ -174,7 +178,8 @@ def _footnotes(board: pd.DataFrame) -> list[str]:
 
 
 def render(board: pd.DataFrame, fmt: str) -> str:
-    """The leaderboard as a rich text table, a GitHub markdown table, or CSV (stds in own columns)."""
+    """A leaderboard (or usage table) as a rich text table, a GitHub markdown table, or CSV (stds in
+    own columns)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown leaderboard format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt == "csv":
@@ -192,7 +197,8 @@ def render(board: pd.DataFrame, fmt: str) -> str:
             *(f"_{note}_  " for note in notes),
         ]
         return "\n".join(lines) + "\n"
-    title = "fedbench leaderboard" + (" (SYNTHETIC data)" if board.attrs.get("synthetic") else "")
+    title = "fedbench " + ("expert usage" if board.attrs.get("what") == "usage" else "leaderboard")
+    title += " (SYNTHETIC data)" if board.attrs.get("synthetic") else ""
     table = Table(title=title, caption=Text("\n".join(notes)))  # Text: labels hold [..], not markup
     for col, num in zip(cols, numeric, strict=True):
         table.add_column(col, justify="right" if num else "left", no_wrap=True)
@@ -261,21 +267,38 @@ def plot(board_df_records: pd.DataFrame, out_dir: Path) -> list[Path]:
     rounds = out_dir / "acc_per_round.png"
     fig.savefig(rounds, dpi=120)
     paths = [comm, rounds]
-    usage = _usage_matrices(_completed(board_df_records))
+    usage = _usage_matrices(board_df_records)
     if usage:
         paths.append(_plot_usage(usage, out_dir / "expert_usage.png", suffix))
     return paths
 
 
-def _usage_matrices(recs: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per label: task × expert mean routing weight on the global test set (last round, mean over seeds)."""
-    if "expert" not in recs:
-        return {}
-    usage = recs[recs["kind"] == "usage"]
+def build_usage(df: pd.DataFrame) -> pd.DataFrame:
+    """The expert-usage matrix of every method with a router or gate: one row per (method, task
+    family), one column per expert holding its mean routing weight on the global test set (each
+    run's last eval round, then mean over seeds; ``<expert>_std`` the seed-to-seed std)."""
+    recs = _completed(df)
+    usage = recs[recs["kind"] == "usage"] if "expert" in recs else recs.iloc[:0]
+    if usage.empty:
+        return pd.DataFrame(columns=["method", "task"])
     usage = usage[usage["round"] == usage.groupby("run_id")["round"].transform("max")]
+    experts = list(pd.unique(usage["expert"]))
+    per_run = usage.pivot_table(index=["label", "task", "run_id"], columns="expert", values="value")
+    grouped = per_run.groupby(level=["label", "task"])
+    mean, std = grouped.mean()[experts], grouped.std(ddof=1)[experts].add_suffix("_std")
+    out = mean.join(std).reset_index().rename(columns={"label": "method"})
+    runs = recs[(recs["kind"] == "run") & recs["label"].isin(out["method"])]
+    out.attrs = {**_attrs(recs[recs["label"].isin(out["method"])], runs), "what": "usage"}
+    return out
+
+
+def _usage_matrices(recs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per label: task × expert mean routing weight (the experts that label has)."""
+    usage = build_usage(recs)
+    means = usage[[c for c in _main_columns(usage)]]
     return {
-        label: group.pivot_table(index="task", columns="expert", values="value", aggfunc="mean")
-        for label, group in usage.groupby("label")
+        label: group.set_index("task").drop(columns="method").dropna(axis=1, how="all")
+        for label, group in means.groupby("method")
     }
 
 

@@ -55,6 +55,7 @@ def test_bad_input_leaves_existing_results_untouched(tmp_path, tiny_prep):
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     _fails_cleanly(["run", "--results", str(tmp_path), "--methods", "nope"], "Unknown method 'nope'")
     _fails_cleanly(["leaderboard", "--results", str(tmp_path), "--format", "html"], "--format 'html'")
+    _fails_cleanly(["leaderboard", "--results", str(tmp_path), "--usage"], "no expert-usage records in")
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert before == after
 
@@ -80,3 +81,16 @@ def test_list_and_describe():
     assert described.exit_code == 0, described.output
     text = described.output
     assert "lora_A" in text and "shared" in text and "local" in text and "upload" in text
+
+
+def test_leaderboard_usage_renders_the_routed_methods_matrix(tmp_path, tiny_prep):
+    from fedbench.protocol import MethodEntry
+    from fedbench.simulation import Run
+
+    Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path).execute()
+    csv = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--usage", "--format", "csv"])
+    assert csv.exit_code == 0, csv.output
+    lines = csv.output.splitlines()
+    assert lines[0] == "method,task,global,local,global_std,local_std"
+    weights = [list(map(float, line.split(",")[2:4])) for line in lines[1:]]
+    assert len(weights) == len(tiny_prep.store.task_names) and all(abs(sum(w) - 1) < 1e-6 for w in weights)

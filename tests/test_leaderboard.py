@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedbench.leaderboard import build_leaderboard, plot, render
+from fedbench.leaderboard import build_leaderboard, build_usage, plot, render
 from fedbench.records import append_records, read_records
 
 A, B, C = "fedavg-lora", "mmrouter-moa[router_inputs=image]", "local-lora"
@@ -360,3 +360,40 @@ def test_p_and_ttp_average_own_tasks_and_all_tasks_per_client():
     board = build_leaderboard(pd.DataFrame(rows)).set_index("method")
     assert board.loc["m", "p_acc"] == pytest.approx((0.8 + 0.6) / 2)
     assert board.loc["m", "ttp_acc"] == pytest.approx(((0.8 + 0.2) / 2 + (0.0 + 0.6) / 2) / 2)
+
+
+def test_usage_table_is_last_round_mean_and_std_over_seeds():
+    """Two seeds of a routed label: the last round's weights, averaged over seeds (hand-computed)."""
+    rows = []
+    last = {
+        0: {("vqa", "e0"): 0.2, ("vqa", "e1"): 0.8, ("ref", "e0"): 0.6, ("ref", "e1"): 0.4},
+        1: {("vqa", "e0"): 0.4, ("vqa", "e1"): 0.6, ("ref", "e0"): 0.6, ("ref", "e1"): 0.4},
+    }
+    for seed, cells in last.items():
+        base = dict(
+            run_id=f"r{seed}",
+            method="m",
+            label="m",
+            seed=seed,
+            protocol="q",
+            protocol_hash="h",
+            git_commit="g",
+            suite="scenes",
+            synthetic=True,
+            device="cpu",
+        )
+        rows.append(dict(base, kind="run", completed=True, params_trainable=1, params_shared=1, params_local=0))
+        for (task, expert), value in cells.items():
+            rows.append(dict(base, kind="usage", round=0, task=task, expert=expert, value=0.5))  # not the last
+            rows.append(dict(base, kind="usage", round=4, task=task, expert=expert, value=value))
+    base = dict(rows[0], run_id="plain", label="plain", seed=0)  # a method without a router: no usage rows
+    rows.append(base)
+    usage = build_usage(pd.DataFrame(rows)).set_index(["method", "task"])
+    assert list(usage.index) == [("m", "ref"), ("m", "vqa")]
+    assert usage.loc[("m", "vqa"), "e0"] == pytest.approx(0.3)
+    assert usage.loc[("m", "vqa"), "e1"] == pytest.approx(0.7)
+    assert usage.loc[("m", "vqa"), "e0_std"] == pytest.approx(0.2 / S2)
+    assert usage.loc[("m", "ref"), "e0_std"] == pytest.approx(0.0)
+    text = render(build_usage(pd.DataFrame(rows)), "markdown")
+    assert "| m | vqa | 0.300 ± 0.141 | 0.700 ± 0.141 |" in text and "routing weight" in text
+    assert build_usage(pd.DataFrame([base])).empty
