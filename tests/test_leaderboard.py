@@ -20,15 +20,9 @@ DEVICE = "cuda:NVIDIA H100"
 S2 = math.sqrt(2)
 
 
-def _run(label, seed, *, glob, clients, up, down, params, completed=True, device=DEVICE, majority=None):
-    """Records of one run: 2 rounds x 2 clients.
-
-    glob: {task: last-round global accuracy} (round 1 is 0.0 everywhere, so a board using it fails);
-    clients: {client: {task: last-round accuracy}}; up/down: bytes per client per round at round 1,
-    doubled at round 2; params: (trainable, shared, local).
-    """
-    run_id = f"{label}-s{seed}-{completed}"
-    common = dict(
+def _common(run_id, label, seed=0, device="cpu"):
+    """The provenance fields every record of a run carries."""
+    return dict(
         run_id=run_id,
         method=label.split("[")[0],
         label=label,
@@ -40,6 +34,17 @@ def _run(label, seed, *, glob, clients, up, down, params, completed=True, device
         synthetic=True,
         device=device,
     )
+
+
+def _run(label, seed, *, glob, clients, up, down, params, completed=True, device=DEVICE, majority=None):
+    """Records of one run: 2 rounds x 2 clients.
+
+    glob: {task: last-round global accuracy} (round 1 is 0.0 everywhere, so a board using it fails);
+    clients: {client: {task: last-round accuracy}}; up/down: bytes per client per round at round 1,
+    doubled at round 2; params: (trainable, shared, local).
+    """
+    run_id = f"{label}-s{seed}-{completed}"
+    common = _common(run_id, label, seed, device)
     rows = []
     for rnd in (1, 2):
         for client in (0, 1):
@@ -334,18 +339,7 @@ def test_plot_files(tmp_path):
 
 
 def test_p_and_ttp_average_own_tasks_and_all_tasks_per_client():
-    base = dict(
-        run_id="r",
-        method="m",
-        label="m",
-        seed=0,
-        protocol="q",
-        protocol_hash="h",
-        git_commit="g",
-        suite="scenes",
-        synthetic=True,
-        device="cpu",
-    )
+    base = _common("r", "m")
     rows = [dict(base, kind="run", completed=True, params_trainable=1, params_shared=1, params_local=0)]
     rows.append(dict(base, kind="train", round=0, client=0, up_bytes=1, down_bytes=1, compute_s=1.0, timer="t"))
     # client 0 holds ref (0.8) and sees vqa at 0.2; client 1 holds vqa (0.6) and sees ref at 0.0
@@ -370,18 +364,7 @@ def test_usage_table_is_last_round_mean_and_std_over_seeds():
         1: {("vqa", "e0"): 0.4, ("vqa", "e1"): 0.6, ("ref", "e0"): 0.6, ("ref", "e1"): 0.4},
     }
     for seed, cells in last.items():
-        base = dict(
-            run_id=f"r{seed}",
-            method="m",
-            label="m",
-            seed=seed,
-            protocol="q",
-            protocol_hash="h",
-            git_commit="g",
-            suite="scenes",
-            synthetic=True,
-            device="cpu",
-        )
+        base = _common(f"r{seed}", "m", seed)
         rows.append(dict(base, kind="run", completed=True, params_trainable=1, params_shared=1, params_local=0))
         for (task, expert), value in cells.items():
             rows.append(dict(base, kind="usage", round=0, task=task, expert=expert, value=0.5))  # not the last
