@@ -17,7 +17,8 @@ class TaskSpec:
         suite: the suite registry name that produces this task's rows.
         answers: answer vocabulary (class names); empty for box tasks.
         metric: ``"accuracy"`` (exact answer) or ``"acc_iou50"`` (box IoU >= 0.5).
-        uses_ocr: whether rows of this task carry OCR text when the client has OCR.
+        uses_ocr: whether the task's head reads the OCR tokens (rows of every task carry OCR text
+            when the client has OCR; only such heads answer from it).
     """
 
     name: str

@@ -121,8 +121,8 @@ RouterFactory = Callable[[int, int, int, int], nn.Module]  # (token_dim, embed_d
 class TaskExpertModel(ClientModel):
     """Frozen towers -> task experts (+ client adapter) on the patch tokens -> task heads.
 
-    Stage 1: tokens' = tokens + A_task(row)(tokens) + C(tokens) [+ O(tokens) on rows with OCR
-    tokens, when the model has an OCR expert the client holds].
+    Stage 1: tokens' = tokens + A_task(row)(tokens) + C(tokens) [+ O(tokens) on reading rows: OCR
+    tokens present and a task whose head reads them, when the model has an OCR expert the client holds].
     Stage 2: tokens' = tokens + Σ_e w_e·E_e(tokens) + C(tokens), with E_t = A_t for the client's
     own tasks, E_t = A_t + AoA_t(A_t) for the others, E_ocr = O, and w the router's per-token weights.
 
@@ -188,8 +188,9 @@ class TaskExpertModel(ClientModel):
             )
             self._aux = self.options.orth_weight * orthogonality_penalty(task, client)
             delta = task + client
-            if self.ocr_expert is not None and self.ocr_available:
-                rows = torch.nonzero(f.ocr_mask.any(1)).flatten()
+            if self.ocr_expert is not None and self.ocr_available:  # reading rows: OCR text + a task that reads it
+                reads = torch.tensor([t.uses_ocr for t in self.tasks], device=f.task_id.device)[f.task_id]
+                rows = torch.nonzero(f.ocr_mask.any(1) & reads).flatten()
                 delta = delta + self._per_row(x, iter([(rows, self.ocr_expert)]))
             return replace(f, tokens=x + delta)
         logits = self.router(f, self.ocr_available)  # [B, L or 1, E]

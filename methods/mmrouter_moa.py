@@ -117,8 +117,11 @@ class MMRouterMoA(TaskExpertsMethod):
     - Local: the client adapter and the AoAs. Heads: Pilot's per-client distance-weighted rule
       (kept so that the ablation against ``pilot-ctmoa`` isolates the router).
     - Stages as in Pilot: stage 1 (rounds < ``stage1_rounds``, default the first 20%) trains the
-      row's task adapter + the client adapter (orthogonality penalty) and, on rows with OCR tokens,
-      the OCR expert; stage 2 routes. Usage rows: task names + "ocr".
+      row's task adapter + the client adapter (orthogonality penalty) and, on reading rows (OCR
+      text present and a task whose head reads it), the OCR expert; stage 2 routes. Usage rows:
+      task names + "ocr".
+    - OCR text rides on every row of a client with OCR (the suite's modality axis), so the
+      router's OCR branch sees the image's words on every task, not only on OCR-VQA rows.
 
     Simplifications / harness choices:
     - As in ``pilot-ctmoa`` (no LLM: experts on the frozen CLIP patch tokens, heads in the LLM's

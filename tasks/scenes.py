@@ -271,7 +271,7 @@ def row_for(
 ) -> tuple[str, int, tuple[float, float, float, float], str]:
     """(question, label, normalised box, OCR text) of one task's row about ``scene``."""
     nan = (float("nan"),) * 4
-    ocr = scene.ocr_text if with_ocr and TASK_SPECS[task].uses_ocr else ""
+    ocr = scene.ocr_text if with_ocr else ""  # OCR is the client's modality: every row of its images
     if task == "classification":
         return CLASSIFICATION_PROMPT, scene.objects[0].cls, nan, ocr
     if task == "vqa":
@@ -311,9 +311,10 @@ def build_scenes(plans: list[ClientPlan], config: PartitionConfig, tasks: list[s
     """Draw every client's train/test images and the global test set, one row per (image, task).
 
     Client rows exist only for the plan's tasks that are in ``tasks``; each global-test image
-    carries a row of every task in ``tasks``. Global-test rows of OCR tasks always carry OCR
-    text (the global set measures the full-modality model; the modality gap shows on the
-    clients' personal test sets).
+    carries a row of every task in ``tasks``. OCR text (the words of the image's signs) rides
+    on every row of a client with OCR, whatever the task, so modality skew is its own
+    partition axis, not a proxy for the task; global-test rows always carry it (the global set
+    measures the full-modality model; the modality gap shows on the clients' personal test sets).
     """
     unknown = [t for t in tasks if t not in TASK_SPECS]
     if unknown:

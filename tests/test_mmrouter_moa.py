@@ -226,3 +226,47 @@ def test_smoke_run_records_usage_with_the_ocr_expert(tiny_prep, tmp_path):
     train = [r for r in records if r["kind"] == "train"]
     assert train and all(r["down_bytes"] > 0 and r["up_bytes"] > 0 for r in train)
     assert any(r["kind"] == "run" and r["completed"] for r in records)
+
+
+def test_stage2_update_trains_every_router_branch_from_its_zero_start(tiny_prep, tmp_path, train_client):
+    """The text, task, OCR and null branches start at zero (the router starts as Pilot's); stage-2
+    updates must move each of them, or the ablation would compare untrained inputs."""
+    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path)
+    model = run.build()
+    with torch.no_grad():  # experts that differ, as after stage 1 (fresh adapters all output zero)
+        gen = torch.Generator().manual_seed(5)
+        for name, p in model.named_parameters():
+            if name.endswith("up.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    params = dict(model.named_parameters())
+    row_branches = ("router.text.weight", "router.task.weight", "router.ocr.weight")
+    assert all(torch.count_nonzero(params[n]) == 0 for n in (*row_branches, "router.null"))
+    ocr, plain = _infos(tiny_prep)
+    train_client(run, model, ocr, 1)  # round 1 of the tiny protocol is stage 2
+    assert all(torch.count_nonzero(params[n]) > 0 for n in row_branches), [
+        n for n in row_branches if not params[n].any()
+    ]
+    assert torch.count_nonzero(params["router.null"]) == 0  # every row of an OCR client carries OCR text
+    train_client(run, model, plain, 1)  # a client without OCR routes with the null logits
+    assert torch.count_nonzero(params["router.null"]) > 0
+
+
+def test_stage1_ocr_expert_acts_on_reading_rows_only(tiny_prep, tmp_path):
+    """Every row of an OCR client carries OCR text; in stage 1 the OCR expert still acts only on the rows
+    of tasks whose head reads it (OCR-VQA), not on a VQA row that happens to carry the same words."""
+    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path)
+    model = run.build()
+    _perturb(model)
+    table, store = tiny_prep.table, tiny_prep.store
+    has_text = store.ocr_mask.any(1).numpy()
+    reading = torch.arange(len(table.task)).numpy()[(table.task == "ocr_vqa") & has_text][:3]
+    other = torch.arange(len(table.task)).numpy()[(table.task != "ocr_vqa") & has_text][:3]
+    assert len(reading) == 3 and len(other) == 3
+    f = _features(run, model, list(reading) + list(other))
+    model.bind(STAGE1, ALL, True)
+    with torch.no_grad():
+        with_ocr = model.adapt(f).tokens
+        model.ocr_expert.up.weight.zero_()
+        model.ocr_expert.up.bias.zero_()
+        without = model.adapt(f).tokens
+    assert not torch.allclose(with_ocr[:3], without[:3]) and torch.equal(with_ocr[3:], without[3:])

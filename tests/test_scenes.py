@@ -128,7 +128,13 @@ def test_ocr_rows(built):
             assert words == []
         sign_colour = table.question[r].split()[3]
         assert sign_colour in scenes.SIGN_COLOURS
-    assert (table.ocr_text[table.task != "ocr_vqa"] == "").all()
+    # OCR is the client's modality: every row of an OCR client (and of the global test) carries the
+    # image's words, whatever the task; no row of a client without OCR does
+    has_text = np.array([bool(t) for t in table.ocr_text])
+    with_ocr = np.isin(table.client, [*ocr_clients, GLOBAL_CLIENT])
+    assert (has_text == with_ocr).all()
+    for image in np.unique(table.image_index):
+        assert len(set(table.ocr_text[table.image_index == image])) == 1  # one image, one OCR text
 
 
 def test_scene_layout_and_requested_class():
