@@ -182,7 +182,9 @@ class ClientModel(nn.Module):
             _, first, inverse = np.unique(batch.image_index.numpy(), return_index=True, return_inverse=True)
             tokens, image = self.backbone.encode_image(batch.images[torch.as_tensor(first, device=batch.images.device)])
             inverse = torch.as_tensor(inverse, device=tokens.device)
-            cached = tokens[inverse], image[inverse]
+            # index_select, not tokens[inverse]: the backward of advanced indexing (index_put_ with
+            # accumulate) sums repeated rows in a varying order on CPU, and runs stop being reproducible
+            cached = tokens.index_select(0, inverse), image.index_select(0, inverse)
         tokens, image = cached
         return Features(tokens, image, batch.question, batch.ocr, batch.ocr_mask, batch.task_id)
 
