@@ -1,6 +1,9 @@
 """End-to-end runs on the tiny protocol: determinism, resume, a toy plug-in, the leaderboard."""
 
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +114,49 @@ def test_routed_methods_get_an_expert_usage_plot(tiny_prep, tmp_path):
     paths = plot(read_records(tmp_path), tmp_path / "plots")
     assert [p.name for p in paths] == ["acc_vs_comm.png", "acc_per_round.png", "expert_usage.png"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+FRESH_PROCESS = """
+import hashlib, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from conftest import TINY
+from fedbench.protocol import MethodEntry
+from fedbench.simulation import Run, prepare
+
+torch.set_num_threads(2)
+digest = hashlib.sha256()
+save = Run._save_checkpoint
+
+
+def capture(self, next_round, fed):  # every round's server and client states, bit for bit
+    for state in (fed.server, *(fed.clients[c] for c in sorted(fed.clients))):
+        for name in sorted(state):
+            digest.update(name.encode() + state[name].numpy().tobytes())
+    save(self, next_round, fed)
+
+
+Run._save_checkpoint = capture
+prep = prepare(TINY, 0, device=torch.device("cpu"))
+for name in ("fedavg-lora", "feddpa", "mmrouter-moa"):
+    Run(prep, MethodEntry(name), sys.argv[2]).execute()
+print(digest.hexdigest())
+"""
+
+
+def test_fresh_processes_reach_bit_identical_states(tmp_path):
+    """Reproducible across processes, not only within one: allocations and thread pools differ between
+    interpreters, and an order-dependent reduction (e.g. accumulating repeated rows on 2 threads) shows
+    up as different weights. Tower LoRA (the image tower in the gradient path), FedDPA's two passes and
+    a routed method run in two fresh interpreters with 2 threads; every round's states must match."""
+    tests = str(Path(__file__).parent)
+    digests = [
+        subprocess.run(
+            [sys.executable, "-c", FRESH_PROCESS, tests, str(tmp_path / str(i))],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[-1]
+        for i in range(2)
+    ]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
