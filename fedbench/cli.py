@@ -233,9 +233,10 @@ def leaderboard(
     if not results.is_dir():
         raise UsageError(f"results directory '{results}' does not exist")
     records = read_records(results)
-    if usage and build_usage(records).empty:
+    board = build_usage(records) if usage else build_leaderboard(records)
+    if usage and board.empty:
         raise UsageError(f"no expert-usage records in '{results}': none of its methods has a router or gate")
-    text = render(build_usage(records) if usage else build_leaderboard(records), format)
+    text = render(board, format)
     if out is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:

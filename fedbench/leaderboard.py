@@ -295,7 +295,7 @@ def build_usage(df: pd.DataFrame) -> pd.DataFrame:
 def _usage_matrices(recs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per label: task × expert mean routing weight (the experts that label has)."""
     usage = build_usage(recs)
-    means = usage[[c for c in _main_columns(usage)]]
+    means = usage[_main_columns(usage)]
     return {
         label: group.set_index("task").drop(columns="method").dropna(axis=1, how="all")
         for label, group in means.groupby("method")

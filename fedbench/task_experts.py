@@ -146,6 +146,8 @@ class TaskExpertModel(ClientModel):
         self.aoa = nn.ModuleDict({t: Adapter(dt, options.aoa_bottleneck) for t in self.task_names})
         self.client_adapter = Adapter(dt, options.bottleneck)
         self.ocr_expert = Adapter(dt, options.bottleneck) if ocr_expert else None
+        reads = torch.tensor([t.uses_ocr for t in tasks])  # per task id: does its head read OCR?
+        self.register_buffer("reads_ocr", reads, persistent=False)
         self.expert_names = list(self.task_names) + (["ocr"] if ocr_expert else [])
         self.router = make_router(dt, de, len(self.task_names), len(self.expert_names))
         self.stage = STAGE1
@@ -189,8 +191,7 @@ class TaskExpertModel(ClientModel):
             self._aux = self.options.orth_weight * orthogonality_penalty(task, client)
             delta = task + client
             if self.ocr_expert is not None and self.ocr_available:  # reading rows: OCR text + a task that reads it
-                reads = torch.tensor([t.uses_ocr for t in self.tasks], device=f.task_id.device)[f.task_id]
-                rows = torch.nonzero(f.ocr_mask.any(1) & reads).flatten()
+                rows = torch.nonzero(f.ocr_mask.any(1) & self.reads_ocr[f.task_id]).flatten()
                 delta = delta + self._per_row(x, iter([(rows, self.ocr_expert)]))
             return replace(f, tokens=x + delta)
         logits = self.router(f, self.ocr_available)  # [B, L or 1, E]
