@@ -165,13 +165,19 @@ def test_stage_schedule():
         create_method("pilot-ctmoa", {"nearest": 0})
 
 
-def test_stage1_is_task_plus_client_adapter_with_orthogonality(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+def _bound(prep, tmp_path, stage):
+    """A perturbed pilot-ctmoa model bound to client 0 in ``stage``, with that client's features."""
+    run = Run(prep, MethodEntry("pilot-ctmoa"), tmp_path)
     model = run.build()
     _perturb(model)
-    info = tiny_prep.infos[0]
+    info = prep.infos[0]
     f = _features(run, model, info)
-    model.bind(STAGE1, info.tasks, True)
+    model.bind(stage, info.tasks, True)
+    return model, info, f
+
+
+def test_stage1_is_task_plus_client_adapter_with_orthogonality(tiny_prep, tmp_path):
+    model, _, f = _bound(tiny_prep, tmp_path, STAGE1)
     with torch.no_grad():
         out = model.adapt(f)
         task = torch.stack(
@@ -190,12 +196,7 @@ def test_stage1_is_task_plus_client_adapter_with_orthogonality(tiny_prep, tmp_pa
 
 
 def test_stage2_routes_tokens_over_the_task_experts(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
-    model = run.build()
-    _perturb(model)
-    info = tiny_prep.infos[0]
-    f = _features(run, model, info)
-    model.bind(STAGE2, info.tasks, True)
+    model, info, f = _bound(tiny_prep, tmp_path, STAGE2)
     with torch.no_grad():
         out = model.adapt(f)
         x = f.tokens
