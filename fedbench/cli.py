@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -58,7 +59,8 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (*USER_ERRORS, UsageError) as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # escape: messages name labels such as mmrouter-moa[router_inputs=image], not markup
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except PermissionError as err:
             err_console.print(f"[bold red]error:[/] cannot write '{err.filename}': {err.strerror}", soft_wrap=True)
@@ -105,8 +107,9 @@ def resolve_protocol(
         proto = proto.replace(**changes)
     for task in proto.tasks:
         TASKS.get(task)
-    SUITES.get(proto.data.suite)
-    BACKBONES.get(proto.backbone.name.partition(":")[0])
+    for checked in [variant for _, variant in proto.variants()] or [proto]:  # a sweep may vary these
+        SUITES.get(checked.data.suite)
+        BACKBONES.get(checked.backbone.name.partition(":")[0])
     from fedbench.method import create_method
 
     for entry in proto.methods:
@@ -135,20 +138,54 @@ def run(
     results: Path = typer.Option(None, help="Results directory (default: runs/<protocol name>)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots next to the leaderboard."),
 ) -> None:
-    """Run every method row of a protocol over its seeds and print the leaderboard."""
+    """Run every method row of a protocol over its seeds and print the leaderboard.
+
+    With a ``[sweep]``, each swept value runs into ``RESULTS/<field>=<value>/`` (a complete results
+    directory), then ``sweep.md``, ``sweep.csv`` and ``sweep_gain.png`` are written into RESULTS."""
+    proto = resolve_protocol(preset, methods, tasks, seeds, rounds)
+    results = results or Path("runs") / proto.name
+    _check_writable(results)
+    command = " ".join(["fedbench", *sys.argv[1:]]) + "\n"
+    if proto.sweep is None:
+        _run_protocol(proto, results, plots, command)
+        return
+    from fedbench.sweep import write_sweep_report
+
+    sweep, variants = proto.sweep, proto.variants()
+    console.print(
+        f"sweep [bold]{proto.name}[/]: {sweep.field} = {', '.join(map(str, sweep.values))} "
+        f"({len(variants)} variant(s)), gains over {sweep.reference}"
+    )
+    (results / "protocol.toml").write_text(protocol_to_toml(proto))
+    (results / "command.txt").write_text(command)
+    for i, (value, variant) in enumerate(variants, start=1):
+        console.rule(f"{sweep.field} = {value} ({i}/{len(variants)})")
+        _run_protocol(variant, results / sweep.dir_name(value), plots, command)
+    table, paths = write_sweep_report(proto, results, plots)
+    _print_sweep(table, paths, results)
+
+
+def _print_sweep(table: Any, paths: list[Path], results: Path) -> None:
+    from fedbench.sweep import render_sweep
+
+    console.rule("sweep")
+    console.print(render_sweep(table), markup=False, highlight=False)
+    console.print(f"{', '.join(p.name for p in paths)} in {results}/")
+
+
+def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str) -> None:
+    """One protocol (no sweep) into ``results``: records, leaderboard, expert usage, plots."""
     from fedbench.leaderboard import build_leaderboard, build_usage, plot, render
     from fedbench.records import read_records
     from fedbench.simulation import Run, prepare
 
-    proto = resolve_protocol(preset, methods, tasks, seeds, rounds)
-    results = results or Path("runs") / proto.name
     _check_writable(results)
     console.print(
         f"protocol [bold]{proto.name}[/] ({proto.hash}): {len(proto.methods)} method row(s) x "
         f"{len(proto.seeds)} seed(s), {proto.rounds} rounds, backbone {proto.backbone.name}"
     )
     (results / "protocol.toml").write_text(protocol_to_toml(proto))
-    (results / "command.txt").write_text(" ".join(["fedbench", *sys.argv[1:]]) + "\n")
+    (results / "command.txt").write_text(command)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -211,7 +248,37 @@ def protocol_to_toml(proto: Protocol) -> str:
 
     body = proto.as_dict()
     body["methods"] = [m["name"] if not m["options"] else m for m in body["methods"]]
-    return f"# protocol hash {proto.hash}\n" + tomli_w.dumps(body)
+    head = f"# protocol hash {proto.hash}\n"
+    if proto.sweep is not None:
+        head = (
+            f"# sweep protocol (hash {proto.hash}): [sweep] values replace the {proto.sweep.field} below; each\n"
+            "# variant's records carry its own hash, written in <field>=<value>/protocol.toml\n"
+        )
+    return head + tomli_w.dumps(body)
+
+
+@app.command("sweep-report")
+@one_line_errors
+def sweep_report(
+    results: Path = typer.Option(..., help="Results directory of a sweep written by `fedbench run`."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Also write sweep_gain.png."),
+) -> None:
+    """Rebuild sweep.md, sweep.csv and sweep_gain.png of a sweep's results directory from its records."""
+    from fedbench.sweep import write_sweep_report
+
+    if not results.is_dir():
+        raise UsageError(f"results directory '{results}' does not exist")
+    toml = results / "protocol.toml"
+    if not toml.is_file():
+        raise UsageError(f"'{results}' holds no protocol.toml: not a results directory written by `fedbench run`")
+    proto = protocol_mod.load(str(toml))
+    if proto.sweep is None:
+        raise UsageError(
+            f"'{toml}' declares no [sweep]; for one protocol use `fedbench leaderboard --results {results}`"
+        )
+    _check_writable(results)
+    table, paths = write_sweep_report(proto, results, plots)
+    _print_sweep(table, paths, results)
 
 
 @app.command()
@@ -222,18 +289,29 @@ def leaderboard(
     out: Path = typer.Option(None, help="Write to this file instead of standard output."),
     plots: Path = typer.Option(None, help="Also write PNG plots into this directory."),
     usage: bool = typer.Option(False, "--usage", help="Render the expert-usage matrix (task × expert) instead."),
+    versus: str = typer.Option(
+        None, "--versus", metavar="ROW", help="Render each row's paired difference to ROW (95% CI; * excludes 0)."
+    ),
 ) -> None:
-    """Render the leaderboard (mean ± std over seeds) of a results directory."""
-    from fedbench.leaderboard import build_leaderboard, build_usage, plot, render
+    """Render the leaderboard (mean with 95% CI, ± std over seeds) of a results directory."""
+    from fedbench.leaderboard import UnknownRowError, build_leaderboard, build_usage, build_versus, plot, render
     from fedbench.records import read_records
 
     formats = ("table", "markdown", "csv")
     if format not in formats:
         raise UsageError(f"--format '{format}' is invalid. Choose one of: {', '.join(formats)}")
+    if usage and versus is not None:
+        raise UsageError("--usage and --versus render different tables; choose one")
     if not results.is_dir():
         raise UsageError(f"results directory '{results}' does not exist")
     records = read_records(results)
-    board = build_usage(records) if usage else build_leaderboard(records)
+    if versus is not None:
+        try:
+            board = build_versus(records, versus)
+        except UnknownRowError as err:
+            raise UsageError(str(err)) from None
+    else:
+        board = build_usage(records) if usage else build_leaderboard(records)
     if usage and board.empty:
         raise UsageError(f"no expert-usage records in '{results}': none of its methods has a router or gate")
     text = render(board, format)
@@ -277,7 +355,7 @@ def describe(
 
     name, options = parse_method_spec(method)
     proto = resolve_protocol(preset, None, None, None, None)
-    proto = proto.replace(methods=(MethodEntry(name, options),))
+    proto = proto.replace(methods=(MethodEntry(name, options),), sweep=None)
     describe_method(proto, console)
 
 

@@ -22,6 +22,8 @@ def module_group(name: str) -> str:
     name = re.sub(r"\.\d+\.", ".*.", name)
     parts = name.removesuffix(".default").split(".")
     per_task = ("heads", "task_adapters", "aoa")  # one line per task's module, not per tensor
+    if parts[:2] == ["router", "task"]:  # the router's task table: one parameter row per task
+        return "router.task.*"
     return ".".join(parts[:2]) if parts[0] in per_task else ".".join(parts)
 
 
@@ -50,14 +52,23 @@ def describe_method(proto: Protocol, console: Console) -> dict:
     console.print(table)
     counts = count_params(model, tags)
     console.print(", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    if not run.method.federated:
+        console.print("not federated: one pooled trainer, nothing is sent (bytes n/a)")
+        return {"counts": counts, "groups": groups, "bytes": None}
     server_state = run.method.init_server_state(model)
-    wire = Table(title=f"bytes per round per client (safetensors, protocol {proto.name})")
+    last = proto.rounds - 1  # the steady state: per-client stages (task-expert methods) have moved on
+    wire = Table(title=f"bytes per client taking part in the last round (safetensors, protocol {proto.name})")
     for col in ("client", "tasks", "ocr", "download", "upload"):
         wire.add_column(col)
     sizes = []
     for info in prep.infos:
+        ctx = run.context(info, last)
+        run.method.prepare_client(model, ctx)
         down = len(serialize(run.method.download(server_state, info)))
-        up = len(serialize(run.method.upload(model, info)))
+        ask = run.method.request(model, ctx)  # a two-message download (FedMix)
+        if ask is not None:
+            down += len(serialize(run.method.answer(server_state, info, ask)))
+        up = len(serialize(run.method.upload(model, info))) + (len(serialize(ask)) if ask is not None else 0)
         sizes.append((down, up))
         wire.add_row(str(info.client), ",".join(info.tasks), "yes" if info.has_ocr else "no", f"{down:,}", f"{up:,}")
     console.print(wire)

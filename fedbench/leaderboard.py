@@ -3,6 +3,8 @@
 Only completed runs count, and only each run's last eval round, so a crashed or still-running run
 never mixes into the comparison. Every figure is computed per run first and then aggregated over
 the runs (seeds) of a label, so the stds are seed-to-seed spreads. Accuracies are higher-is-better.
+Global-test accuracies also get a 95% interval from a paired bootstrap over seeds and test examples
+(:mod:`fedbench.statistics`), and :func:`build_versus` the paired difference of every row to one.
 """
 
 from __future__ import annotations
@@ -19,10 +21,21 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from fedbench.statistics import N_BOOT, Examples, paired_differences, row_intervals
+
 MAJORITY = "majority"
 FORMATS = ("table", "markdown", "csv")
-_COST_COLS = ["up_mb_per_round", "down_mb_per_round", "total_mb", "compute_s"]
+_BYTES_COLS = ["up_mb_per_round", "down_mb_per_round", "total_mb"]
+_COST_COLS = [*_BYTES_COLS, "compute_s"]
 _PARAM_COLS = ["params_trainable", "params_shared", "params_local"]
+_COUNT_COLS = {*_PARAM_COLS, "seeds"}
+_HIDDEN = ("_std", "_lo", "_hi", "federated")  # CSV only: spreads and interval ends are shown in cells
+_PER_METHOD = ("entropy", "mutual_info")  # usage-table columns that hold one figure per method
+LATE = 0.8  # a row is "rising" when mean_acc still gains after this fraction of the rounds
+
+
+class UnknownRowError(ValueError):
+    """A row asked for by label that the records do not hold with per-example scores."""
 
 
 def _completed(df: pd.DataFrame) -> pd.DataFrame:
@@ -53,8 +66,11 @@ def _per_run(recs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         out[f"acc_{task}"] = glob[task]
     out["mean_acc"] = glob[tasks].mean(axis=1)
 
+    # each client on its own test split over its own tasks: mean over clients, and the worst one
     client = ev[ev["scope"] == "client"].groupby(["run_id", "client", "task"])["value"].mean()
-    out["worst_client_acc"] = client.groupby(level=["run_id", "client"]).mean().groupby(level="run_id").min()
+    per_client = client.groupby(level=["run_id", "client"]).mean().groupby(level="run_id")
+    out["local_acc"] = per_client.mean()
+    out["worst_client_acc"] = per_client.min()
 
     # FedDPA's P (own tasks) and TTP (all tasks, own included): each client's model on the global
     # test set, averaged over its tasks, then over clients.
@@ -74,11 +90,55 @@ def _per_run(recs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     out["down_mb_per_round"] = mean_round["down_bytes"] / 1e6
     totals = train.groupby("run_id")[["up_bytes", "down_bytes"]].sum()
     out["total_mb"] = (totals["up_bytes"] + totals["down_bytes"]) / 1e6
+    # a reference row that is not federated (centralized): bytes are n/a, not 0; absent = federated
+    out["federated"] = runs["federated"].ne(False) if "federated" in runs else True
+    out.loc[~out["federated"], _BYTES_COLS] = np.nan
     out["compute_s"] = train.groupby("run_id")["compute_s"].sum()
 
     for col in _PARAM_COLS:
         out[col] = pd.to_numeric(runs[col])
+    out["late_gain"] = _late_gain(recs, runs)
     return out, tasks
+
+
+def _late_gain(recs: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
+    """Per run: global mean accuracy at the last eval round minus at the latest eval round after at
+    most ``LATE`` × R rounds of training (record round r follows r + 1 rounds); NaN without one."""
+    glob = recs[(recs["kind"] == "eval") & (recs["scope"] == "global")]
+    curve = glob.groupby(["run_id", "round"])["value"].mean().reset_index()
+    rounds = curve["run_id"].map(pd.to_numeric(runs["rounds"])) if "rounds" in runs else np.nan
+    early = curve[curve["round"] + 1 <= LATE * rounds]
+    return curve.groupby("run_id")["value"].last() - early.groupby("run_id")["value"].last()
+
+
+def _examples(recs: pd.DataFrame, tasks: list[str]) -> Examples:
+    """label -> seed -> task -> per-example global-test scores of the last eval round, for the runs
+    that recorded them for every task (records older than ``per_example`` have none: no interval)."""
+    glob = _last_round_evals(recs)
+    glob = glob[glob["scope"] == "global"]
+    if "per_example" not in glob:
+        return {}
+    out: dict = {}
+    for (label, seed), run in glob.groupby(["label", "seed"]):
+        scores = {
+            t: np.asarray(v, dtype=np.float64)
+            for t, v in zip(run["task"], run["per_example"], strict=True)
+            if isinstance(v, list)
+        }
+        if sorted(scores) == tasks:
+            out.setdefault(label, {})[int(seed)] = scores
+    return out
+
+
+def _runs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Completed records, one row per run, and the task names; one completed run per (label, seed)."""
+    recs = _completed(df)
+    per_run, tasks = _per_run(recs)
+    dup = per_run[per_run.duplicated(["label", "seed"], keep=False)]
+    if not dup.empty:
+        pairs = sorted({f"{lab} seed {seed}" for lab, seed in zip(dup["label"], dup["seed"], strict=True)})
+        raise ValueError(f"several completed runs for {', '.join(pairs)}; keep one run per (label, seed)")
+    return recs, per_run, tasks
 
 
 def _majority_row(recs: pd.DataFrame, tasks: list[str]) -> dict | None:
@@ -86,11 +146,14 @@ def _majority_row(recs: pd.DataFrame, tasks: list[str]) -> dict | None:
     maj = recs[(recs["kind"] == "majority") & recs["task"].isin(tasks)]
     if maj.empty:
         return None
-    per_seed = maj.groupby(["task", "seed"])["value"].mean().groupby(level="task")
+    per_seed = maj.groupby(["task", "seed"])["value"].mean()
+    per_task = per_seed.groupby(level="task")
     row: dict = {"method": MAJORITY}
-    for task, mean, std in zip(per_seed.mean().index, per_seed.mean(), per_seed.std(ddof=1), strict=True):
+    for task, mean, std in zip(per_task.mean().index, per_task.mean(), per_task.std(ddof=1), strict=True):
         row[f"acc_{task}"] = mean
         row[f"acc_{task}_std"] = std
+    mean_acc = per_seed.groupby(level="seed").mean()  # per seed over tasks, then over seeds
+    row["mean_acc"], row["mean_acc_std"] = mean_acc.mean(), mean_acc.std(ddof=1)
     return row
 
 
@@ -110,65 +173,130 @@ def _attrs(recs: pd.DataFrame, per_run: pd.DataFrame) -> dict:
 
 
 def build_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per label (plus "majority" last), best mean_acc first; ``<col>_std`` columns at the end.
+    """One row per label (plus "majority" last), best mean_acc first; ``<col>_std`` columns, then the
+    95% interval ends ``acc_<task>_lo/_hi`` and ``mean_acc_lo/_hi``, at the end.
 
+    ``converged`` is "rising" when, averaged over seeds, mean_acc gained more than its interval's
+    half-width after ``LATE`` × R rounds (else "yes"; NaN without an eval by then or an interval).
     Raises ValueError when there is no completed run, or when a label has two completed runs of one
     seed (the seed count, and so the std, would be wrong).
     """
-    recs = _completed(df)
-    per_run, tasks = _per_run(recs)
-    dup = per_run[per_run.duplicated(["label", "seed"], keep=False)]
-    if not dup.empty:
-        pairs = sorted({f"{lab} seed {seed}" for lab, seed in zip(dup["label"], dup["seed"], strict=True)})
-        raise ValueError(f"several completed runs for {', '.join(pairs)}; keep one run per (label, seed)")
-
-    fig_cols = [*(f"acc_{t}" for t in tasks), "mean_acc", "worst_client_acc", "p_acc", "ttp_acc", *_COST_COLS]
-    num_cols = [*fig_cols, *_PARAM_COLS]
-    grouped = per_run.groupby("label")[num_cols]
-    board = grouped.mean()
-    std = grouped.std(ddof=1).add_suffix("_std")  # NaN for a single seed: no spread to report
+    recs, per_run, tasks = _runs(df)
+    acc_cols = [f"acc_{t}" for t in tasks]
+    acc_figs = [*acc_cols, "mean_acc", "local_acc", "worst_client_acc", "p_acc", "ttp_acc"]
+    num_cols = [*acc_figs, *_COST_COLS, *_PARAM_COLS]
+    grouped = per_run.groupby("label")
+    board = grouped[num_cols].mean()
+    std = grouped[num_cols].std(ddof=1).add_suffix("_std")  # NaN for a single seed: no spread to report
+    ci_cols = [f"{c}_{end}" for c in [*acc_cols, "mean_acc"] for end in ("lo", "hi")]
+    board = board.join(std).join(row_intervals(_examples(recs, tasks)).reindex(columns=ci_cols))
     board["method"] = board.index
     board["device"] = recs.groupby("label")["device"].agg(lambda d: ",".join(sorted(d.dropna().unique())))
-    board = board.join(std).sort_values(["mean_acc", "method"], ascending=[False, True])
+    board["federated"] = grouped["federated"].all()
+    gain, half = grouped["late_gain"].mean(), (board["mean_acc_hi"] - board["mean_acc_lo"]) / 2
+    board["converged"] = (
+        pd.Series("yes", index=board.index).mask(gain > half, "rising").where(gain.notna() & half.notna())
+    )
+    board = board.sort_values(["mean_acc", "method"], ascending=[False, True])
 
     rows = board.to_dict("records")
     majority = _majority_row(recs, tasks)
     if majority is not None:
         rows.append(majority)
-    columns = ["method", *fig_cols, "device", *_PARAM_COLS, *std.columns]
+    columns = [
+        "method",
+        *acc_figs,
+        "converged",
+        *_COST_COLS,
+        "device",
+        *_PARAM_COLS,
+        "federated",
+        *std.columns,
+        *ci_cols,
+    ]
     out = pd.DataFrame(rows, columns=columns)
     if len(recs["protocol_hash"].dropna().unique()) > 1:
         warnings.warn("the leaderboard mixes runs of several protocol hashes", RuntimeWarning, stacklevel=2)
-    out.attrs = _attrs(recs, per_run)
+    out.attrs = {**_attrs(recs, per_run), "n_boot": N_BOOT}
+    return out
+
+
+def build_versus(df: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Every other row minus ``reference``: per task and in mean_acc, the paired difference with its
+    95% interval (``<figure>_lo/_hi``), and ``seeds``, how many seeds both rows ran (only those
+    count). Largest mean_acc difference first. Raises UnknownRowError for a label without
+    per-example scores in the records."""
+    recs, per_run, tasks = _runs(df)
+    examples = _examples(recs, tasks)
+    if reference not in examples:
+        valid = ", ".join(sorted(examples)) or "none (records written before per-example scores were kept)"
+        known = reference in set(per_run["label"])
+        why = "has no per-example scores in these records" if known else "is not a row of these records"
+        raise UnknownRowError(f"row '{reference}' {why}; rows to compare against: {valid}")
+    out = paired_differences(examples, reference).sort_values("mean_acc", ascending=False, na_position="last")
+    out = out.rename_axis("method").reset_index()
+    out["seeds"] = out["seeds"].astype(int)
+    out.attrs = {**_attrs(recs, per_run), "what": "versus", "reference": reference, "n_boot": N_BOOT}
     return out
 
 
 def _main_columns(board: pd.DataFrame) -> list[str]:
-    return [c for c in board.columns if not c.endswith("_std")]
+    return [c for c in board.columns if not c.endswith(_HIDDEN)]
 
 
 def _cell(board: pd.DataFrame, row: pd.Series, col: str) -> str:
-    """Cell text "mean ± std"; just the mean for one seed, and no ± for counts that do not vary."""
+    """Cell text: "mean [lo, hi]" where a 95% interval exists (signed, with * when it excludes 0, in
+    a versus table), else "mean ± std"; just the mean for one seed, no ± for counts that do not
+    vary, and n/a for the convergence flag without evidence and for bytes of a non-federated row."""
     mean = row[col]
+    if col == "converged" and pd.isna(mean):
+        return "n/a"
     if not pd.api.types.is_numeric_dtype(board[col]):
         return "" if pd.isna(mean) else str(mean)
     if pd.isna(mean):
-        return ""
-    spec = ",.0f" if col in _PARAM_COLS else ".1f" if col == "compute_s" else ".3f"
+        return "n/a" if col in _BYTES_COLS and not row.get("federated", True) else ""
+    spec = ",.0f" if col in _COUNT_COLS else ".1f" if col == "compute_s" else ".3f"
+    lo, hi = row.get(f"{col}_lo", np.nan), row.get(f"{col}_hi", np.nan)
+    if board.attrs.get("what") == "versus":
+        star = " *" if lo > 0 or hi < 0 else ""
+        return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}" if pd.notna(lo) else format(mean, spec)
+    if pd.notna(lo):
+        return f"{format(mean, spec)} [{format(lo, spec)}, {format(hi, spec)}]"
     std = row.get(f"{col}_std", np.nan)
-    if pd.isna(std) or (col in _PARAM_COLS and std == 0):
+    if pd.isna(std) or (col in _COUNT_COLS and std == 0):
         return format(mean, spec)
     return f"{format(mean, spec)} ± {format(std, spec)}"
 
 
 def _footnotes(board: pd.DataFrame) -> list[str]:
     attrs = board.attrs
+    what = attrs.get("what")
     seeds = ", ".join(f"{label}={n}" for label, n in attrs.get("n_seeds", {}).items())
-    if attrs.get("what") == "usage":
-        first = "Mean routing weight per task family (row) and expert (column) on the global test set"
+    boot = f"95% paired bootstrap interval over seeds and global-test examples (B={attrs.get('n_boot')})"
+    if what == "usage":
+        notes = [
+            "Mean routing weight per task family (row) and expert (column) on the global test set; mean ± std "
+            f"over seeds ({seeds}); last eval round of completed runs.",
+        ]
+        if "entropy" in board:
+            notes.append(
+                "Per method (on its first row): entropy = mean per-row routing entropy, mutual_info = "
+                "I(task; expert) over all tasks, in nats, each client on the global test set, mean over clients."
+            )
+    elif what == "versus":
+        notes = [
+            f"Paired difference row − {attrs['reference']} [{boot}]; * = the interval excludes 0; only the seeds "
+            "both rows ran count (seeds); last eval round of completed runs.",
+        ]
     else:
-        first = "Higher acc is better"
-    notes = [f"{first}; mean ± std over seeds ({seeds}); last eval round of completed runs."]
+        notes = [f"Higher acc is better; ± = std over seeds ({seeds}); last eval round of completed runs."]
+        if board.filter(regex="_lo$").notna().any().any():
+            notes.append(
+                f"acc_* and mean_acc: mean [{boot}]. converged: rising = mean_acc gained more than the interval's "
+                f"half-width after {LATE:g}·R of R rounds (n/a: no eval by then)."
+            )
+        if board["federated"].eq(False).any():
+            notes.append("Bytes n/a: a reference row that is not federated (nothing is sent).")
     if attrs.get("synthetic"):
         suites = ", ".join(attrs.get("synthetic_suites", []))
         notes.append(f"Data: SYNTHETIC (procedurally generated suite: {suites}), not a real-task result.")
@@ -178,14 +306,19 @@ def _footnotes(board: pd.DataFrame) -> list[str]:
 
 
 def render(board: pd.DataFrame, fmt: str) -> str:
-    """A leaderboard (or usage table) as a rich text table, a GitHub markdown table, or CSV (stds in
-    own columns)."""
+    """A leaderboard (or usage or versus table) as a rich text table, a GitHub markdown table, or CSV
+    (stds and interval ends in own columns)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown leaderboard format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt == "csv":
         return board.to_csv(index=False)
     cols = _main_columns(board)
     cells = [[_cell(board, row, c) for c in cols] for _, row in board.iterrows()]
+    if board.attrs.get("what") == "usage":  # one figure per method: shown on its first row only
+        blank = [i for i, c in enumerate(cols) if c in _PER_METHOD]
+        for row, again in zip(cells, board["method"].eq(board["method"].shift()), strict=True):
+            for i in blank if again else ():
+                row[i] = ""
     numeric = [pd.api.types.is_numeric_dtype(board[c]) for c in cols]
     notes = _footnotes(board)
     if fmt == "markdown":
@@ -197,7 +330,10 @@ def render(board: pd.DataFrame, fmt: str) -> str:
             *(f"_{note}_  " for note in notes),
         ]
         return "\n".join(lines) + "\n"
-    title = "fedbench " + ("expert usage" if board.attrs.get("what") == "usage" else "leaderboard")
+    what = board.attrs.get("what")
+    title = "fedbench " + {"usage": "expert usage", "versus": f"versus {board.attrs.get('reference')}"}.get(
+        what, "leaderboard"
+    )
     title += " (SYNTHETIC data)" if board.attrs.get("synthetic") else ""
     table = Table(title=title, caption=Text("\n".join(notes)))  # Text: labels hold [..], not markup
     for col, num in zip(cols, numeric, strict=True):
@@ -276,7 +412,11 @@ def plot(board_df_records: pd.DataFrame, out_dir: Path) -> list[Path]:
 def build_usage(df: pd.DataFrame) -> pd.DataFrame:
     """The expert-usage matrix of every method with a router or gate: one row per (method, task
     family), one column per expert holding its mean routing weight on the global test set (each
-    run's last eval round, then mean over seeds; ``<expert>_std`` the seed-to-seed std)."""
+    run's last eval round, then mean over seeds; ``<expert>_std`` the seed-to-seed std).
+
+    Where runs recorded routing statistics, ``entropy`` and ``mutual_info`` (with ``_std``) say per
+    method how spread and how task-specific its routing is: each client's figure on the global test
+    set, mean over clients per run, then mean and std over seeds (the same on every row of a method)."""
     recs = _completed(df)
     usage = recs[recs["kind"] == "usage"] if "expert" in recs else recs.iloc[:0]
     if usage.empty:
@@ -287,6 +427,13 @@ def build_usage(df: pd.DataFrame) -> pd.DataFrame:
     grouped = per_run.groupby(level=["label", "task"])
     mean, std = grouped.mean()[experts], grouped.std(ddof=1)[experts].add_suffix("_std")
     out = mean.join(std).reset_index().rename(columns={"label": "method"})
+    routing = recs[recs["kind"] == "routing"]
+    if not routing.empty:
+        routing = routing[routing["round"] == routing.groupby("run_id")["round"].transform("max")]
+        per_label = routing.groupby(["label", "run_id"])[list(_PER_METHOD)].mean().groupby(level="label")
+        out = out.join(per_label.mean().join(per_label.std(ddof=1).add_suffix("_std")), on="method")
+        stds = [f"{c}_std" for c in [*experts, *_PER_METHOD]]
+        out = out[["method", "task", *experts, *_PER_METHOD, *stds]]
     runs = recs[(recs["kind"] == "run") & recs["label"].isin(out["method"])]
     out.attrs = {**_attrs(recs[recs["label"].isin(out["method"])], runs), "what": "usage"}
     return out
@@ -329,3 +476,59 @@ def _color(i: int) -> tuple:
     from matplotlib import colormaps
 
     return colormaps["tab20"](i % 20)
+
+
+def plot_sweep_gain(table: pd.DataFrame, path: Path) -> Path:
+    """One line per method row of a sweep table (:func:`fedbench.sweep.build_sweep`): x = the swept
+    value, y = the paired gain in mean_acc over the reference, error bars = its 95% interval, a line
+    at 0; the legend sits outside the axes so ten rows stay readable. Rows are dodged a little along
+    x so their bars do not hide each other; non-numeric values are evenly spaced categories."""
+    from matplotlib import colormaps
+
+    attrs = table.attrs
+    short, values = attrs["short"], list(attrs["values"])
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = [float(v) for v in values] if numeric else list(range(len(values)))
+    position = dict(zip(values, xs, strict=True))
+    labels = list(pd.unique(table["method"]))
+    span = (max(xs) - min(xs)) or 1.0
+    step = min(0.012 * span, 0.25 * span / max(len(labels), 1))
+
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.axhline(0.0, color="grey", linewidth=1, linestyle="--")
+    for i, label in enumerate(labels):
+        rows = table[(table["method"] == label) & table["mean_acc"].notna()]
+        rows = rows.assign(_x=rows[short].map(position)).sort_values("_x")
+        if rows.empty:
+            continue
+        shift = (i - (len(labels) - 1) / 2) * step
+        err = np.vstack([rows["mean_acc"] - rows["mean_acc_lo"], rows["mean_acc_hi"] - rows["mean_acc"]])
+        ax.errorbar(
+            rows["_x"] + shift,
+            rows["mean_acc"],
+            yerr=np.nan_to_num(err),
+            fmt=_MARKERS[i % len(_MARKERS)],
+            linestyle=("-", "--", ":")[i // 10 % 3],  # ten distinct colours, then the line style changes
+            color=colormaps["tab10"](i % 10),
+            capsize=3,
+            markersize=5,
+            linewidth=1.2,
+            label=label,
+        )
+    ax.set_xticks(xs, [_tick(v) for v in values])
+    ax.set(xlabel=attrs["field"], ylabel=f"mean_acc − {attrs['reference']} (paired, 95% CI)")
+    fig.suptitle(
+        f"Paired gain in mean_acc over {attrs['reference']} vs {attrs['field']}"
+        + (" (SYNTHETIC data)" if attrs.get("synthetic") else "")
+        + "\nerror bars: 95% paired bootstrap interval over seeds and global-test examples"
+    )
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", title="method row", borderaxespad=0)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _tick(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -66,6 +66,10 @@ class Method:
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     paper: ClassVar[str] = ""
+    # False for a reference row that is not federated (``centralized``): the harness then trains one
+    # pooled trainer on every client's training rows, sends nothing, and evaluates that one model as
+    # every client's (Run._pooled_round); its server state is the pooled model's trainable tensors.
+    federated: ClassVar[bool] = True
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -75,9 +79,10 @@ class Method:
         return cls(build_config(cls.Options, options, owner=f"method '{cls.name}'"))
 
     # --- model ----------------------------------------------------------------------------
-    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
-        """The client model; the harness seeds torch before calling, so all clients share the init."""
-        return ClientModel(backbone, list(tasks))
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
+        """The client model; the harness seeds torch before calling, so all clients share the init.
+        ``answer_side`` is the protocol's (``shared`` trunk + thin task outputs, or ``per_task`` heads)."""
+        return ClientModel(backbone, list(tasks), answer_side)
 
     def tag(self, name: str) -> Tag:
         """Tag of trainable parameter ``name``."""
@@ -96,6 +101,11 @@ class Method:
         """One client's local training; default: every trainable parameter, ``local.steps`` steps."""
         ctx.train(model, [p for p in model.parameters() if p.requires_grad])
 
+    def train_record(self, model: ClientModel, ctx: ClientContext) -> dict[str, Any]:
+        """Extra fields for this client's ``kind="train"`` record of the round (called after its local
+        update; JSON-serialisable values, never the harness's own field names). Default: none."""
+        return {}
+
     def encode_images(
         self, model: ClientModel, image_ids: torch.Tensor, ctx: ClientContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +119,23 @@ class Method:
 
     def download(self, server_state: Payload, client: ClientInfo) -> Payload:
         return {n: t for n, t in server_state.items() if holds(client, n)}
+
+    def request(self, model: ClientModel, ctx: ClientContext) -> Payload | None:
+        """A download in two messages: what the client asks for after the first one. Default: None
+        (one message, nothing asked).
+
+        Called on the client once ``download``'s payload is loaded (after ``prepare_client``), at
+        training and at evaluation alike, for a client whose choice of what to receive depends on
+        its data and on what it just received (FedMix: the gate, then the experts it selects with
+        it). The payload goes to the server (checked like an upload, its bytes counted as uplink and
+        recorded in the train record's ``request``: keep it small) and :meth:`answer` replies."""
+        return None
+
+    def answer(self, server_state: Payload, client: ClientInfo, request: Payload) -> Payload:
+        """The second download message, the server's reply to :meth:`request` (its bytes counted as
+        downlink); the harness loads it over the first (parameters only; ``prepare_client`` is not
+        called again)."""
+        raise NotImplementedError(f"method '{self.name}' sends a download request but does not answer it")
 
     def upload(self, model: ClientModel, client: ClientInfo) -> Payload:
         tags = self.tags(model)
@@ -126,7 +153,8 @@ class Method:
 
 
 def holds(client: ClientInfo, name: str) -> bool:
-    """False for the parameters of a task head whose task the client does not hold."""
+    """False for the parameters of a task head whose task the client does not hold (the shared
+    answer trunk serves every task, so every client holds it)."""
     if not name.startswith("heads."):
         return True
     return name.split(".", 2)[1] in client.tasks

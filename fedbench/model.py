@@ -1,14 +1,19 @@
-"""The client model skeleton every method builds on: frozen towers -> (method's adapters) -> task heads.
+"""The client model skeleton every method builds on: frozen towers -> (method's adapters) -> answer side.
 
-Heads follow DESIGN.md §4: answer classifiers for classification / VQA / OCR-VQA (the usual
-classifier formulation of VQA) and a box regressor for grounding. Both pool the image tokens
-with an attention query made from the question, so "what colour is the circle?" and "the
-red circle" can look at the object they name.
+The answer side follows DESIGN.md §4. It plays the part of a multimodal LLM's language model,
+which answers every task: by default one **shared answer trunk** (``trunk.*``: question-conditioned
+pooling of the image tokens, the OCR read-out and a fusion MLP) used by every task, then a thin
+output per task (``heads.<task>.*``): answer logits for classification / VQA / OCR-VQA (the usual
+classifier formulation of VQA) or a box for grounding. The protocol option ``answer_side =
+"per_task"`` gives every task its own full head instead (pooling, OCR read-out for tasks that read
+it, MLP), applied to every method alike. Pooling uses an attention query made from the question,
+so "what colour is the circle?" and "the red circle" can look at the object they name.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -36,6 +41,7 @@ class Batch:
     ocr_mask: torch.Tensor  # [B,K] bool, True for present OCR tokens
     label: torch.Tensor  # [B] answer index (-1 for box tasks)
     box: torch.Tensor  # [B,4] target box (NaN for answer tasks)
+    row_index: torch.Tensor  # [B] rows of the example table (keys per-row views such as the prompt view)
 
     def __len__(self) -> int:
         return len(self.task)
@@ -51,6 +57,7 @@ class Features:
     ocr: torch.Tensor  # [B,K,E] OCR token embeddings
     ocr_mask: torch.Tensor  # [B,K]
     task_id: torch.Tensor  # [B]
+    row_index: torch.Tensor  # [B] rows of the example table
 
     def select(self, idx: torch.Tensor) -> Features:
         return replace(self, **{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
@@ -92,8 +99,108 @@ class OCRPointer(nn.Module):
         return torch.where(f.ocr_mask.any(1, keepdim=True), read, self.null.expand_as(read))
 
 
-class AnswerHead(nn.Module):
-    """Answer classifier on [image, question, question-pooled tokens, (OCR read-out)]."""
+ANSWER_SIDES = ("shared", "per_task")
+TRUNK, HEADS = "trunk.", "heads."
+
+
+def is_answer_side(name: str) -> bool:
+    """Whether parameter ``name`` belongs to the answer side (the shared trunk or a task's head)."""
+    return name.startswith((TRUNK, HEADS))
+
+
+@dataclass
+class Hidden:
+    """What the shared trunk hands the thin task outputs."""
+
+    state: torch.Tensor  # [B,H] fused representation
+    attention: torch.Tensor  # [B,L] question-conditioned attention over the patch tokens
+
+    def select(self, idx: torch.Tensor) -> Hidden:
+        return Hidden(self.state[idx], self.attention[idx])
+
+
+class AnswerRule:
+    """Loss and correctness of an answer classifier (full head or thin output)."""
+
+    @staticmethod
+    def loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(out, batch.label)
+
+    @staticmethod
+    def correct(out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return (out.argmax(-1) == batch.label).float()
+
+
+class BoxRule:
+    """Loss and correctness (IoU >= 0.5) of a box regressor (full head or thin output)."""
+
+    @staticmethod
+    def loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.l1_loss(out, batch.box) + generalized_box_iou_loss(out, batch.box, reduction="mean")
+
+    @staticmethod
+    def correct(out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return (box_iou(out, batch.box).diagonal() >= 0.5).float()
+
+
+def attention_box(weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Box [x0,y0,x1,y1] in [0,1]: the attention centroid over the patch grid, nudged by
+    ``out[:, :2]`` (at most 0.1), with width and height ``sigmoid(out[:, 2:])``."""
+    side = math.isqrt(weights.shape[-1])
+    centres = (torch.arange(side, device=weights.device, dtype=weights.dtype) + 0.5) / side
+    w2d = weights[:, : side * side].view(-1, side, side)
+    cx, cy = (w2d.sum(1) * centres).sum(-1), (w2d.sum(2) * centres).sum(-1)
+    cx = cx + 0.1 * torch.tanh(out[:, 0])
+    cy = cy + 0.1 * torch.tanh(out[:, 1])
+    w, h = torch.sigmoid(out[:, 2]), torch.sigmoid(out[:, 3])
+    box = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    return box.clamp(0.0, 1.0)
+
+
+class AnswerTrunk(nn.Module):
+    """The shared answer trunk: [image, question, question-pooled tokens, OCR read-out] -> fusion MLP.
+
+    Every task's rows go through it (the OCR read-out is the learned null where a row has no OCR
+    tokens), as every prompt goes through an MLLM's language model.
+    """
+
+    def __init__(self, token_dim: int, embed_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.pool = QueryPool(token_dim, embed_dim)
+        self.ocr = OCRPointer(embed_dim)
+        in_dim = 3 * embed_dim + token_dim
+        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU())
+        self.hidden = hidden
+
+    def forward(self, f: Features) -> Hidden:
+        pooled, weights = self.pool(f.tokens, f.question)
+        return Hidden(self.mlp(torch.cat([f.image, f.question, pooled, self.ocr(f)], -1)), weights)
+
+
+class AnswerOutput(AnswerRule, nn.Module):
+    """Thin answer output on the trunk: Linear(hidden -> answers)."""
+
+    def __init__(self, spec: TaskSpec, hidden: int) -> None:
+        super().__init__()
+        self.logits = nn.Linear(hidden, spec.num_answers)
+
+    def forward(self, h: Hidden) -> torch.Tensor:
+        return self.logits(h.state)
+
+
+class BoxOutput(BoxRule, nn.Module):
+    """Thin box output on the trunk: the trunk's attention centroid + Linear(hidden -> 4)."""
+
+    def __init__(self, spec: TaskSpec, hidden: int) -> None:
+        super().__init__()
+        self.box = nn.Linear(hidden, 4)
+
+    def forward(self, h: Hidden) -> torch.Tensor:
+        return attention_box(h.attention, self.box(h.state))
+
+
+class AnswerHead(AnswerRule, nn.Module):
+    """Per-task answer classifier on [image, question, question-pooled tokens, (OCR read-out)]."""
 
     def __init__(self, spec: TaskSpec, token_dim: int, embed_dim: int, hidden: int = 256) -> None:
         super().__init__()
@@ -111,17 +218,9 @@ class AnswerHead(nn.Module):
             parts.append(self.ocr(f))
         return self.mlp(torch.cat(parts, -1))
 
-    @staticmethod
-    def loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(out, batch.label)
 
-    @staticmethod
-    def correct(out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return (out.argmax(-1) == batch.label).float()
-
-
-class BoxHead(nn.Module):
-    """Referring-expression box regressor: attention centroid over patches + predicted size."""
+class BoxHead(BoxRule, nn.Module):
+    """Per-task referring-expression box regressor: attention centroid over patches + predicted size."""
 
     def __init__(self, spec: TaskSpec, token_dim: int, embed_dim: int, hidden: int = 256) -> None:
         super().__init__()
@@ -135,45 +234,44 @@ class BoxHead(nn.Module):
 
     def forward(self, f: Features) -> torch.Tensor:
         pooled, weights = self.pool(f.tokens, f.question)
-        side = math.isqrt(weights.shape[-1])
-        centres = (torch.arange(side, device=weights.device, dtype=weights.dtype) + 0.5) / side
-        w2d = weights[:, : side * side].view(-1, side, side)
-        cx, cy = (w2d.sum(1) * centres).sum(-1), (w2d.sum(2) * centres).sum(-1)
-        out = self.mlp(torch.cat([pooled, f.question], -1))
-        cx = cx + 0.1 * torch.tanh(out[:, 0])
-        cy = cy + 0.1 * torch.tanh(out[:, 1])
-        w, h = torch.sigmoid(out[:, 2]), torch.sigmoid(out[:, 3])
-        box = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-        return box.clamp(0.0, 1.0)
-
-    @staticmethod
-    def loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.l1_loss(out, batch.box) + generalized_box_iou_loss(out, batch.box, reduction="mean")
-
-    @staticmethod
-    def correct(out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return (box_iou(out, batch.box).diagonal() >= 0.5).float()
+        return attention_box(weights, self.mlp(torch.cat([pooled, f.question], -1)))
 
 
-def make_head(spec: TaskSpec, token_dim: int, embed_dim: int) -> nn.Module:
-    return BoxHead(spec, token_dim, embed_dim) if spec.is_box else AnswerHead(spec, token_dim, embed_dim)
+def make_trunk(answer_side: str, token_dim: int, embed_dim: int) -> AnswerTrunk | None:
+    """The shared trunk (``answer_side = "shared"``), or None when every task has a full head."""
+    if answer_side not in ANSWER_SIDES:
+        raise ValueError(f"answer_side = {answer_side!r} is invalid; choose one of: {', '.join(ANSWER_SIDES)}")
+    return AnswerTrunk(token_dim, embed_dim) if answer_side == "shared" else None
+
+
+def make_heads(tasks: Sequence[TaskSpec], trunk: AnswerTrunk | None, token_dim: int, embed_dim: int) -> nn.ModuleDict:
+    """One head per task: a thin output on ``trunk``, or (no trunk) a full per-task head."""
+    if trunk is not None:
+        return nn.ModuleDict({t.name: (BoxOutput if t.is_box else AnswerOutput)(t, trunk.hidden) for t in tasks})
+    return nn.ModuleDict({t.name: (BoxHead if t.is_box else AnswerHead)(t, token_dim, embed_dim) for t in tasks})
+
+
+def answer_input(trunk: AnswerTrunk | None, features: Features) -> Features | Hidden:
+    """What the heads read: the trunk's output, or the features themselves (per-task heads)."""
+    return features if trunk is None else trunk(features)
 
 
 class ClientModel(nn.Module):
-    """Frozen backbone + task heads; methods add modules and override :meth:`adapt`.
+    """Frozen backbone + answer side (trunk + task heads); methods add modules and override :meth:`adapt`.
 
     Every trainable parameter is tagged by the method as shared or local; frozen ones
     (``requires_grad=False``) are neither and never travel.
     """
 
-    def __init__(self, backbone: Backbone, tasks: list[TaskSpec]) -> None:
+    def __init__(self, backbone: Backbone, tasks: list[TaskSpec], answer_side: str = "shared") -> None:
         super().__init__()
         self.backbone = backbone
         self.tasks = list(tasks)
         self.task_names = [t.name for t in tasks]
         self.routing: torch.Tensor | None = None  # [B, E] routing weights of the last forward, if any
         self.expert_names: list[str] = []
-        self.heads = nn.ModuleDict({t.name: make_head(t, backbone.token_dim, backbone.embed_dim) for t in tasks})
+        self.trunk = make_trunk(answer_side, backbone.token_dim, backbone.embed_dim)
+        self.heads = make_heads(tasks, self.trunk, backbone.token_dim, backbone.embed_dim)
 
     def encode(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> Features:
         """Frozen features from ``cached``, else from the image tower run once per distinct image
@@ -186,7 +284,7 @@ class ClientModel(nn.Module):
             # accumulate) sums repeated rows in a varying order on CPU, and runs stop being reproducible
             cached = tokens.index_select(0, inverse), image.index_select(0, inverse)
         tokens, image = cached
-        return Features(tokens, image, batch.question, batch.ocr, batch.ocr_mask, batch.task_id)
+        return Features(tokens, image, batch.question, batch.ocr, batch.ocr_mask, batch.task_id, batch.row_index)
 
     def adapt(self, features: Features) -> Features:
         """Method hook: adapters / experts on the backbone's output (identity by default)."""
@@ -201,10 +299,11 @@ class ClientModel(nn.Module):
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per task present in the batch: (row positions, head output)."""
         feats = self.adapt(self.encode(batch, cached))
+        rep = answer_input(self.trunk, feats)
         outputs = {}
         for name in dict.fromkeys(batch.task.tolist()):
             idx = torch.from_numpy(np.flatnonzero(batch.task == name)).to(feats.image.device)
-            outputs[name] = (idx, self.heads[name](feats.select(idx)))
+            outputs[name] = (idx, self.heads[name](rep.select(idx)))
         return outputs
 
     def loss(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -230,4 +329,5 @@ def sub_batch(batch: Batch, idx: torch.Tensor) -> Batch:
         ocr_mask=batch.ocr_mask[idx],
         label=batch.label[idx],
         box=batch.box[idx],
+        row_index=batch.row_index[idx],
     )

@@ -14,12 +14,17 @@ Payload = dict[str, torch.Tensor]
 
 
 def serialize(payload: Payload) -> bytes:
-    """Serialize to safetensors bytes (tensors made contiguous, detached, on CPU)."""
+    """Serialize to safetensors bytes (tensors made contiguous, detached, on CPU).
+
+    An empty payload is no message: ``b""`` (0 bytes on the ledger), not the 16-byte header of an
+    empty safetensors file; a method that sends nothing (``local-only``) costs nothing."""
+    if not payload:
+        return b""
     return st_save({k: v.detach().to("cpu").contiguous() for k, v in payload.items()})
 
 
 def deserialize(blob: bytes) -> Payload:
-    return st_load(blob)
+    return st_load(blob) if blob else {}
 
 
 def analytic_bytes(payload: Payload) -> int:

@@ -3,13 +3,19 @@
 A protocol is one TOML file validated into frozen dataclasses on load; unknown keys and
 out-of-range values are rejected with a message naming the field and what is allowed. Its
 hash goes into every results record.
+
+An optional ``[sweep]`` table runs the same method rows at several values of one field: each
+value gives a *variant* (the protocol with that value substituted and no sweep), validated like
+any protocol, with its own hash; :meth:`Protocol.variants` lists them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,6 +25,7 @@ from typing import Any
 import tomllib
 
 from fedbench.data import PartitionConfig
+from fedbench.model import ANSWER_SIDES
 
 
 class ProtocolError(ValueError):
@@ -59,6 +66,18 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The answer side every method's client model carries (applied to every row alike).
+
+    ``shared`` (default): one answer trunk for every task + a thin output per task, as a multimodal
+    LLM's language model answers every task; ``per_task``: a full head per task, nothing shared
+    across tasks on the answer side.
+    """
+
+    answer_side: str = "shared"
+
+
+@dataclass(frozen=True)
 class MethodEntry:
     """One leaderboard row: a registered method and its option overrides."""
 
@@ -71,6 +90,26 @@ class MethodEntry:
             return self.name
         inner = ",".join(f"{k}={_fmt(v)}" for k, v in sorted(self.options.items()))
         return f"{self.name}[{inner}]"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """``[sweep]``: every method row runs at each of ``values`` of the protocol field ``field`` (a
+    dotted path such as ``data.domain_task_coupling``); gains are paired differences to the row
+    labelled ``reference``."""
+
+    field: str
+    values: tuple[Any, ...]
+    reference: str
+
+    @property
+    def short(self) -> str:
+        """The field's last name: ``domain_task_coupling``."""
+        return self.field.rpartition(".")[2]
+
+    def dir_name(self, value: Any) -> str:
+        """The results subdirectory of one value: ``domain_task_coupling=0.5``."""
+        return re.sub(r"[^A-Za-z0-9._=+-]+", "_", f"{self.short}={_fmt(value)}")
 
 
 def _fmt(value: Any) -> str:
@@ -93,15 +132,21 @@ class Protocol:
     local: LocalConfig = field(default_factory=LocalConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sweep: SweepConfig | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        body = dataclasses.asdict(self)
+        if body["sweep"] is None:  # a protocol without a sweep reads (and hashes) as before sweeps
+            del body["sweep"]
+        return body
 
     @property
     def hash(self) -> str:
         """Hash of everything that changes a run's numbers; not the name, nor the list of seeds and
         method rows (each record carries its own seed and method), so adding a seed or a method
-        row keeps the runs already made."""
+        row keeps the runs already made. A protocol with a sweep hashes its ``[sweep]`` table too,
+        but runs nothing under that hash: each variant's records carry the variant's own hash."""
         body = self.as_dict()
         for key in ("name", "seeds", "methods"):
             body.pop(key)
@@ -111,6 +156,43 @@ class Protocol:
         proto = dataclasses.replace(self, **changes)
         validate(proto)
         return proto
+
+    def variants(self) -> list[tuple[Any, Protocol]]:
+        """(value, variant) per swept value, in the sweep's order; empty without a sweep. A variant is
+        this protocol with the value substituted and no sweep (so its hash is that of the same
+        protocol written without a ``[sweep]`` table), named ``<name>[<field>=<value>]``."""
+        if self.sweep is None:
+            return []
+        return [(value, _variant(self, value)) for value in self.sweep.values]
+
+
+def _variant(proto: Protocol, value: Any) -> Protocol:
+    sweep = proto.sweep
+    assert sweep is not None
+    proto = dataclasses.replace(proto, name=f"{proto.name}[{sweep.short}={_fmt(value)}]", sweep=None)
+    section, _, leaf = sweep.field.rpartition(".")
+    if not section:
+        return dataclasses.replace(proto, **{leaf: value})
+    return dataclasses.replace(proto, **{section: dataclasses.replace(getattr(proto, section), **{leaf: value})})
+
+
+_NOT_SWEPT = ("name", "seeds", "tasks", "methods", "sweep")  # seeds are replicates; rows are the sweep's
+
+
+def sweep_fields() -> dict[str, Any]:
+    """Field path -> type of every protocol field a sweep can vary (the scalar ones)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(Protocol)
+    for f in dataclasses.fields(Protocol):
+        tp = hints[f.name]
+        if f.name in _NOT_SWEPT:
+            continue
+        if dataclasses.is_dataclass(tp):
+            inner = typing.get_type_hints(tp)
+            out.update({f"{f.name}.{g.name}": inner[g.name] for g in dataclasses.fields(tp)})
+        else:
+            out[f.name] = tp
+    return out
 
 
 # (field path) -> (check, description of the valid values)
@@ -137,6 +219,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "local.optimizer": (lambda v: v in ("adamw",), "one of: adamw"),
     "eval.every": (lambda v: v >= 0, "an integer >= 0"),
     "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "model.answer_side": (lambda v: v in ANSWER_SIDES, "one of: " + ", ".join(ANSWER_SIDES)),
 }
 
 
@@ -148,6 +231,64 @@ def validate(proto: Protocol) -> None:
             value = getattr(value, part)
         if not check(value):
             raise ProtocolError(f"protocol field '{path}' = {value!r} is invalid: expected {allowed}")
+    if proto.sweep is not None:
+        _validate_sweep(proto)
+
+
+def _sweep_field_type(name: str) -> Any:
+    fields = sweep_fields()
+    if name not in fields:
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        hint = f" Did you mean: {close[0]}?" if close else ""
+        raise ProtocolError(
+            f"protocol field 'sweep.field' = {name!r} is not a field a sweep can vary.{hint} "
+            f"Choose one of: {', '.join(fields)}"
+        )
+    return fields[name]
+
+
+def _sweep_value(index: int, value: Any, name: str, tp: Any) -> Any:
+    """The value as the field's type, or a one-line error naming it and what the field accepts."""
+    try:
+        return _coerce(value, tp, name)
+    except ProtocolError:
+        allowed = _RANGES[name][1] if name in _RANGES else f"a {getattr(tp, '__name__', tp)}"
+        raise ProtocolError(
+            f"protocol field 'sweep.values[{index}]' = {value!r} is invalid: '{name}' expects {allowed}"
+        ) from None
+
+
+def _validate_sweep(proto: Protocol) -> None:
+    """The field exists and can vary, every value builds a variant that validates (``_RANGES``), no
+    value (or results directory) twice, and the reference is one of the method rows."""
+    sweep = proto.sweep
+    assert sweep is not None
+    tp = _sweep_field_type(sweep.field)
+    if not sweep.values:
+        raise ProtocolError("protocol field 'sweep.values' = [] is invalid: expected a non-empty list of values")
+    seen: dict[str, int] = {}
+    for i, value in enumerate(sweep.values):
+        _sweep_value(i, value, sweep.field, tp)
+        try:
+            validate(_variant(proto, value))
+        except ProtocolError:
+            allowed = _RANGES[sweep.field][1] if sweep.field in _RANGES else "a valid value"
+            raise ProtocolError(
+                f"protocol field 'sweep.values[{i}]' = {value!r} is invalid: '{sweep.field}' expects {allowed}"
+            ) from None
+        name = sweep.dir_name(value)
+        if name in seen:
+            raise ProtocolError(
+                f"protocol field 'sweep.values[{i}]' = {value!r} repeats sweep.values[{seen[name]}] "
+                f"(both run into '{name}'); list each value once"
+            )
+        seen[name] = i
+    labels = [m.label for m in proto.methods]
+    if sweep.reference not in labels:
+        raise ProtocolError(
+            f"protocol field 'sweep.reference' = {sweep.reference!r} is not one of the protocol's method rows. "
+            f"Choose one of: {', '.join(labels)}"
+        )
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -198,15 +339,41 @@ def _method_entry(item: Any, index: int) -> MethodEntry:
     raise ProtocolError(f"protocol field 'methods[{index}]' must be a method name or {{name, options}}, got {item!r}")
 
 
+def _sweep_config(table: Any) -> SweepConfig:
+    """``[sweep]`` with its three keys; values converted to the swept field's type."""
+    if not isinstance(table, dict):
+        raise ProtocolError(f"protocol field 'sweep' must be a table (field, values, reference), got {table!r}")
+    keys = ("field", "values", "reference")
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise ProtocolError(
+            f"unknown protocol field 'sweep.{unknown[0]}'. Valid fields: sweep.field, sweep.values, sweep.reference"
+        )
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise ProtocolError(f"protocol table 'sweep' lacks '{missing[0]}': it needs field, values and reference")
+    for key in ("field", "reference"):
+        if not isinstance(table[key], str):
+            raise ProtocolError(f"protocol field 'sweep.{key}' must be str, got {table[key]!r}")
+    if not isinstance(table["values"], list):
+        raise ProtocolError(f"protocol field 'sweep.values' must be a list, got {table['values']!r}")
+    tp = _sweep_field_type(table["field"])
+    values = tuple(_sweep_value(i, v, table["field"], tp) for i, v in enumerate(table["values"]))
+    return SweepConfig(table["field"], values, table["reference"])
+
+
 def from_dict(table: dict[str, Any]) -> Protocol:
     """Build and validate a protocol from a parsed TOML table."""
     table = dict(table)
     methods = table.pop("methods", None)
+    sweep = table.pop("sweep", None)
     proto = _build(Protocol, table)
     if methods is not None:
         if not isinstance(methods, list):
             raise ProtocolError(f"protocol field 'methods' must be a list, got {methods!r}")
         proto = dataclasses.replace(proto, methods=tuple(_method_entry(m, i) for i, m in enumerate(methods)))
+    if sweep is not None:
+        proto = dataclasses.replace(proto, sweep=_sweep_config(sweep))
     validate(proto)
     return proto
 

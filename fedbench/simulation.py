@@ -24,6 +24,7 @@ from fedbench.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, TRAIN, ClientPlan, E
 from fedbench.method import ClientInfo, Method, Reply, count_params, create_method
 from fedbench.model import OCR_TOKENS, Batch, ClientModel, sub_batch
 from fedbench.payload import META, Payload, analytic_bytes, check_upload, deserialize, serialize
+from fedbench.prompt_view import PromptViews
 from fedbench.protocol import MethodEntry, Protocol
 from fedbench.provenance import git_commit, library_versions
 from fedbench.records import append_records, read_jsonl
@@ -99,6 +100,7 @@ class RowStore:
             self.ocr_mask[idx],
             self.label[idx],
             self.box[idx],
+            idx,
         )
 
 
@@ -146,7 +148,8 @@ def prepare(
     table = suite(plans, protocol.data, list(protocol.tasks), seed)
     backbone = backbone or create_backbone(protocol.backbone.name, device)
     store = RowStore(table, specs, backbone, device)
-    features = FeatureCache(backbone, store.images, protocol.eval.batch_size)
+    prompts = PromptViews(table, {s.name: s.family for s in specs}, backbone, protocol.eval.batch_size)
+    features = FeatureCache(backbone, store.images, protocol.eval.batch_size, prompts)
     return Prepared(
         protocol, seed, plans, table, specs, backbone, store, device, majority_scores(table, specs), features
     )
@@ -198,8 +201,11 @@ class FeatureCache:
     """Frozen-backbone image features of every image, computed once per seed and shared by all
     methods whose trainable parts sit after the towers (keyed by the backbone and the table)."""
 
-    def __init__(self, backbone: Backbone, images: torch.Tensor, batch_size: int = 256) -> None:
+    def __init__(
+        self, backbone: Backbone, images: torch.Tensor, batch_size: int = 256, prompts: PromptViews | None = None
+    ) -> None:
         self.backbone, self.images, self.batch_size = backbone, images, batch_size
+        self.prompts = prompts  # per-row prompt views (text drawn around the image), for routers that read them
         self._tokens: torch.Tensor | None = None
         self._pooled: torch.Tensor | None = None
 
@@ -231,6 +237,9 @@ class ClientContext:
     protocol: Protocol
     seed: int
     features: FeatureCache
+    # local updates already in the client's loaded state: the rounds before ``round`` it was sampled
+    # in (at training), those up to and including ``round`` (at evaluation after that round)
+    participations: int = 0
 
     def inputs(self, model: ClientModel, rows: np.ndarray) -> tuple[Batch, tuple[torch.Tensor, torch.Tensor] | None]:
         """A batch of ``rows`` and, when the backbone is frozen, its cached image features."""
@@ -262,16 +271,17 @@ class ClientContext:
 @torch.no_grad()
 def evaluate_rows(
     model: ClientModel, method: Method, ctx: ClientContext, rows: np.ndarray, batch_size: int
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Per row: 1.0 where the model answers correctly (IoU >= 0.5 for boxes); images encoded once.
 
-    Also returns, per task, the summed routing weights over experts when the model routes.
+    Also returns, when the model routes, each row's routing weights over experts [rows, E] (what the
+    expert-usage matrix and the routing entropy / mutual information are computed from); else None.
     """
     model.eval()
     out = np.zeros(len(rows), dtype=np.float64)
-    usage: dict[str, np.ndarray] = {}
+    routing: np.ndarray | None = None
     if len(rows) == 0:
-        return out, usage
+        return out, routing
     images, position = np.unique(ctx.store.image_index[rows].numpy(), return_inverse=True)
     image_ids = torch.as_tensor(images)
     if model.uses_backbone_grad() or type(method).encode_images is not Method.encode_images:
@@ -290,9 +300,10 @@ def evaluate_rows(
             out[i + idx.cpu().numpy()] = head.correct(head_out, sub_batch(batch, idx)).cpu().numpy()
         if model.routing is not None:
             weights = model.routing.detach().cpu().numpy()
-            for task in np.unique(batch.task):
-                usage[task] = usage.get(task, 0) + weights[batch.task == task].sum(0)
-    return out, usage
+            if routing is None:  # NaN marks rows of a batch that did not route, should one not
+                routing = np.full((len(rows), weights.shape[1]), np.nan)
+            routing[i : i + len(chunk)] = weights
+    return out, routing
 
 
 def run_id_for(entry: MethodEntry, seed: int, protocol: Protocol) -> str:
@@ -353,10 +364,15 @@ class Run:
             "versions": library_versions(),
         }
 
-    def context(self, info: ClientInfo, r: int) -> ClientContext:
+    def context(self, info: ClientInfo, r: int, evaluating: bool = False) -> ClientContext:
+        """The client's context in round ``r``: for its local update, or (``evaluating``) for its
+        evaluation after that round (``participations`` then counts round ``r`` too)."""
         rows = self.prep.table.rows(client=info.client, split=TRAIN)
-        prep = self.prep
-        return ClientContext(info, r, prep.store, rows, self.protocol, prep.seed, prep.features)
+        prep, fraction = self.prep, self.protocol.clients.sample_fraction
+        done = sum(
+            info.client in sample_clients(prep.seed, q, len(prep.plans), fraction) for q in range(r + evaluating)
+        )
+        return ClientContext(info, r, prep.store, rows, self.protocol, prep.seed, prep.features, done)
 
     def completed(self) -> bool:
         if not self.records_path.is_file():
@@ -365,7 +381,9 @@ class Run:
 
     def build(self) -> ClientModel:
         torch.manual_seed(derive_seed(self.prep.seed, "init"))  # every client starts from this init
-        model = self.method.build_model(copy.deepcopy(self.prep.backbone), self.prep.specs)
+        model = self.method.build_model(
+            copy.deepcopy(self.prep.backbone), self.prep.specs, self.protocol.model.answer_side
+        )
         return model.to(self.prep.device)
 
     def execute(self) -> str:
@@ -415,24 +433,50 @@ class Run:
         return self.run_id
 
     def _load_client(
-        self, model: ClientModel, fed: Federation, info: ClientInfo, payload: Payload, r: int
-    ) -> ClientContext:
-        """Initial state, then the client's stored state, then what the server sent it."""
-        load_state(model, fed.init, fed.clients.get(info.client), payload)
-        ctx = self.context(info, r)
+        self, model: ClientModel, fed: Federation, info: ClientInfo, r: int, asking: ClientInfo | None = None
+    ) -> tuple[ClientContext, dict[str, Any]]:
+        """Initial state, then the client's stored state, then what the server sent it, as it
+        crossed the wire: ``download``, then, for a method with a two-message download, the
+        client's ``request`` and the server's ``answer``, loaded on top. The same exchange at
+        training and at evaluation (``asking``, given at evaluation only: the client as the server
+        sees it, there asking for every task). Returns the context and the messages' bytes as
+        train-record fields, with ``request`` (what the client asked for) when it asked."""
+        evaluating, asking = asking is not None, asking or info
+        down = self.method.download(fed.server, asking)
+        blob = serialize(down)
+        load_state(model, fed.init, fed.clients.get(info.client), deserialize(blob))
+        ctx = self.context(info, r, evaluating)
         self.method.prepare_client(model, ctx)
-        return ctx
+        wire: dict[str, Any] = {
+            "up_bytes": 0,
+            "down_bytes": len(blob),
+            "up_bytes_analytic": 0,
+            "down_bytes_analytic": analytic_bytes(down),
+        }
+        ask = self.method.request(model, ctx)
+        if ask is not None:
+            check_upload(ask, fed.shared, fed.local, self.entry.name)
+            ask_blob = serialize(ask)
+            more = self.method.answer(fed.server, asking, deserialize(ask_blob))
+            more_blob = serialize(more)
+            load_state(model, deserialize(more_blob))
+            wire["up_bytes"] += len(ask_blob)
+            wire["down_bytes"] += len(more_blob)
+            wire["up_bytes_analytic"] += analytic_bytes(ask)
+            wire["down_bytes_analytic"] += analytic_bytes(more)
+            wire["request"] = {k: v.tolist() for k, v in ask.items()}
+        return ctx, wire
 
     def _round(self, r: int, model: ClientModel, fed: Federation) -> list[dict]:
         """Sample, download, train, upload, aggregate (updates ``fed`` in place); train records."""
+        if not self.method.federated:
+            return self._pooled_round(r, model, fed)
         proto, seed = self.protocol, self.prep.seed
         sampled = sample_clients(seed, r, len(fed.infos), proto.clients.sample_fraction)
         replies, rows = [], []
         for c in sampled:
             info = fed.infos[c]
-            down = self.method.download(fed.server, info)
-            down_blob = serialize(down)
-            ctx = self._load_client(model, fed, info, deserialize(down_blob), r)
+            ctx, wire = self._load_client(model, fed, info, r)
             train_rows = ctx.train_rows
             with ComputeTimer(self.prep.device) as timer:
                 self.method.local_update(model, ctx)
@@ -441,70 +485,152 @@ class Run:
             up_blob = serialize(up)
             replies.append(Reply(info, deserialize(up_blob), len(train_rows)))
             fed.clients[c] = trainable_state(model)
-            rows.append(
-                {
-                    **self.common(),
-                    "kind": "train",
-                    "round": r,
-                    "client": c,
-                    "up_bytes": len(up_blob),
-                    "down_bytes": len(down_blob),
-                    "up_bytes_analytic": analytic_bytes(up),
-                    "down_bytes_analytic": analytic_bytes(down),
-                    "compute_s": timer.seconds,
-                    "timer": timer.kind,
-                    "n_examples": len(train_rows),
-                }
-            )
+            wire["up_bytes"] += len(up_blob)
+            wire["up_bytes_analytic"] += analytic_bytes(up)
+            record = {
+                **self.common(),
+                "kind": "train",
+                "round": r,
+                "client": c,
+                **wire,
+                "compute_s": timer.seconds,
+                "timer": timer.kind,
+                "n_examples": len(train_rows),
+            }
+            rows.append(self._with_method_fields(record, model, ctx))
             self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
         fed.server = self.method.aggregate(fed.server, replies)
         return rows
+
+    def _with_method_fields(self, record: dict, model: ClientModel, ctx: ClientContext) -> dict:
+        """A train record plus the method's own fields (:meth:`Method.train_record`), which may not
+        overwrite the harness's."""
+        extra = self.method.train_record(model, ctx)
+        clash = sorted(set(extra) & set(record))
+        if clash:
+            raise ValueError(f"method '{self.entry.name}' train_record overwrites harness field(s) {clash}")
+        return {**record, **extra}
+
+    def _pooled_round(self, r: int, model: ClientModel, fed: Federation) -> list[dict]:
+        """A reference row that is not federated (``Method.federated`` False): one trainer on the
+        union of every client's training rows (all tasks; OCR as each row has it) for ``local.steps``
+        × (clients sampled this round) steps, so it takes as many gradient steps as a federated row.
+        Nothing is sent: one train record per round with 0 bytes and ``federated: false``. The pooled
+        model's trainable state is ``fed.server``, so :meth:`_evaluate` scores it as every client's."""
+        proto, prep = self.protocol, self.prep
+        sampled = sample_clients(prep.seed, r, len(fed.infos), proto.clients.sample_fraction)
+        train_rows = prep.table.rows(split=TRAIN)
+        steps = proto.local.steps * len(sampled)
+        held = {t for info in fed.infos for t in info.tasks}
+        info = ClientInfo(
+            GLOBAL_CLIENT,
+            tuple(t for t in prep.store.task_names if t in held),
+            any(i.has_ocr for i in fed.infos),
+            len(train_rows),
+        )
+        pooled = proto.replace(local=dataclasses.replace(proto.local, steps=steps))
+        ctx = ClientContext(info, r, prep.store, train_rows, pooled, prep.seed, prep.features)
+        load_state(model, fed.init, fed.server)
+        self.method.prepare_client(model, ctx)
+        with ComputeTimer(prep.device) as timer:
+            self.method.local_update(model, ctx)
+        fed.server = trainable_state(model)
+        for c in sampled:  # the clients whose share of steps the pooled trainer took
+            self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
+        return [
+            {
+                **self.common(),
+                "kind": "train",
+                "round": r,
+                "client": GLOBAL_CLIENT,
+                "federated": False,
+                "up_bytes": 0,
+                "down_bytes": 0,
+                "up_bytes_analytic": 0,
+                "down_bytes_analytic": 0,
+                "compute_s": timer.seconds,
+                "timer": timer.kind,
+                "n_examples": len(train_rows),
+                "steps": steps,
+                "sampled": sampled,
+            }
+        ]
 
     def _evaluate(self, r: int, model: ClientModel, fed: Federation) -> list[dict]:
         """Every client's model: its own state + what the server would send a client asking for
         every task. Scored on its own test split (scope ``client``) and on the global test set of
         every task (scope ``client_global``, with ``held`` telling own tasks: P averages those,
-        TTP all). A task's ``global`` score is the mean over the clients that hold it."""
+        TTP all). A task's ``global`` score is the mean over the clients that hold it; its
+        ``per_example`` lists, per global-test row in table order, that mean of the row's correctness,
+        so rows of one seed (same table) are paired example by example for the bootstrap."""
         table, bs = self.prep.table, self.protocol.eval.batch_size
         all_tasks = tuple(self.prep.store.task_names)
         global_rows = table.rows(split=GLOBAL_TEST)
-        rows, per_task, usage = [], {}, {}
+        rows, per_task, usage, routed = [], {}, {}, {}
         for info in fed.infos:
             asking_all = dataclasses.replace(info, tasks=all_tasks)
-            ctx = self._load_client(model, fed, info, self.method.download(fed.server, asking_all), r)
+            ctx, _ = self._load_client(model, fed, info, r, asking=asking_all)
             own = table.rows(client=info.client, split=TEST)
             correct, _ = evaluate_rows(model, self.method, ctx, own, bs)
             for task in info.tasks:
                 rows.append(self._eval_row(r, "client", info.client, task, "test", correct[table.task[own] == task]))
-            global_correct, task_usage = evaluate_rows(model, self.method, ctx, global_rows, bs)
+            global_correct, routing = evaluate_rows(model, self.method, ctx, global_rows, bs)
+            if routing is not None:
+                routed[info.client] = routing
             for task in all_tasks:
                 mask = table.task[global_rows] == task
                 row = self._eval_row(r, "client_global", info.client, task, "global_test", global_correct[mask])
                 rows.append({**row, "held": task in info.tasks})
                 if task in info.tasks:
-                    per_task.setdefault(task, []).append(row["value"])
-                    if task in task_usage:
-                        usage.setdefault(task, []).append(task_usage[task] / mask.sum())
-        for task, values in per_task.items():
-            n = int((table.task[global_rows] == task).sum())
+                    per_task.setdefault(task, []).append(global_correct[mask])
+                    if routing is not None:
+                        usage.setdefault(task, []).append(routing[mask].mean(0))
+        for task, per_client in per_task.items():
             rows.append(
                 {
                     **self._eval_row(r, "global", GLOBAL_CLIENT, task, "global_test", np.array([])),
-                    "value": float(np.mean(values)),
-                    "n": n,
-                    "clients": len(values),
+                    "value": float(np.mean([float(c.mean()) for c in per_client])),
+                    "n": len(per_client[0]),
+                    "clients": len(per_client),
+                    "per_example": np.mean(per_client, 0).round(6).tolist(),
                 }
             )
-        return rows + self._usage_rows(r, model, usage)
+        return rows + self._usage_rows(r, model, usage, routed, table.task[global_rows])
 
-    def _usage_rows(self, r: int, model: ClientModel, usage: dict[str, list[np.ndarray]]) -> list[dict]:
+    def _usage_rows(
+        self,
+        r: int,
+        model: ClientModel,
+        usage: dict[str, list[np.ndarray]],
+        routed: dict[int, np.ndarray],
+        task: np.ndarray,
+    ) -> list[dict]:
         """Expert-usage matrix: mean routing weight per (task, expert) on the global test set,
-        averaged over the clients that hold the task."""
-        return [
-            {**self.common(), "kind": "usage", "round": r, "task": task, "expert": expert, "value": float(value)}
-            for task, per_client in sorted(usage.items())
+        averaged over the clients that hold the task. Then, per client (``routed``: its routing
+        weights on every global-test row, whose tasks are ``task``), how much its router specialises:
+        the mean per-row routing entropy and I(task; expert), both in nats, over all tasks (each
+        client is asked for every task, as for TTP), so every client's figure has the same range."""
+        from fedbench.statistics import routing_entropy, task_expert_mi
+
+        common = self.common()
+        matrix = [
+            {**common, "kind": "usage", "round": r, "task": t, "expert": expert, "value": float(value)}
+            for t, per_client in sorted(usage.items())
             for expert, value in zip(model.expert_names, np.mean(per_client, 0), strict=True)
         ]
+        stats = [
+            {
+                **common,
+                "kind": "routing",
+                "round": r,
+                "client": client,
+                "entropy": routing_entropy(weights),
+                "mutual_info": task_expert_mi(weights, task),
+                "n": len(weights),
+            }
+            for client, weights in sorted(routed.items())
+        ]
+        return matrix + stats
 
     def _eval_row(self, r: int, scope: str, client: int, task: str, split: str, correct: np.ndarray) -> dict:
         spec = TASKS.get(task)
@@ -545,6 +671,7 @@ class Run:
                 **common,
                 "kind": "run",
                 "completed": True,
+                "federated": self.method.federated,
                 "rounds": self.protocol.rounds,
                 "tasks": list(self.protocol.tasks),
                 **count_params(model, tags),

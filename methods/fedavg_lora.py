@@ -36,10 +36,11 @@ class FedAvgLoRA(Method):
     """FedIT (Zhang et al., arXiv 2305.05644) / OpenFedLLM (arXiv 2402.06954): FedAvg over LoRA.
 
     - Shared: LoRA (rank 8, alpha 16, dropout 0.05) on the q and v projections of every image-
-      tower attention block, and the task heads. Nothing is local.
+      tower attention block, and the answer side (the shared trunk and the thin task outputs).
+      Nothing is local.
     - Client: plain supervised loss from the received global weights.
     - Server: per-tensor example-weighted mean over the sampled clients (A and B averaged
-      separately; a head over the clients holding its task).
+      separately; the trunk over all of them, a task's output over the clients holding its task).
 
     Simplification: the papers tune an LLM; here LoRA sits in the frozen CLIP image tower (no
     LLM runs on a 2-core CPU), with the same shared/local placement. LoRA dropout is applied to
@@ -49,8 +50,8 @@ class FedAvgLoRA(Method):
     Options = LoRAOptions
     paper = "https://arxiv.org/abs/2305.05644"
 
-    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
-        model = ClientModel(backbone, list(tasks))
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
+        model = ClientModel(backbone, list(tasks), answer_side)
         o = self.options
         inject_lora(backbone.image_tower, LoRASpec(o.rank, o.alpha, o.dropout))
         return model
@@ -67,8 +68,8 @@ class FFALoRA(FedAvgLoRA):
 
     paper = "https://arxiv.org/abs/2403.12313"
 
-    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
-        model = super().build_model(backbone, tasks)
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
+        model = super().build_model(backbone, tasks, answer_side)
         for name, p in model.named_parameters():
             if ".lora_A." in name:
                 p.requires_grad_(False)  # every client builds A from the same seed
@@ -79,9 +80,9 @@ class FFALoRA(FedAvgLoRA):
 class FedSALoRA(FedAvgLoRA):
     """FedSA-LoRA (Guo et al., ICLR 2025, arXiv 2410.01463): A shared, B local.
 
-    The A matrices are shared and averaged by examples; the B matrices and the task heads stay
-    on their client. Simplification: LoRA in the CLIP image tower instead of an LLM, as for
-    ``fedavg-lora``.
+    The A matrices are shared and averaged by examples; the B matrices and the answer side (the
+    trunk and the task outputs) stay on their client. Simplification: LoRA in the CLIP image tower
+    instead of an LLM, as for ``fedavg-lora``.
     """
 
     paper = "https://arxiv.org/abs/2410.01463"

@@ -19,7 +19,7 @@ from fedbench.aggregate import weighted_mean
 from fedbench.backbone import Backbone
 from fedbench.lora import LoRADelta, LoRASpec, inject_lora
 from fedbench.method import Method, Reply, Tag, register_method
-from fedbench.model import Batch, ClientModel
+from fedbench.model import Batch, ClientModel, is_answer_side
 from fedbench.payload import Payload
 from fedbench.task import TaskSpec
 
@@ -68,8 +68,8 @@ def adapter_of(name: str) -> str | None:
 class FedDPAModel(ClientModel):
     """Backbone with global + local LoRA in the image tower; routing = per-row [α, 1 − α] at evaluation."""
 
-    def __init__(self, backbone: Backbone, tasks: list[TaskSpec], spec: LoRASpec) -> None:
-        super().__init__(backbone, tasks)
+    def __init__(self, backbone: Backbone, tasks: list[TaskSpec], spec: LoRASpec, answer_side: str = "shared") -> None:
+        super().__init__(backbone, tasks, answer_side)
         inject_lora(backbone.image_tower, spec, adapters=(GLOBAL, LOCAL))
         self.expert_names = [GLOBAL, LOCAL]
         self.image_alpha: dict[int, float] = {}  # image id -> α of the last encode_images
@@ -152,11 +152,12 @@ class FedDPA(Method):
 
     Shared / local / aggregation: two LoRA adapters on the q and v projections of every image-tower
     attention block: the **global** adapter (shared; the only adapter that travels) and the
-    **local** adapter (never leaves its client). The task heads are shared by default (option
-    ``heads``; see below). Server: mean of the uploads with **uniform** weights, as the official
+    **local** adapter (never leaves its client). The answer side (the shared trunk and the thin task
+    outputs, or the per-task heads under ``answer_side = "per_task"``; "heads" below) is shared by
+    default (option ``heads``; see below). Server: mean of the uploads with **uniform** weights, as the official
     ``FedAvg`` (``fed_utils/model_aggregation.py`` weights every client by 1); ``weighting=examples``
-    weights by training examples. Each tensor is averaged over the replies that carry it (a head
-    over the clients holding its task).
+    weights by training examples. Each tensor is averaged over the replies that carry it (the trunk
+    over all sampled clients, a task's output over the clients holding its task).
 
     Client schedule (FedDPA-T, official ``main.py`` with ``--local_model True``): round 0 trains the
     global adapter alone (mix {global: 1}). Every later round runs two passes of ``local.steps``
@@ -206,9 +207,9 @@ class FedDPA(Method):
     Options = FedDPAOptions
     paper = "https://arxiv.org/abs/2403.19211"
 
-    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
         o = self.options
-        return FedDPAModel(backbone, list(tasks), LoRASpec(o.rank, o.alpha, o.dropout))
+        return FedDPAModel(backbone, list(tasks), LoRASpec(o.rank, o.alpha, o.dropout), answer_side)
 
     def tag(self, name: str) -> Tag:
         adapter = adapter_of(name)
@@ -216,7 +217,7 @@ class FedDPA(Method):
             return "shared"
         if adapter == LOCAL:
             return "local"
-        if name.startswith("heads."):
+        if is_answer_side(name):
             return self.options.heads
         raise ValueError(f"feddpa: unexpected trainable parameter '{name}'")
 
@@ -227,7 +228,7 @@ class FedDPA(Method):
         flags = {n: p.requires_grad for n, p in params.items()}
         glob = [p for n, p in params.items() if adapter_of(n) == GLOBAL]
         loc = [p for n, p in params.items() if adapter_of(n) == LOCAL]
-        heads = [p for n, p in params.items() if n.startswith("heads.") and flags[n]]
+        heads = [p for n, p in params.items() if is_answer_side(n) and flags[n]]
 
         def trainable(group: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
             chosen = {id(p) for p in group}

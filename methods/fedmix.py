@@ -17,7 +17,7 @@ from fedbench.aggregate import weighted_mean
 from fedbench.backbone import Backbone
 from fedbench.method import ClientInfo, Method, Reply, Tag, register_method
 from fedbench.moa import Adapter, entropy
-from fedbench.model import Batch, ClientModel, Features, make_head
+from fedbench.model import AnswerTrunk, Batch, ClientModel, Features, answer_input, make_heads
 from fedbench.payload import META, Payload
 from fedbench.task import TaskSpec
 
@@ -47,23 +47,30 @@ class FedMixOptions:
 
 
 class Expert(nn.Module):
-    """One expert: an adapter on the patch tokens and its own head per task."""
+    """One expert: an adapter on the patch tokens and its own output per task (on the model's shared
+    answer trunk; full per-task heads when there is no trunk)."""
 
-    def __init__(self, tasks: Sequence[TaskSpec], token_dim: int, embed_dim: int, bottleneck: int) -> None:
+    def __init__(
+        self, tasks: Sequence[TaskSpec], token_dim: int, embed_dim: int, bottleneck: int, trunk: AnswerTrunk | None
+    ) -> None:
         super().__init__()
         self.adapter = Adapter(token_dim, bottleneck)
-        self.heads = nn.ModuleDict({t.name: make_head(t, token_dim, embed_dim) for t in tasks})
+        self.heads = make_heads(tasks, trunk, token_dim, embed_dim)
 
 
 class FedMixModel(ClientModel):
     """Frozen towers -> K (adapter + heads) experts mixed by a shared gate."""
 
-    def __init__(self, backbone: Backbone, tasks: list[TaskSpec], options: FedMixOptions) -> None:
-        super().__init__(backbone, tasks)
+    def __init__(
+        self, backbone: Backbone, tasks: list[TaskSpec], options: FedMixOptions, answer_side: str = "shared"
+    ) -> None:
+        super().__init__(backbone, tasks, answer_side)
         for p in self.heads.parameters():  # only the heads' static loss / correct rules are used
             p.requires_grad_(False)
         dt, de = backbone.token_dim, backbone.embed_dim
-        self.experts = nn.ModuleList(Expert(tasks, dt, de, options.bottleneck) for _ in range(options.num_experts))
+        self.experts = nn.ModuleList(
+            Expert(tasks, dt, de, options.bottleneck, self.trunk) for _ in range(options.num_experts)
+        )
         self.gate = nn.Linear(2 * de, options.num_experts)
         self.expert_names = [f"expert{k}" for k in range(options.num_experts)]
         self.sparsity_weight = options.sparsity_weight
@@ -83,13 +90,12 @@ class FedMixModel(ClientModel):
         g = self.gate_probs(f)
         self._gate_probs = g
         self.routing = g
-        tokens = [f.tokens + e.adapter(f.tokens) for e in self.experts]
+        reps = [answer_input(self.trunk, replace(f, tokens=f.tokens + e.adapter(f.tokens))) for e in self.experts]
         outputs = {}
         for name in dict.fromkeys(batch.task.tolist()):
             idx = torch.from_numpy(np.flatnonzero(batch.task == name)).to(f.image.device)
-            sub = f.select(idx)
             gk = g[idx]  # [b, K]
-            outs = [e.heads[name](replace(sub, tokens=t[idx])) for e, t in zip(self.experts, tokens, strict=True)]
+            outs = [e.heads[name](rep.select(idx)) for e, rep in zip(self.experts, reps, strict=True)]
             if self.is_box[name]:
                 mixed = (torch.stack(outs, -1) * gk.unsqueeze(1)).sum(-1)
             else:  # log of the mixture of predictive distributions
@@ -125,17 +131,23 @@ class FedMix(Method):
 
     - Shared: one gate (Linear on concat(pooled image, pooled question) -> softmax over K, one
       gate for all clients) and K experts, each a bottleneck adapter on the patch tokens plus its
-      own full set of task heads. Nothing is local; the default ``model.heads`` are frozen and
-      unused (only their static loss / accuracy rules are).
+      own thin output per task on the shared answer trunk (its own full per-task heads under
+      ``answer_side = "per_task"``). The trunk (the LLM's part, one for all experts) is averaged
+      over all sampled clients like the gate. Nothing is local; the default ``model.heads`` are
+      frozen and unused (only their static loss / accuracy rules are).
     - Prediction: the gate-weighted mixture of the experts' predictive distributions; answer
       tasks output ``log Σ_k g_k softmax(logits_k)`` (cross-entropy on it = the mixture's NLL),
       box tasks ``Σ_k g_k box_k``.
-    - Client: at the start of its update it measures the downloaded gate's mean mass over all its
-      training rows and keeps the top ``experts_per_client`` experts; only those (and the gate)
-      are trained and uploaded. Loss = mixture NLL (+ box loss on the mixed box) +
-      ``sparsity_weight`` × entropy of the batch's mean gate mass.
-    - Download: the gate + the experts the client selected the last time it took part (all K for
-      a client the server has not seen yet: it needs them to measure its gate mass).
+    - Exchange, the selection before the experts (a two-message download, ``Method.request``):
+      (1) the server sends the current gate (with every other non-expert tensor: the trunk);
+      (2) the client measures that gate's mean mass over all its training rows and selects the
+      top ``experts_per_client`` experts; it sends the selection (``meta.selection``, m int64
+      indices: uplink bytes); (3) the server sends its current copies of those experts. Every
+      message is serialized and counted (the train record's ``up_bytes`` / ``down_bytes`` sum
+      them; ``request`` records the round's selection). The selection is fixed for the round.
+    - Client: trains the gate and exactly the experts it received, starting from the server's
+      copies; uploads them, the gate and its mean gate mass. Loss = mixture NLL (+ box loss on
+      the mixed box) + ``sparsity_weight`` × entropy of the batch's mean gate mass.
     - Server: gate = example-weighted mean over the sampled clients; expert k = mean over the
       clients that trained it, weighted by examples × that client's mean gate mass on k.
 
@@ -143,22 +155,26 @@ class FedMix(Method):
     - Experts are adapters + heads on frozen CLIP features (the paper trains whole networks).
     - Sparsity penalty = entropy of the client's mean gate mass over the batch, weight 0.01.
     - Expert aggregation weights (examples × gate mass) are ours; the paper's are unverified.
-    - A client's selection travels as ``meta.selection`` (m int64 indices) with its mean gate
-      mass ``meta.gate_mass`` (K floats); the server keeps it under ``selection/<client>``.
+    - The upload carries the client's mean gate mass ``meta.gate_mass`` (K floats, measured with
+      the received gate: the aggregation weights), not the selection again: the uploaded experts
+      are the selection, which the server keeps under ``selection/<client>`` (latest, unused by
+      the exchange).
     - Faithful to the paper's "each client keeps only its experts": a client is evaluated with
-      ITS experts. An expert it does not download stays at the client's own stored copy (or the
-      common init if it never trained it).
+      ITS experts, after the same exchange as in training: the final gate, its selection with
+      that gate over its training rows, the server's copies of those experts (every task's
+      heads: evaluation asks for all tasks). An expert it does not select stays at the client's
+      own stored copy (or the common init if it never trained it).
     - As for every method here, an expert's heads of tasks the client does not hold are neither
       trained nor exchanged.
-    - Before any local update (e.g. ``fedbench describe``) an upload carries experts 0..m-1 and a
-      uniform gate mass: a stand-in to show the bytes.
+    - An upload made before any selection (a model no exchange has reached) carries experts
+      0..m-1 and a uniform gate mass: a stand-in to show the bytes.
     """
 
     Options = FedMixOptions
     paper = "https://arxiv.org/abs/2107.06724"
 
-    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
-        return FedMixModel(backbone, list(tasks), self.options)
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
+        return FedMixModel(backbone, list(tasks), self.options, answer_side)
 
     def tag(self, name: str) -> Tag:
         return "shared"
@@ -176,10 +192,26 @@ class FedMix(Method):
             total += model.gate_probs(model.encode(batch, cached)).sum(0).double().cpu()
         return (total / max(len(rows), 1)).float()
 
-    def local_update(self, model: FedMixModel, ctx) -> None:
+    def select(self, model: FedMixModel, ctx) -> torch.Tensor:
+        """Top ``experts_per_client`` experts by the model's gate's mean mass over the client's
+        training rows (sorted indices); sets ``model.selection`` and ``model.gate_mass``."""
         mass = self.measure_gate_mass(model, ctx)
-        selection = torch.sort(torch.topk(mass, self.options.experts_per_client).indices).values
-        model.selection, model.gate_mass = selection, mass
+        model.selection = torch.sort(torch.topk(mass, self.options.experts_per_client).indices).values
+        model.gate_mass = mass
+        return model.selection
+
+    def prepare_client(self, model: FedMixModel, ctx) -> None:
+        """Each time a client is loaded it has no selection yet: :meth:`request` makes it."""
+        model.selection = model.gate_mass = None
+
+    def request(self, model: FedMixModel, ctx) -> Payload:
+        """Client, with the current gate just received: select, and ask for those experts."""
+        return {META_SELECTION: self.select(model, ctx).to(torch.int64).clone()}
+
+    def local_update(self, model: FedMixModel, ctx) -> None:
+        """Train the gate and the experts of this round's selection (made by :meth:`request` before
+        they came down; selected here only when no exchange ran, e.g. a direct call in a test)."""
+        selection = model.selection if model.selection is not None else self.select(model, ctx)
         chosen = set(selection.tolist())
         frozen = [p for k, e in enumerate(model.experts) if k not in chosen for p in e.parameters() if p.requires_grad]
         for p in frozen:
@@ -202,20 +234,33 @@ class FedMix(Method):
             for n, p in model.named_parameters()
             if tags.get(n) == "shared" and exchanged(client, n) and expert_of(n) in (None, *chosen)
         }
-        up[META_SELECTION] = selection.to(torch.int64).clone()
         up[META_GATE_MASS] = mass.to(torch.float32).clone()
         return up
 
     def download(self, server_state: Payload, client: ClientInfo) -> Payload:
-        selection = server_state.get(f"{SELECTION}{client.client}")
-        chosen = None if selection is None else set(selection.tolist())
+        """First message: the gate (and every other shared tensor that is not an expert's)."""
         return {
             n: t
             for n, t in server_state.items()
-            if not n.startswith(SELECTION)
-            and exchanged(client, n)
-            and (chosen is None or expert_of(n) is None or expert_of(n) in chosen)
+            if not n.startswith(SELECTION) and expert_of(n) is None and exchanged(client, n)
         }
+
+    def answer(self, server_state: Payload, client: ClientInfo, request: Payload) -> Payload:
+        """Second message: the server's current copies of the experts the client selected."""
+        chosen = self.requested(request)
+        return {n: t for n, t in server_state.items() if expert_of(n) in chosen and exchanged(client, n)}
+
+    def requested(self, request: Payload) -> set[int]:
+        """The experts a request names: ``experts_per_client`` distinct indices in [0, K)."""
+        k, m = self.options.num_experts, self.options.experts_per_client
+        selection = request.get(META_SELECTION)
+        chosen = set() if selection is None else set(selection.tolist())
+        if selection is None or selection.numel() != m or len(chosen) != m or not chosen <= set(range(k)):
+            got = None if selection is None else selection.tolist()
+            raise ValueError(
+                f"fedmix: a request names {m} distinct experts of 0..{k - 1} ({META_SELECTION}); got {got}"
+            )
+        return chosen
 
     def aggregate(self, server_state: Payload, replies: Sequence[Reply]) -> Payload:
         """Gate: example-weighted mean; expert k: over its trainers, weights examples × gate mass on k."""
@@ -233,6 +278,7 @@ class FedMix(Method):
                     [r.num_examples * float(r.payload[META_GATE_MASS][k]) for _, r in group],
                 )
             )
-        for r in replies:
-            new[f"{SELECTION}{r.client.client}"] = r.payload[META_SELECTION].to(torch.int64).clone()
+        for p, r in zip(params, replies, strict=True):  # a client's selection: the experts it trained
+            selection = sorted({expert_of(n) for n in p} - {None})
+            new[f"{SELECTION}{r.client.client}"] = torch.tensor(selection, dtype=torch.int64)
         return {**server_state, **new}

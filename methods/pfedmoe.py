@@ -58,10 +58,12 @@ def downsample(images: torch.Tensor) -> torch.Tensor:
 
 
 class PFedMoEModel(ClientModel):
-    """Frozen towers -> gated global + local adapters on the patch tokens -> local heads."""
+    """Frozen towers -> gated global + local adapters on the patch tokens -> local answer side."""
 
-    def __init__(self, backbone: Backbone, tasks: list[TaskSpec], options: PFedMoEOptions) -> None:
-        super().__init__(backbone, tasks)
+    def __init__(
+        self, backbone: Backbone, tasks: list[TaskSpec], options: PFedMoEOptions, answer_side: str = "shared"
+    ) -> None:
+        super().__init__(backbone, tasks, answer_side)
         dt, de = backbone.token_dim, backbone.embed_dim
         self.options = options
         self.global_expert = Adapter(dt, options.global_width)
@@ -115,7 +117,8 @@ class PFedMoE(Method):
       Only G goes up and comes down.
     - Local: a **local expert** L (an adapter whose width may differ per client: the
       model-heterogeneous setting), a **local gate** (LayerNorm -> Linear(·, m) -> Sigmoid ->
-      Linear(m, 2) -> Softmax, m = ``gate_hidden``) and the task heads.
+      Linear(m, 2) -> Softmax, m = ``gate_hidden``) and the answer side (the shared trunk and the
+      thin task outputs: the paper's local head).
     - Representation: tokens' = tokens + α_g·G(tokens) + α_l·L(tokens) with per-row (α_g, α_l)
       from the gate; since α_g + α_l = 1 this is α_g·(x + G(x)) + α_l·(x + L(x)). The pooled
       image embedding is unchanged. G, L, gate and heads train together, end to end, in one pass.
@@ -136,8 +139,8 @@ class PFedMoE(Method):
     Options = PFedMoEOptions
     paper = "https://arxiv.org/abs/2402.01350"
 
-    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec]) -> ClientModel:
-        return PFedMoEModel(backbone, list(tasks), self.options)
+    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
+        return PFedMoEModel(backbone, list(tasks), self.options, answer_side)
 
     def tag(self, name: str) -> Tag:
         return "shared" if name.startswith("global_expert.") else "local"

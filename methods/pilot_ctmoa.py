@@ -25,34 +25,50 @@ class PilotCTMoA(TaskExpertsMethod):
 
     - Shared: one **task adapter** per task (bottleneck Adapter on the patch tokens); a client
       uploads only its tasks' adapters and the server takes the example-weighted mean within each
-      task; all T task adapters go down to every client (counted in the download). The **task
-      heads** are shared with Pilot's per-client distance-weighted rule: each client gets its own
-      aggregate (the M = ``nearest`` closest clients ∝ 1/d, mixed with its own head by examples).
+      task; all T task adapters go down to every client (counted in the download). The **answer
+      trunk** (the LLM's part, used by every task) is shared with Pilot's per-client distance-
+      weighted rule across all clients: each client gets its own aggregate (the M = ``nearest``
+      closest clients ∝ 1/d, mixed with its own trunk by examples). The thin **task outputs** are
+      averaged over the clients holding the task.
     - Local: the **client adapter**, the **router** and the **adapters-on-adapters** (AoA)
-      (``share_router=true``: router and AoAs shared, example-weighted mean; an AoA only from the
-      clients that train it, i.e. that do not hold its task).
-    - Stage 1 (rounds < ``stage1_rounds``; -1 = the first 20% of the rounds, at least one):
-      tokens' = tokens + A_task(row)(tokens) + C(tokens), loss + ``orth_weight`` (0.1) × the
+      (``share_router=true``: router and AoAs shared, example-weighted mean over the clients that
+      trained them this round: clients in stage 2, an AoA only from those not holding its task).
+    - Stages per client: a client runs stage 1 on its first ``stage1_participations`` (default 1)
+      participations and stage 2 on later ones, so none reaches stage 2 with an untrained client
+      adapter (the paper runs stage 1 in the first of 3 rounds with every client taking part; with
+      partial participation a round-based schedule would leave late-sampled clients' adapters at
+      zero). The harness tells a client its past participations (deterministic sampling). A client
+      is evaluated in the stage its next participation would run: stage 2 once it has done its
+      stage-1 participations, stage 1 before (a client never sampled). Train records carry ``stage``.
+    - Stage 1: tokens' = tokens + A_task(row)(tokens) + C(tokens), loss + ``orth_weight`` (0.1) × the
       orthogonality penalty between A's and C's outputs; no router.
     - Stage 2 (CT-MoA): experts = the T task adapters; own tasks' adapters train, the others are
       frozen, each with a trainable AoA on its output (E_t = A_t + AoA_t(A_t)); router
       Linear(token_dim → T, no bias) on each image token, softmax (``top_k`` = 0: dense; k: top-k
       renormalised); tokens' = tokens + Σ_t w_t·E_t(tokens) + C(tokens) (C frozen); loss +
       ``balance_weight`` (0.1) × switch load balance + ``z_weight`` (0.01) × router z-loss.
-      Usage rows: token-averaged router weights per task × expert (task names).
+      Usage rows: token-averaged routing weights per task × expert (task names).
+    - Reference routing (``routing``, the same option as ``mmrouter-moa``'s): ``learned`` (default,
+      the router above); ``oracle`` (no router: each row to its own task's adapter with weight 1, the
+      upper bound of task-aware routing; the others and their AoAs get no weight, so no gradient);
+      ``uniform`` (no router: weight 1/T on every task expert). Without a router none is built,
+      trained or sent, and there is no load-balance or z-loss; the usage rows record those weights.
+    - Row (a) of the ``mmrouter-moa`` ablation ladder: ``mmrouter-moa`` with ``router_inputs=image``,
+      ``router_scope=local`` and ``ocr_expert=false`` gives bit-identical records.
 
     Simplifications / harness choices:
     - No LLM on a 2-core CPU: the experts sit on the frozen CLIP patch tokens (Pilot's projector
-      position) and the task heads play the part of Pilot's language-side LoRA for the
+      position) and the answer trunk plays the part of Pilot's language-side LoRA for the
       distance-weighted per-client aggregation. The released code has no server; the server rules
       are a reading of the paper.
-    - Distance-weighted heads, applied task by task: among the replying clients that hold a task,
-      d(k, i) = plain L2 distance between their flattened heads of that task (the same parameter
-      set for every pair, so no per-parameter normalisation), weights 1/d normalised to sum 1 over
-      the M nearest, that neighbour average mixed with the client's own head as n_k : Σ n_i.
-      The server keeps each client's aggregate (``client<k>/heads.*``) and the plain example-
-      weighted mean (``heads.*``) for a client it has never seen and, at evaluation, for the
-      heads of tasks a client does not hold.
+    - Distance-weighted trunk: among all replying clients, d(k, i) = plain L2 distance between
+      their flattened trunks (the same parameter set for every pair, so no per-parameter
+      normalisation), weights 1/d normalised to sum 1 over the M nearest, that neighbour average
+      mixed with the client's own trunk as n_k : Σ n_i. The server keeps each client's aggregate
+      (``client<k>/trunk.*``) and the plain example-weighted mean (``trunk.*``, ``heads.*``) for a
+      client it has never seen and, at evaluation, for the outputs of tasks a client does not
+      hold. Under ``answer_side = "per_task"`` (no trunk) the rule runs task by task on the full
+      heads, among the clients holding each task.
     - AoA placement follows METHODS.md (an adapter on the frozen expert's *output*); the released
       code adds its adapter on the expert's input instead. An AoA exists for every task on every
       client (one model is built before clients are known); a client applies only its foreign
@@ -73,10 +89,3 @@ class PilotCTMoA(TaskExpertsMethod):
 
     def sends(self, name: str, client: ClientInfo) -> bool:
         return super().sends(name, client) or (self.options.share_router and name.startswith((ROUTER, AOA)))
-
-    def uploads(self, name: str, client: ClientInfo) -> bool:
-        if self.options.share_router and name.startswith(ROUTER):
-            return True
-        if self.options.share_router and name.startswith(AOA):
-            return name.split(".", 2)[1] not in client.tasks  # only the AoAs the client trains
-        return super().uploads(name, client)

@@ -91,6 +91,6 @@ def test_leaderboard_usage_renders_the_routed_methods_matrix(tmp_path, tiny_prep
     csv = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--usage", "--format", "csv"])
     assert csv.exit_code == 0, csv.output
     lines = csv.output.splitlines()
-    assert lines[0] == "method,task,global,local,global_std,local_std"
+    assert lines[0] == "method,task,global,local,entropy,mutual_info,global_std,local_std,entropy_std,mutual_info_std"
     weights = [list(map(float, line.split(",")[2:4])) for line in lines[1:]]
     assert len(weights) == len(tiny_prep.store.task_names) and all(abs(sum(w) - 1) < 1e-6 for w in weights)

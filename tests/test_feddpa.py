@@ -48,8 +48,10 @@ def test_upload_holds_the_global_adapter_and_nothing_local(tiny_prep, tmp_path, 
     up = run.method.upload(model, info)
     shared = {n for n, t in tags.items() if t == "shared"}
     check_upload(up, shared, {n for n, t in tags.items() if t == "local"}, "feddpa")
+    trunk = {n for n in tags if n.startswith("trunk.")}
     held_heads = {n for n in tags if n.split(".")[0] == "heads" and n.split(".")[1] in info.tasks}
-    assert set(up) == glob | (held_heads if heads == "shared" else set())
+    assert trunk, "the shared answer trunk is part of the answer side"
+    assert set(up) == glob | (trunk | held_heads if heads == "shared" else set())
     params = dict(model.named_parameters())
     assert all(torch.equal(up[n], params[n]) for n in up)
 
@@ -108,7 +110,7 @@ def test_round0_trains_global_only_later_rounds_local_then_global(tiny_prep, tmp
     run, model = _build(tiny_prep, tmp_path, heads=heads)
     info = tiny_prep.infos[0]
     glob, loc = _names(model, "global"), _names(model, "local")
-    head_names = {n for n in run.method.tags(model) if n.startswith("heads.")}
+    head_names = {n for n in run.method.tags(model) if n.startswith(("heads.", "trunk."))}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
 
     ctx0 = run.context(info, 0)

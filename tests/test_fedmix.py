@@ -1,16 +1,18 @@
 """FedMix (methods/fedmix.py): mixture output, top-m selection, upload/download, aggregation, smoke run."""
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
+from fedbench import simulation
 from fedbench.data import GLOBAL_TEST
 from fedbench.method import ClientInfo, Reply, create_method
-from fedbench.payload import check_upload
-from fedbench.protocol import MethodEntry
+from fedbench.payload import check_upload, serialize
+from fedbench.protocol import ClientsConfig, MethodEntry
 from fedbench.records import read_jsonl
-from fedbench.simulation import Run, trainable_state
+from fedbench.simulation import ClientContext, Federation, Run, trainable_state
 
 
 def expert_of(name):
@@ -22,7 +24,8 @@ def test_every_trainable_tensor_is_a_gate_or_expert_tensor(tiny_prep, tmp_path):
     model = run.build()
     tags = run.method.tags(model)
     assert set(tags.values()) == {"shared"}
-    assert all(n.startswith(("gate.", "experts.")) for n in tags)  # model.heads frozen, unused
+    assert all(n.startswith(("gate.", "experts.", "trunk.")) for n in tags)  # model.heads frozen, unused
+    assert any(n.startswith("trunk.") for n in tags)  # one answer trunk, shared by every expert
     assert {expert_of(n) for n in tags} == {None, 0, 1, 2, 3}
     assert model.expert_names == ["expert0", "expert1", "expert2", "expert3"]
 
@@ -47,7 +50,7 @@ def test_output_is_the_gate_weighted_mixture(tiny_prep, tmp_path):
         with torch.no_grad():
             for e in model.experts:
                 tokens = sub.tokens + e.adapter(sub.tokens)
-                per_expert.append(e.heads[name](replace(sub, tokens=tokens)))
+                per_expert.append(e.heads[name](model.trunk(replace(sub, tokens=tokens))))
         if model.is_box[name]:
             expected = sum(g[idx, k, None] * o for k, o in enumerate(per_expert))
             assert torch.allclose(out, expected, atol=1e-6)
@@ -82,9 +85,8 @@ def test_local_update_trains_and_uploads_only_the_top_m_experts(tiny_prep, tmp_p
     expected = {
         n for n in tags if expert_of(n) in (None, *selection) and (".heads." not in n or n.split(".")[3] in info.tasks)
     }
-    assert set(up) == expected | {"meta.selection", "meta.gate_mass"}
+    assert set(up) == expected | {"meta.gate_mass"}  # the selection went up in the request
     assert all(torch.equal(up[n], params[n]) for n in expected)
-    assert up["meta.selection"].dtype == torch.int64 and up["meta.selection"].tolist() == sorted(selection)
     assert torch.equal(up["meta.gate_mass"], model.gate_mass)
 
 
@@ -100,14 +102,12 @@ def test_aggregation_matches_a_hand_computation():
         "experts.0.adapter.up.bias": t([4.0]),
         "experts.1.adapter.up.bias": t([1.0]),
         "experts.1.heads.vqa.mlp.3.bias": t([2.0]),
-        "meta.selection": t([0, 1]),
         "meta.gate_mass": t([0.5, 0.3, 0.2]),
     }
     b = {  # client 2: 30 examples, trained experts 1 and 2 (holds no vqa: no vqa head)
         "gate.weight": t([3.0, 0.0]),
         "experts.1.adapter.up.bias": t([5.0]),
         "experts.2.adapter.up.bias": t([7.0]),
-        "meta.selection": t([1, 2]),
         "meta.gate_mass": t([0.1, 0.2, 0.7]),
     }
     c = {  # client 3: 20 examples, trained experts 1 and 2
@@ -115,7 +115,6 @@ def test_aggregation_matches_a_hand_computation():
         "experts.1.adapter.up.bias": t([-1.0]),
         "experts.1.heads.vqa.mlp.3.bias": t([8.0]),
         "experts.2.adapter.up.bias": t([1.0]),
-        "meta.selection": t([1, 2]),
         "meta.gate_mass": t([0.2, 0.4, 0.4]),
     }
     old = {
@@ -139,34 +138,136 @@ def test_aggregation_matches_a_hand_computation():
     assert torch.allclose(new["experts.1.heads.vqa.mlp.3.bias"], t([(3 * 2.0 + 8 * 8.0) / 11]))
     # expert 2: weights 30 x 0.7 = 21 and 20 x 0.4 = 8
     assert torch.allclose(new["experts.2.adapter.up.bias"], t([(21 * 7.0 + 8 * 1.0) / 29]))
-    # selections: the replies' replace old entries; clients not sampled keep theirs
+    # selections (the experts each reply carries) replace old entries; clients not sampled keep theirs
     assert new["selection/1"].tolist() == [0, 1]
     assert new["selection/2"].tolist() == [1, 2] and new["selection/3"].tolist() == [1, 2]
     assert new["selection/7"].tolist() == [0, 2]
     assert not any(k.startswith("meta.") for k in new)
 
 
-def test_download_sends_the_gate_and_the_last_selected_experts():
+def test_download_is_the_gate_then_the_requested_experts():
+    """Replaces a test of the old single download (the gate + the experts of the client's previous
+    selection, all K for a new client), which encoded the bug."""
     method = create_method("fedmix", {"num_experts": 3})
     t = torch.tensor
     state = {
         "gate.weight": t([1.0]),
+        "trunk.mlp.0.bias": t([3.0]),
         "experts.0.adapter.up.bias": t([0.0]),
         "experts.1.adapter.up.bias": t([1.0]),
         "experts.1.heads.vqa.mlp.3.bias": t([1.0]),
         "experts.1.heads.grounding.mlp.3.bias": t([1.0]),
         "experts.2.adapter.up.bias": t([2.0]),
-        "selection/4": t([1, 2]),
+        "selection/4": t([0, 1]),  # the previous round's selection plays no part
     }
-    seen = method.download(state, ClientInfo(4, ("vqa",), False, 5))
-    assert set(seen) == {
-        "gate.weight",
+    client = ClientInfo(4, ("vqa",), False, 5)
+    assert set(method.download(state, client)) == {"gate.weight", "trunk.mlp.0.bias"}  # first: no expert
+    got = method.answer(state, client, {"meta.selection": t([1, 2])})
+    assert set(got) == {"experts.1.adapter.up.bias", "experts.1.heads.vqa.mlp.3.bias", "experts.2.adapter.up.bias"}
+    assert all(torch.equal(got[n], state[n]) for n in got)  # the server's current copies
+    everyone = ClientInfo(4, ("vqa", "grounding"), False, 5)  # evaluation asks for every task's heads
+    assert set(method.answer(state, everyone, {"meta.selection": t([0, 1])})) == {
+        "experts.0.adapter.up.bias",
         "experts.1.adapter.up.bias",
         "experts.1.heads.vqa.mlp.3.bias",
-        "experts.2.adapter.up.bias",
+        "experts.1.heads.grounding.mlp.3.bias",
     }
-    new = method.download(state, ClientInfo(5, ("vqa", "grounding"), False, 5))  # never seen: all experts
-    assert set(new) == {k for k in state if not k.startswith("selection/")}
+    for bad in ({}, {"meta.selection": t([1])}, {"meta.selection": t([1, 1])}, {"meta.selection": t([1, 3])}):
+        with pytest.raises(ValueError, match=r"a request names 2 distinct experts of 0\.\.2"):
+            method.answer(state, client, bad)
+
+
+def crafted_federation(run, model):
+    """Server: random experts and a gate that ignores its input, so every row's gate mass is
+    softmax([0, 0, ln 3, ln 6]) = [1, 1, 3, 6] / 11 (top-2: experts 2 and 3), while the previous
+    round's selection says 0 and 1. Every client's stored state: stale copies (server + 1) and a
+    gate that would pick 0 and 1."""
+    gen = torch.Generator().manual_seed(0)
+    server = {n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in run.method.init_server_state(model).items()}
+    server["gate.weight"] = torch.zeros_like(server["gate.weight"])
+    server["gate.bias"] = torch.tensor([0.0, 0.0, math.log(3), math.log(6)])
+    stale = {n: t + 1.0 for n, t in server.items()}
+    stale["gate.bias"] = torch.tensor([math.log(6), math.log(3), 0.0, 0.0])
+    infos = run.prep.infos
+    shared = set(server)
+    server.update({f"selection/{i.client}": torch.tensor([0, 1]) for i in infos})
+    return Federation(server, {i.client: dict(stale) for i in infos}, trainable_state(model), infos, shared, set())
+
+
+def held(info, name):
+    return ".heads." not in name or name.split(".")[3] in info.tasks
+
+
+def test_a_round_selects_with_the_current_gate_then_trains_the_servers_copies(tiny_prep, tmp_path, monkeypatch):
+    prep = replace(tiny_prep, protocol=tiny_prep.protocol.replace(clients=ClientsConfig(sample_fraction=1.0)))
+    run = Run(prep, MethodEntry("fedmix"), tmp_path)
+    model = run.build()
+    fed = crafted_federation(run, model)
+    server, stale = dict(fed.server), dict(fed.clients[0])
+    at_start = {}
+    train = ClientContext.train
+
+    def spy(ctx, model, params, phase="train"):  # the model as local training starts
+        names = {id(p): n for n, p in model.named_parameters()}
+        state = {n: p.detach().clone() for n, p in model.named_parameters() if n in stale}
+        at_start[ctx.info.client] = state, {names[id(p)] for p in params}
+        return train(ctx, model, params, phase)
+
+    monkeypatch.setattr(ClientContext, "train", spy)
+    rows = run._round(0, model, fed)
+    assert [r["client"] for r in rows] == [0, 1, 2]
+    first = {n: t for n, t in server.items() if expert_of(n) is None and n in stale}  # the gate (+ the trunk)
+    assert {"gate.weight", "gate.bias"} <= set(first)
+    request = {"meta.selection": torch.tensor([2, 3])}
+    for row, info in zip(rows, prep.infos, strict=True):
+        c = info.client
+        second = {n: t for n, t in server.items() if expert_of(n) in (2, 3) and held(info, n)}
+        assert row["request"] == {"meta.selection": [2, 3]}  # from the current gate, not the stored one
+        assert row["down_bytes"] == len(serialize(first)) + len(serialize(second))
+        state, trained = at_start[c]
+        assert all(torch.equal(state[n], server[n]) for n in (*first, *second))  # not the stale copies
+        assert all(torch.equal(state[n], stale[n]) for n in state if expert_of(n) in (0, 1))  # not sent
+        assert trained == {n for n in stale if expert_of(n) in (None, 2, 3)}
+        sent_up = {n for n in stale if expert_of(n) in (None, 2, 3) and held(info, n)}
+        assert all(not torch.equal(fed.clients[c][n], server[n]) for n in sent_up if n.endswith("adapter.up.weight"))
+        upload = {**{n: fed.clients[c][n] for n in sent_up}, "meta.gate_mass": torch.zeros(4)}
+        assert row["up_bytes"] == len(serialize(request)) + len(serialize(upload))
+        assert fed.server[f"selection/{c}"].tolist() == [2, 3]
+    # the server: gate (and trunk) by examples over all; expert k by examples x gate mass on k over
+    # the clients that trained it (mass 3/11 on expert 2, 6/11 on 3 for every client here)
+    mass = {None: 1.0, 2: 3 / 11, 3: 6 / 11}
+    for name in stale:
+        k = expert_of(name)
+        if k in (0, 1):  # trained by nobody: the server's copy, no stale copy averaged in
+            assert torch.equal(fed.server[name], server[name])
+            continue
+        trainers = [i for i in prep.infos if held(i, name)]
+        w = [i.num_examples * mass[k] for i in trainers]
+        expected = sum(wi * fed.clients[i.client][name] for wi, i in zip(w, trainers, strict=True)) / sum(w)
+        assert torch.allclose(fed.server[name], expected, atol=1e-6), name
+
+
+def test_evaluation_runs_the_same_exchange(tiny_prep, tmp_path, monkeypatch):
+    """A client is evaluated with the final gate, the experts it selects with it (the server's copies,
+    every task's heads) and its own stored copies of the others."""
+    run = Run(tiny_prep, MethodEntry("fedmix"), tmp_path)
+    model = run.build()
+    fed = crafted_federation(run, model)
+    server, stale = dict(fed.server), dict(fed.clients[0])
+    seen = {}
+    evaluate_rows = simulation.evaluate_rows
+
+    def spy(model, method, ctx, rows, batch_size):
+        seen.setdefault(ctx.info.client, {n: p.detach().clone() for n, p in model.named_parameters() if n in stale})
+        assert model.selection.tolist() == [2, 3]
+        return evaluate_rows(model, method, ctx, rows, batch_size)
+
+    monkeypatch.setattr(simulation, "evaluate_rows", spy)
+    run._evaluate(0, model, fed)
+    assert sorted(seen) == [i.client for i in tiny_prep.infos]
+    for state in seen.values():
+        for n, t in state.items():
+            assert torch.equal(t, stale[n] if expert_of(n) in (0, 1) else server[n]), n
 
 
 def test_bad_options_are_rejected():
@@ -185,5 +286,8 @@ def test_smoke_run_records_expert_usage(tiny_prep, tmp_path):
         total = sum(r["value"] for r in usage if r["task"] == task and r["round"] == 1)
         assert total == pytest.approx(1.0, abs=1e-4)
     train = [r for r in records if r["kind"] == "train"]
-    assert train and all(r["up_bytes"] < r["down_bytes"] for r in train if r["round"] == 0)  # m < K experts up
+    # what came down (the gate, then the m selected experts) goes back up, plus the request (m int64)
+    # and the gate mass (K float32); this replaces "up < down in round 0", which encoded the bug
+    assert train and all(r["up_bytes_analytic"] == r["down_bytes_analytic"] + 2 * 8 + 4 * 4 for r in train)
+    assert all(len(set(r["request"]["meta.selection"])) == 2 for r in train)  # each round's selection
     assert any(r["kind"] == "run" and r["completed"] for r in records)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedbench.leaderboard import build_leaderboard, build_usage, plot, render
+from fedbench.leaderboard import UnknownRowError, build_leaderboard, build_usage, build_versus, plot, render
 from fedbench.records import append_records, read_records
 
 A, B, C = "fedavg-lora", "mmrouter-moa[router_inputs=image]", "local-lora"
@@ -190,25 +190,19 @@ def _row(board: pd.DataFrame, method: str) -> pd.Series:
 
 
 def test_column_order_and_rows(board):
-    figures = [
-        "acc_ref",
-        "acc_vqa",
-        "mean_acc",
-        "worst_client_acc",
-        "p_acc",
-        "ttp_acc",
-        "up_mb_per_round",
-        "down_mb_per_round",
-        "total_mb",
-        "compute_s",
-    ]
+    accs = ["acc_ref", "acc_vqa", "mean_acc", "local_acc", "worst_client_acc", "p_acc", "ttp_acc"]
+    costs = ["up_mb_per_round", "down_mb_per_round", "total_mb", "compute_s"]
     params = ["params_trainable", "params_shared", "params_local"]
     assert list(board.columns) == [
         "method",
-        *figures,
+        *accs,
+        "converged",
+        *costs,
         "device",
         *params,
-        *(f"{c}_std" for c in [*figures, *params]),
+        "federated",
+        *(f"{c}_std" for c in [*accs, *costs, *params]),
+        *(f"{c}_{end}" for c in ["acc_ref", "acc_vqa", "mean_acc"] for end in ("lo", "hi")),
     ]
     assert list(board["method"]) == [B, A, C, "majority"]  # mean_acc desc, majority last; ghost dropped
 
@@ -220,6 +214,11 @@ def test_accuracy_uses_last_round_and_completed_runs(board):
     assert a["mean_acc"] == pytest.approx(0.65)
     assert a["worst_client_acc"] == pytest.approx(0.45)  # min over clients of per-client task mean
     assert _row(board, B)["worst_client_acc"] == pytest.approx(0.65)
+    # local_acc: per client its own tasks on its own split, mean over clients, then over seeds:
+    # A seed 0 ((0.8 + 0.6) / 2 + (0.4 + 0.6) / 2) / 2 = 0.6, seed 1 (0.4 + 0.9) / 2 = 0.65
+    assert a["local_acc"] == pytest.approx(0.625)
+    assert a["local_acc_std"] == pytest.approx(0.05 / S2)
+    assert _row(board, B)["local_acc"] == pytest.approx((0.7 + 0.8) / 2)
     assert board.attrs["n_seeds"] == {A: 2, B: 2, C: 1}
 
 
@@ -255,7 +254,10 @@ def test_majority_row(board):
     assert maj["acc_vqa"] == pytest.approx(0.4)
     assert maj["acc_ref"] == pytest.approx(0.25)
     assert maj["acc_vqa_std"] == pytest.approx(0.2 / S2)
-    assert maj[["mean_acc", "worst_client_acc", "total_mb", "params_trainable"]].isna().all()
+    # mean over tasks per seed (0.375, 0.275), then over seeds
+    assert maj["mean_acc"] == pytest.approx(0.325)
+    assert maj["mean_acc_std"] == pytest.approx(0.1 / S2)
+    assert maj[["local_acc", "worst_client_acc", "total_mb", "params_trainable", "mean_acc_lo"]].isna().all()
 
 
 def test_attrs(board):
@@ -284,10 +286,12 @@ def test_render_table_and_markdown(board):
     md = render(board, "markdown")
     lines = md.splitlines()
     assert lines[0].startswith("| method | acc_ref | acc_vqa | mean_acc |")
-    assert f"| {A} | 0.550 ± 0.071 | 0.750 ± 0.071 | 0.650 ± 0.071 | 0.450 ± 0.071 |" in md
+    # no per-example scores in these records: mean ± std, no interval, no convergence flag
+    assert f"| {A} | 0.550 ± 0.071 | 0.750 ± 0.071 | 0.650 ± 0.071 | 0.625 ± 0.035 | 0.450 ± 0.071 |" in md
     assert "| 3,000 | 2,000 | 1,000 |" in md  # params: no "± 0" for counts that do not vary
-    assert f"| {C} | 0.500 | 0.500 | 0.500 |" in md  # one seed: mean only
-    assert "| majority | 0.250 ± 0.000 | 0.400 ± 0.141 |  |" in md
+    assert f"| {C} | 0.500 | 0.500 | 0.500 | 0.500 |" in md  # one seed: mean only
+    assert "| majority | 0.250 ± 0.000 | 0.400 ± 0.141 | 0.325 ± 0.071 |  |" in md
+    assert "| 0.450 ± 0.071 |  |  | n/a | 4.500 ± 2.121 |" in md  # converged: n/a without an interval
     assert "SYNTHETIC" in md and "cuda_events" in md and "abc123" in md
 
 
@@ -357,18 +361,23 @@ def test_p_and_ttp_average_own_tasks_and_all_tasks_per_client():
 
 
 def test_usage_table_is_last_round_mean_and_std_over_seeds():
-    """Two seeds of a routed label: the last round's weights, averaged over seeds (hand-computed)."""
+    """Two seeds of a routed label: the last round's weights, averaged over seeds (hand-computed);
+    routing entropy and mutual information per client, mean over clients, then over seeds."""
     rows = []
     last = {
         0: {("vqa", "e0"): 0.2, ("vqa", "e1"): 0.8, ("ref", "e0"): 0.6, ("ref", "e1"): 0.4},
         1: {("vqa", "e0"): 0.4, ("vqa", "e1"): 0.6, ("ref", "e0"): 0.6, ("ref", "e1"): 0.4},
     }
+    routing = {0: [(0.2, 0.1), (0.4, 0.3)], 1: [(0.5, 0.0), (0.5, 0.2)]}  # per client (entropy, MI)
     for seed, cells in last.items():
         base = _common(f"r{seed}", "m", seed)
         rows.append(dict(base, kind="run", completed=True, params_trainable=1, params_shared=1, params_local=0))
         for (task, expert), value in cells.items():
             rows.append(dict(base, kind="usage", round=0, task=task, expert=expert, value=0.5))  # not the last
             rows.append(dict(base, kind="usage", round=4, task=task, expert=expert, value=value))
+        for client, (entropy, mi) in enumerate(routing[seed]):
+            rows.append(dict(base, kind="routing", round=0, client=client, entropy=9.0, mutual_info=9.0))
+            rows.append(dict(base, kind="routing", round=4, client=client, entropy=entropy, mutual_info=mi))
     base = dict(rows[0], run_id="plain", label="plain", seed=0)  # a method without a router: no usage rows
     rows.append(base)
     usage = build_usage(pd.DataFrame(rows)).set_index(["method", "task"])
@@ -377,6 +386,163 @@ def test_usage_table_is_last_round_mean_and_std_over_seeds():
     assert usage.loc[("m", "vqa"), "e1"] == pytest.approx(0.7)
     assert usage.loc[("m", "vqa"), "e0_std"] == pytest.approx(0.2 / S2)
     assert usage.loc[("m", "ref"), "e0_std"] == pytest.approx(0.0)
+    # seed 0: entropy (0.2 + 0.4) / 2 = 0.3, MI 0.2; seed 1: 0.5 and 0.1
+    assert usage.loc[("m", "vqa"), "entropy"] == usage.loc[("m", "ref"), "entropy"] == pytest.approx(0.4)
+    assert usage.loc[("m", "vqa"), "entropy_std"] == pytest.approx(0.2 / S2)
+    assert usage.loc[("m", "vqa"), "mutual_info"] == pytest.approx(0.15)
+    assert list(usage.columns) == [
+        "e0",
+        "e1",
+        "entropy",
+        "mutual_info",
+        "e0_std",
+        "e1_std",
+        "entropy_std",
+        "mutual_info_std",
+    ]
     text = render(build_usage(pd.DataFrame(rows)), "markdown")
-    assert "| m | vqa | 0.300 ± 0.141 | 0.700 ± 0.141 |" in text and "routing weight" in text
+    assert "| m | ref | 0.600 ± 0.000 | 0.400 ± 0.000 | 0.400 ± 0.141 | 0.150 ± 0.071 |" in text
+    assert "| m | vqa | 0.300 ± 0.141 | 0.700 ± 0.141 |  |  |" in text  # per-method figures shown once
+    assert "routing weight" in text and "I(task; expert)" in text
     assert build_usage(pd.DataFrame([base])).empty
+
+
+# Per-example scores: intervals, paired differences, the convergence flag and the reference rows.
+
+REF = np.tile([0.0, 0.5, 0.25, 0.75], 10)  # 40 global-test examples, mean 0.375
+FLIP = np.tile([0.25, 0.0, 0.0, 0.0], 10)  # one example in four gains 0.25: mean difference 1/16
+
+
+def _scored_run(label, seed, scores, *, rounds=5, early=None, federated=None):
+    """A completed run whose last eval round scores the global-test examples of vqa as ``scores``
+    and of ref as ``scores`` reversed; ``early``: its global accuracy at round 3 (after 4 <= 0.8 x 5
+    rounds of training); ``federated``: the run record's flag (absent when None)."""
+    common = _common(f"{label}-s{seed}", label, seed)
+    run = dict(common, kind="run", completed=True, rounds=rounds, params_trainable=1, params_shared=1, params_local=0)
+    rows = [run if federated is None else dict(run, federated=federated)]
+    for rnd in range(rounds):
+        rows.append(dict(common, kind="train", round=rnd, client=0, up_bytes=10**6, down_bytes=10**6, compute_s=1.0))
+    for task, v in (("vqa", scores), ("ref", scores[::-1])):
+        glob = dict(common, kind="eval", scope="global", client=-1, task=task)
+        rows.append(dict(glob, round=rounds - 1, value=float(np.mean(v)), per_example=v.tolist()))
+        if early is not None:
+            rows.append(dict(glob, round=3, value=early))
+    return rows
+
+
+def _paired_records() -> list[dict]:
+    """ref on seeds 0-3; flip (ref + FLIP) and const (ref + 0.25) on seeds 0-2 only."""
+    rows = []
+    for seed in range(3):
+        ref = np.roll(REF, seed)
+        rows += _scored_run("ref", seed, ref)
+        rows += _scored_run("flip", seed, ref + np.roll(FLIP, seed))
+        rows += _scored_run("const", seed, ref + 0.25)
+    return rows + _scored_run("ref", 3, np.zeros(40))  # no partner: must not count in a difference
+
+
+def _write(tmp_path, rows):
+    for run_id in dict.fromkeys(r["run_id"] for r in rows):
+        append_records(tmp_path / "runs" / run_id / "records.jsonl", [r for r in rows if r["run_id"] == run_id])
+
+
+def test_every_row_gets_an_interval_around_its_mean():
+    board = build_leaderboard(pd.DataFrame(_paired_records())).set_index("method")
+    for label in ("ref", "flip", "const"):
+        for col in ("acc_vqa", "acc_ref", "mean_acc"):
+            assert board.loc[label, f"{col}_lo"] < board.loc[label, col] < board.loc[label, f"{col}_hi"]
+    assert board.loc["const", "mean_acc"] == pytest.approx(0.625)
+    assert board.loc["ref", "mean_acc"] == pytest.approx(0.375 * 3 / 4)  # seed 3 scores 0
+    md = render(build_leaderboard(pd.DataFrame(_paired_records())), "markdown")
+    lo, hi = board.loc["const", ["mean_acc_lo", "mean_acc_hi"]]
+    assert f"| 0.625 [{lo:.3f}, {hi:.3f}] |" in md and "paired bootstrap" in md
+
+
+def test_versus_is_the_paired_difference_on_shared_seeds():
+    versus = build_versus(pd.DataFrame(_paired_records()), "ref")
+    assert list(versus["method"]) == ["const", "flip"]  # largest mean_acc difference first
+    diff = versus.set_index("method")
+    assert (diff["seeds"] == 3).all()  # ref's seed 3 has no partner
+    for col in ("acc_ref", "acc_vqa", "mean_acc"):
+        assert tuple(diff.loc["const", [col, f"{col}_lo", f"{col}_hi"]]) == (0.25, 0.25, 0.25)
+        assert diff.loc["flip", col] == pytest.approx(1 / 16)
+        assert 0 < diff.loc["flip", f"{col}_lo"] <= 1 / 16 <= diff.loc["flip", f"{col}_hi"]
+    md = render(versus, "markdown")
+    assert "| method | seeds | acc_ref | acc_vqa | mean_acc |" in md
+    assert "| const | 3 | +0.250 [+0.250, +0.250] * | +0.250 [+0.250, +0.250] * | +0.250 [+0.250, +0.250] * |" in md
+    assert "row − ref" in md and "excludes 0" in md and "only the seeds both rows ran count" in md
+    header = render(versus, "csv").splitlines()[0]
+    assert header == (
+        "method,seeds,acc_ref,acc_ref_lo,acc_ref_hi,acc_vqa,acc_vqa_lo,acc_vqa_hi,mean_acc,mean_acc_lo,mean_acc_hi"
+    )
+    with pytest.raises(UnknownRowError, match=r"row 'nope' is not a row.*: const, flip, ref"):
+        build_versus(pd.DataFrame(_paired_records()), "nope")
+
+
+def test_rising_flag_and_reference_rows_without_bytes():
+    rows = []
+    for seed in range(2):
+        scores = np.roll(REF, seed)  # mean 0.375 on both tasks
+        rows += _scored_run("flat", seed, scores, early=0.365)  # gained 0.01 after round 4 of 5
+        rows += _scored_run("rising", seed, scores, early=0.0)  # gained 0.375
+        rows += _scored_run("final-only", seed, scores)  # evaluated only at the end: no evidence
+        rows += _scored_run("centralized", seed, scores, early=0.375, federated=False)
+    board = build_leaderboard(pd.DataFrame(rows)).set_index("method")
+    half = (board["mean_acc_hi"] - board["mean_acc_lo"]) / 2
+    assert (0.01 < half).all() and (half < 0.375).all()  # both gains are on either side of the half-width
+    flags = board["converged"]
+    assert flags[["flat", "rising", "centralized"]].tolist() == ["yes", "rising", "yes"]
+    assert pd.isna(flags["final-only"])
+    assert board["federated"].to_dict() == {"centralized": False, "final-only": True, "flat": True, "rising": True}
+    assert board.loc["centralized", ["up_mb_per_round", "down_mb_per_round", "total_mb"]].isna().all()
+    assert board.loc["flat", "total_mb"] == pytest.approx(10.0)
+    md = render(build_leaderboard(pd.DataFrame(rows)), "markdown")
+    line = next(line for line in md.splitlines() if line.startswith("| centralized |"))
+    assert "| yes | n/a | n/a | n/a | 5.0 ± 0.0 |" in line  # not federated: no bytes
+    final_only = next(line for line in md.splitlines() if line.startswith("| final-only |"))
+    assert "| n/a | 1.000 ± 0.000 | 1.000 ± 0.000 | 10.000 ± 0.000 |" in final_only  # no eval by round 4
+    assert "Bytes n/a" in md
+
+
+def test_versus_command_and_unknown_row(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedbench.cli import app
+
+    _write(tmp_path, _paired_records())
+    runner = CliRunner()
+    bad = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--versus", "nope"])
+    out = bad.output.strip()
+    assert bad.exit_code == 2 and "Traceback" not in out and "\n" not in out, out
+    assert out == "error: row 'nope' is not a row of these records; rows to compare against: const, flip, ref"
+    both = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--versus", "ref", "--usage"])
+    assert both.exit_code == 2 and "choose one" in both.output
+    md = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--versus", "ref", "--format", "markdown"])
+    assert md.exit_code == 0, md.output
+    assert "| flip | 3 | +0.062 [" in md.output and "+0.250 [+0.250, +0.250] *" in md.output
+
+
+def test_a_run_records_per_example_scores_and_routing_statistics(tiny_prep, tmp_path):
+    from fedbench.protocol import MethodEntry
+    from fedbench.records import read_jsonl
+    from fedbench.simulation import Run
+
+    run = Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path)
+    run.execute()
+    rows = read_jsonl(run.records_path)
+    glob = [r for r in rows if r["kind"] == "eval" and r["scope"] == "global"]
+    assert glob
+    for r in glob:
+        assert len(r["per_example"]) == r["n"]
+        assert np.mean(r["per_example"]) == pytest.approx(r["value"], abs=1e-6)
+    routing = [r for r in rows if r["kind"] == "routing"]
+    clients = range(len(tiny_prep.plans))
+    assert sorted((r["round"], r["client"]) for r in routing) == sorted(
+        {(r["round"], c) for r in glob for c in clients}
+    )  # every eval round, every client
+    n_tasks, n_experts = len(tiny_prep.store.task_names), 2  # pFedMoE: global and local expert
+    for r in routing:
+        assert 0 <= r["entropy"] <= math.log(n_experts) + 1e-9
+        assert -1e-9 <= r["mutual_info"] <= math.log(min(n_tasks, n_experts)) + 1e-9
+    board = build_leaderboard(read_records(tmp_path)).iloc[0]
+    assert board["mean_acc_lo"] - 1e-6 <= board["mean_acc"] <= board["mean_acc_hi"] + 1e-6

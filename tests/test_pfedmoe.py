@@ -17,7 +17,7 @@ def test_only_the_global_expert_is_shared_and_travels(tiny_prep, tmp_path, train
     shared = {n for n, t in tags.items() if t == "shared"}
     local = {n for n, t in tags.items() if t == "local"}
     assert shared and all(n.startswith("global_expert.") for n in shared)
-    assert {n.split(".")[0] for n in local} == {"local_expert", "gate", "heads"}
+    assert {n.split(".")[0] for n in local} == {"local_expert", "gate", "heads", "trunk"}
     info = tiny_prep.infos[1]
     train_client(run, model, info, 0)
     up = run.method.upload(model, info)

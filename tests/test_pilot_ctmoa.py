@@ -1,5 +1,5 @@
 """pilot-ctmoa (methods/pilot_ctmoa.py, fedbench/task_experts.py): tags, payloads, task-wise and
-distance-weighted aggregation, stages, local training, end-to-end smoke run."""
+distance-weighted aggregation, per-client stages, reference routing, local training, end-to-end smoke run."""
 
 import dataclasses
 
@@ -12,7 +12,7 @@ from fedbench.payload import check_upload, serialize
 from fedbench.protocol import MethodEntry
 from fedbench.records import read_jsonl
 from fedbench.simulation import Run, trainable_state
-from fedbench.task_experts import STAGE1, STAGE2, client_key, stage1_length, stage_of
+from fedbench.task_experts import STAGE1, STAGE2, client_key, stage_of
 
 t = torch.tensor
 ALL = ("classification", "vqa", "grounding", "ocr_vqa")
@@ -43,14 +43,15 @@ def test_tags_and_upload_hold_exactly_the_clients_shared_tensors(tiny_prep, tmp_
     run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
     model = run.build()
     shared, local = _split(run, model)
-    assert {n.split(".")[0] for n in shared} == {"task_adapters", "heads"}
+    assert {n.split(".")[0] for n in shared} == {"task_adapters", "heads", "trunk"}
     assert {n.split(".")[0] for n in local} == {"client_adapter", "router", "aoa"}
     assert model.router.image.bias is None and model.router.image.out_features == len(ALL)
     info = tiny_prep.infos[0]
     train_client(run, model, info, 0)
     up = run.method.upload(model, info)
     check_upload(up, shared, local, "pilot-ctmoa")
-    expected = {n for n in shared if n.split(".")[1] in info.tasks}  # own tasks' adapters and heads
+    # own tasks' adapters and outputs, and the answer trunk every task uses
+    expected = {n for n in shared if n.startswith("trunk.") or n.split(".")[1] in info.tasks}
     assert set(up) == expected
     params = dict(model.named_parameters())
     assert all(torch.equal(up[n], params[n]) for n in up)
@@ -62,6 +63,9 @@ def test_share_router_uploads_router_and_the_trained_adapters_on_adapters(tiny_p
     shared, local = _split(run, model)
     assert {n.split(".")[0] for n in local} == {"client_adapter"}
     info = tiny_prep.infos[1]
+    model.bind(STAGE1, info.tasks, False)  # stage 1 trains neither: nothing of them goes up
+    assert not any(n.startswith(("router.", "aoa.")) for n in run.method.upload(model, info))
+    model.bind(STAGE2, info.tasks, False)
     up = run.method.upload(model, info)
     check_upload(up, shared, local, "pilot-ctmoa")
     assert {n for n in up if n.startswith("router.")} == {"router.image.weight"}
@@ -140,8 +144,29 @@ def test_heads_get_per_client_distance_weighted_aggregates(nearest, expected):
     assert torch.equal(down["heads.classification.mlp.3.bias"], t([3.0]))
 
 
+def test_trunk_gets_per_client_distance_weighted_aggregates_across_all_clients():
+    """With the shared answer trunk, Pilot's rule runs on the trunk over every replying client
+    (whatever its tasks), and the thin task outputs get only the plain mean over their holders."""
+    method = create_method("pilot-ctmoa", {"nearest": 1})
+    tr, out = "trunk.mlp.1.bias", "heads.vqa.logits.bias"
+    # trunk values 0, 1, 3 (examples 1, 1, 2); clients hold disjoint tasks except vqa on 0 and 2
+    replies = [
+        Reply(ClientInfo(0, ("vqa",), False, 1), {tr: t([0.0]), out: t([2.0])}, 1),
+        Reply(ClientInfo(1, ("grounding",), False, 1), {tr: t([1.0])}, 1),
+        Reply(ClientInfo(2, ("vqa",), False, 2), {tr: t([3.0]), out: t([4.0])}, 2),
+    ]
+    new = method.aggregate({}, replies)
+    # nearest 1: c0 <- c1 (d=1): (1·0 + 1·1)/2; c1 <- c0 (d=1 < 2): (1·1 + 1·0)/2; c2 <- c1 (d=2): (2·3 + 1·1)/3
+    for c, e in enumerate((0.5, 0.5, 7 / 3)):
+        assert torch.allclose(new[client_key(c, tr)], t([e]), atol=1e-6)
+    assert torch.allclose(new[tr], t([(0 + 1 + 6) / 4]))
+    assert torch.allclose(new[out], t([(2.0 + 2 * 4.0) / 3]))  # plain mean over the vqa holders
+    assert not any(k.startswith("client") and "heads." in k for k in new)
+    assert torch.allclose(method.download(new, replies[1].client)[tr], t([0.5]), atol=1e-6)
+
+
 def test_distance_weighted_groups_clients_by_task():
-    """A client's head of task t is mixed only with the other holders of t."""
+    """With per-task heads (no trunk), a client's head of task t is mixed only with the other holders of t."""
     method = create_method("pilot-ctmoa", {"nearest": 3})
     h = "heads.vqa.mlp.3.bias"
     replies = [
@@ -155,14 +180,44 @@ def test_distance_weighted_groups_clients_by_task():
     assert client_key(1, h) not in new
 
 
-def test_stage_schedule():
-    assert stage1_length(-1, 10) == 2 and stage1_length(-1, 3) == 1 and stage1_length(-1, 2) == 1
-    assert stage1_length(0, 10) == 0 and stage1_length(4, 10) == 4
-    assert [stage_of(r, 10, -1) for r in range(4)] == [STAGE1, STAGE1, STAGE2, STAGE2]
-    with pytest.raises(ValueError, match="stage1_rounds"):
-        create_method("pilot-ctmoa", {"stage1_rounds": -2})
+def test_stage_is_per_client_from_its_participations(tiny_prep, tmp_path):
+    assert [stage_of(p, 1) for p in range(3)] == [STAGE1, STAGE2, STAGE2]
+    assert [stage_of(p, 2) for p in range(3)] == [STAGE1, STAGE1, STAGE2]
+    assert stage_of(0, 0) == STAGE2  # no stage 1 at all
+    # TINY samples clients [0, 1] in rounds 0 and 1, [0, 2] in round 2 (seed 0, 3 clients, fraction 0.5)
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    c0, _, c2 = tiny_prep.infos
+    assert [run.context(c0, r).participations for r in range(4)] == [0, 1, 2, 3]
+    assert [run.context(c2, r).participations for r in range(4)] == [0, 0, 0, 1]
+    # at evaluation after round r, the state holds round r's update too
+    assert [run.context(c0, r, evaluating=True).participations for r in range(3)] == [1, 2, 3]
+    assert [run.context(c2, r, evaluating=True).participations for r in range(3)] == [0, 0, 1]
+    assert [run.method.stage(run.context(c2, r)) for r in range(4)] == [STAGE1, STAGE1, STAGE1, STAGE2]
+    assert run.method.stage(run.context(c0, 0, evaluating=True)) == STAGE2  # evaluated as it trains next
+    assert run.method.stage(run.context(c2, 1, evaluating=True)) == STAGE1  # never trained: stage 1
+    with pytest.raises(ValueError, match="stage1_participations"):
+        create_method("pilot-ctmoa", {"stage1_participations": -1})
+    with pytest.raises(ValueError, match="stage1_rounds"):  # the old round-fraction schedule is gone
+        create_method("pilot-ctmoa", {"stage1_rounds": 1})
     with pytest.raises(ValueError, match="nearest"):
         create_method("pilot-ctmoa", {"nearest": 0})
+    with pytest.raises(ValueError, match="routing"):
+        create_method("pilot-ctmoa", {"routing": "random"})
+
+
+def test_train_records_carry_each_clients_stage(tiny_prep, tmp_path):
+    """Client 2 is first sampled in round 2: it runs stage 1 there while client 0 runs stage 2."""
+    prep = dataclasses.replace(tiny_prep, protocol=tiny_prep.protocol.replace(rounds=3))
+    run = Run(prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    run.execute()
+    records = read_jsonl(tmp_path / "runs" / run.run_id / "records.jsonl")
+    stages = {(r["round"], r["client"]): r["stage"] for r in records if r["kind"] == "train"}
+    assert stages == {(0, 0): 1, (0, 1): 1, (1, 0): 2, (1, 1): 2, (2, 0): 2, (2, 2): 1}
+    two = Run(prep, MethodEntry("pilot-ctmoa", {"stage1_participations": 2}), tmp_path / "two")
+    two.execute()
+    records = read_jsonl(tmp_path / "two" / "runs" / two.run_id / "records.jsonl")
+    stages = {(r["round"], r["client"]): r["stage"] for r in records if r["kind"] == "train"}
+    assert stages == {(0, 0): 1, (0, 1): 1, (1, 0): 1, (1, 1): 1, (2, 0): 2, (2, 2): 1}
 
 
 def _bound(prep, tmp_path, stage):
@@ -215,12 +270,12 @@ def test_stage2_routes_tokens_over_the_task_experts(tiny_prep, tmp_path):
 
 
 def test_stage2_trains_own_experts_aoas_router_and_freezes_the_rest(tiny_prep, tmp_path, train_client):
-    run = Run(tiny_prep, MethodEntry("pilot-ctmoa", {"stage1_rounds": 1}), tmp_path)
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
     model = run.build()
     _perturb(model)
     info = tiny_prep.infos[0]
     before = trainable_state(model)
-    train_client(run, model, info, 1)
+    train_client(run, model, info, 1)  # client 0's second participation: stage 2
     after = trainable_state(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     for name in before:
@@ -233,7 +288,7 @@ def test_stage2_trains_own_experts_aoas_router_and_freezes_the_rest(tiny_prep, t
     assert any(n.startswith(f"aoa.{t}.") for t in set(ALL) - set(info.tasks) for n in changed)
     assert any(n.startswith(f"task_adapters.{t}.") for t in info.tasks for n in changed)
     assert all(p.requires_grad for n, p in model.named_parameters() if n in before)  # restored
-    # stage 1 trains the client adapter and not the router
+    # stage 1 (its first participation) trains the client adapter and not the router
     before = trainable_state(model)
     train_client(run, model, info, 0)
     changed = {n for n in before if not torch.equal(before[n], trainable_state(model)[n])}
@@ -246,14 +301,19 @@ def test_smoke_run_records_usage_in_stage2(tiny_prep, tmp_path):
     run.execute()
     records = read_jsonl(tmp_path / "runs" / run.run_id / "records.jsonl")
     usage = [r for r in records if r["kind"] == "usage"]
-    assert usage and {r["round"] for r in usage} == {1}  # 2 rounds: stage 1 then stage 2
+    # clients 0 and 1 train in rounds 0 (stage 1) and 1 (stage 2) and are evaluated in stage 2 after
+    # either; client 2 is never sampled, so it is evaluated in stage 1 and routes nowhere
+    assert usage and {r["round"] for r in usage} == {0, 1}
+    routed = {r["client"] for r in records if r["kind"] == "routing"}
+    assert routed == {0, 1}
     assert {r["expert"] for r in usage} == set(ALL)
-    for task in {r["task"] for r in usage}:
-        assert sum(r["value"] for r in usage if r["task"] == task) == pytest.approx(1.0)
+    for round_, task in {(r["round"], r["task"]) for r in usage}:
+        assert sum(r["value"] for r in usage if (r["round"], r["task"]) == (round_, task)) == pytest.approx(1.0)
     train = [r for r in records if r["kind"] == "train"]
     assert train and all(r["down_bytes"] > r["up_bytes"] for r in train)  # foreign adapters come down
     evals = [r for r in records if r["kind"] == "eval" and r["scope"] == "global"]
     assert evals and all(0.0 <= r["value"] <= 1.0 for r in evals)
     run_row = next(r for r in records if r["kind"] == "run")
     assert run_row["params_local"] > 0 and run_row["params_shared"] > 0
-    assert dataclasses.asdict(run.method.options)["stage1_rounds"] == -1
+    assert dataclasses.asdict(run.method.options)["stage1_participations"] == 1
+    assert {(r["round"], r["stage"]) for r in train} == {(0, 1), (1, 2)}
