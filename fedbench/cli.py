@@ -304,6 +304,12 @@ def leaderboard(
         raise UsageError("--usage and --versus render different tables; choose one")
     if not results.is_dir():
         raise UsageError(f"results directory '{results}' does not exist")
+    written = results / "protocol.toml"
+    if written.is_file() and protocol_mod.load(str(written)).sweep is not None:
+        raise UsageError(
+            f"'{results}' holds a sweep (one results directory per value): run `fedbench sweep-report "
+            f"--results {results}`, or point --results at one of its <field>=<value> directories"
+        )
     records = read_records(results)
     if versus is not None:
         try:

@@ -198,6 +198,10 @@ def test_sweep_run_writes_a_results_directory_per_value(sweep_dir):
         assert set(records["label"]) == {"fedmix", "pfedmoe"}
 
 
+def test_leaderboard_of_a_sweep_directory_points_to_sweep_report(sweep_dir):
+    _fails_cleanly(["leaderboard", "--results", str(sweep_dir)], "holds a sweep")
+
+
 def test_sweep_report_equals_paired_differences_of_each_directory(sweep_dir):
     md = (sweep_dir / "sweep.md").read_text()
     csv = pd.read_csv(sweep_dir / "sweep.csv")
