@@ -8,6 +8,10 @@ classifier formulation of VQA) or a box for grounding. The protocol option ``ans
 "per_task"`` gives every task its own full head instead (pooling, OCR read-out for tasks that read
 it, MLP), applied to every method alike. Pooling uses an attention query made from the question,
 so "what colour is the circle?" and "the red circle" can look at the object they name.
+``answer_side = "frozen_trunk"`` keeps the trunk frozen at its seeded init (a frozen language model,
+as an MLLM's is under PEFT): only the thin outputs train on the answer side, so what a task needs
+must be learned before it, in the adapters, experts or LoRA, which makes task specialisation there
+matter.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ class OCRPointer(nn.Module):
         return torch.where(f.ocr_mask.any(1, keepdim=True), read, self.null.expand_as(read))
 
 
-ANSWER_SIDES = ("shared", "per_task")
+ANSWER_SIDES = ("shared", "per_task", "frozen_trunk")
 TRUNK, HEADS = "trunk.", "heads."
 
 
@@ -238,10 +242,14 @@ class BoxHead(BoxRule, nn.Module):
 
 
 def make_trunk(answer_side: str, token_dim: int, embed_dim: int) -> AnswerTrunk | None:
-    """The shared trunk (``answer_side = "shared"``), or None when every task has a full head."""
+    """The shared trunk (``answer_side = "shared"``; ``"frozen_trunk"``: frozen at its seeded init, the
+    same on every client, so task adaptation must happen before it), or None when every task has a
+    full head (``"per_task"``)."""
     if answer_side not in ANSWER_SIDES:
         raise ValueError(f"answer_side = {answer_side!r} is invalid; choose one of: {', '.join(ANSWER_SIDES)}")
-    return AnswerTrunk(token_dim, embed_dim) if answer_side == "shared" else None
+    if answer_side == "per_task":
+        return None
+    return AnswerTrunk(token_dim, embed_dim).requires_grad_(answer_side == "shared")
 
 
 def make_heads(tasks: Sequence[TaskSpec], trunk: AnswerTrunk | None, token_dim: int, embed_dim: int) -> nn.ModuleDict:

@@ -71,7 +71,9 @@ class ModelConfig:
 
     ``shared`` (default): one answer trunk for every task + a thin output per task, as a multimodal
     LLM's language model answers every task; ``per_task``: a full head per task, nothing shared
-    across tasks on the answer side.
+    across tasks on the answer side; ``frozen_trunk``: the shared trunk frozen at its seeded init
+    (only the thin outputs train on the answer side), the setting in which task specialisation of
+    the adapters before it matters.
     """
 
     answer_side: str = "shared"

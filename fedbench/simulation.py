@@ -251,10 +251,22 @@ class ClientContext:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.info.client, purpose))
         return self.train_rows[torch.randint(len(self.train_rows), (n,), generator=gen).numpy()]
 
-    def train(self, model: ClientModel, params: Sequence[torch.nn.Parameter], phase: str = "train") -> None:
-        """``local.steps`` AdamW steps on ``params`` over batches drawn from the client's train rows."""
+    def train(
+        self,
+        model: ClientModel,
+        params: Sequence[torch.nn.Parameter],
+        phase: str = "train",
+        lr_scales: Sequence[float] | None = None,
+    ) -> None:
+        """``local.steps`` AdamW steps on ``params`` over batches drawn from the client's train rows;
+        ``lr_scales`` (aligned with ``params``) multiplies the protocol's learning rate per parameter."""
         cfg = self.protocol.local
-        opt = torch.optim.AdamW(list(params), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scales = list(lr_scales) if lr_scales is not None else [1.0] * len(params)
+        groups = [
+            {"params": [p for p, s in zip(params, scales, strict=True) if s == scale], "lr": cfg.lr * scale}
+            for scale in dict.fromkeys(scales)
+        ]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.info.client, phase))
         torch.manual_seed(derive_seed(self.seed, self.round, self.info.client, phase, "dropout"))
         model.train()

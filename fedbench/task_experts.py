@@ -82,6 +82,7 @@ class TaskExpertOptions:
     orth_weight: float = 0.1  # stage 1: orthogonality penalty (task vs client adapter)
     balance_weight: float = 0.1  # stage 2: switch load-balance loss
     z_weight: float = 0.01  # stage 2: router z-loss
+    router_lr_scale: float = 1.0  # the router's learning rate = this × the protocol's (local.lr)
     nearest: int = 3  # heads: Pilot's M nearest clients in the distance-weighted aggregation
 
     def __post_init__(self) -> None:
@@ -97,6 +98,8 @@ class TaskExpertOptions:
         for key in ("orth_weight", "balance_weight", "z_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} = {getattr(self, key)} must be >= 0")
+        if self.router_lr_scale <= 0:
+            raise ValueError(f"router_lr_scale = {self.router_lr_scale} must be > 0")
 
 
 def stage_of(participations: int, stage1_participations: int) -> int:
@@ -395,9 +398,10 @@ class TaskExpertsMethod(Method):
 
     def local_update(self, model: TaskExpertModel, ctx: ClientContext) -> None:
         stage = self.stage(ctx)
-        names = {n for n, p in model.named_parameters() if p.requires_grad and self.trains(n, ctx.info, stage)}
-        with training_only(model, names) as params:
-            ctx.train(model, params, phase=f"stage{stage}")
+        names = [n for n, p in model.named_parameters() if p.requires_grad and self.trains(n, ctx.info, stage)]
+        scales = [self.options.router_lr_scale if n.startswith(ROUTER) else 1.0 for n in names]
+        with training_only(model, set(names)) as params:  # params come in named_parameters order, as names
+            ctx.train(model, params, phase=f"stage{stage}", lr_scales=scales)
 
     # --- communication -------------------------------------------------------------------------
     def download(self, server_state: Payload, client: ClientInfo) -> Payload:

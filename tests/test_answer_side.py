@@ -43,7 +43,7 @@ def test_per_task_heads_have_no_trunk_and_run(tiny_prep, tmp_path):
 
 
 def test_answer_side_is_validated_with_its_choices():
-    with pytest.raises(ProtocolError, match=r"model.answer_side.*'everything'.*shared, per_task"):
+    with pytest.raises(ProtocolError, match=r"model.answer_side.*'everything'.*shared, per_task, frozen_trunk"):
         from_dict({"model": {"answer_side": "everything"}})
 
 
@@ -53,3 +53,17 @@ def test_attention_box_is_the_attention_centroid_with_the_predicted_size():
     box = attention_box(weights, torch.tensor([[0.0, 0.0, 0.0, 0.0]]))  # no nudge, sigmoid(0) = 0.5 sizes
     cx, cy = (2 + 0.5) / 4, (1 + 0.5) / 4
     assert torch.allclose(box, torch.tensor([[cx - 0.25, cy - 0.25, cx + 0.25, cy + 0.25]]))
+
+
+def test_frozen_trunk_is_neither_trained_nor_sent(tiny_prep, tmp_path):
+    run = _run(tiny_prep, tmp_path, "frozen_trunk")
+    model = run.build()
+    trunk = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("trunk.")}
+    assert trunk and not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("trunk."))
+    assert not any(n.startswith("trunk.") for n in run.method.tags(model))
+    assert all(isinstance(h, (AnswerOutput, BoxOutput)) for h in model.heads.values())
+    up = run.method.upload(model, tiny_prep.infos[0])
+    assert up and not any(n.startswith("trunk.") for n in up)
+    run.execute()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in trunk.items())  # still the seeded init
