@@ -42,7 +42,9 @@ def test_bad_fields_are_named(tmp_path, toml, needle):
 
 
 def test_unknown_preset_lists_choices():
-    with pytest.raises(ProtocolError, match=r"Unknown preset 'smok'\. Available: default, routing, routing-frozen, smoke"):
+    with pytest.raises(
+        ProtocolError, match=r"Unknown preset 'smok'\. Available: default, routing, routing-frozen, smoke"
+    ):
         protocol.load("smok")
 
 
