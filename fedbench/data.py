@@ -6,6 +6,7 @@ the harness never looks inside images or questions, it only slices rows by clien
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,14 @@ class ExampleTable:
     domain: np.ndarray
     synthetic: bool = True
     meta: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex digits) of the pixels, questions, OCR text and answers: two runs on the same
+        data have the same fingerprint, so drift across machines can be traced to data or to compute."""
+        digest = hashlib.sha256(self.images.numpy().tobytes())
+        for column in (self.image_index, self.task, self.question, self.ocr_text, self.label, self.box, self.client):
+            digest.update(np.asarray(column).astype(str).tobytes() if column.dtype == object else column.tobytes())
+        return digest.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.image_index)

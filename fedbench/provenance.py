@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import torch
 
 LIBRARIES = ("fedbench", "torch", "torchvision", "open_clip_torch", "numpy", "safetensors", "flwr")
 
@@ -39,3 +42,28 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
+
+
+@cache
+def machine() -> dict[str, str | int]:
+    """What explains bit-level drift between machines: the CPU model, the SIMD level torch's CPU
+    kernels use (AVX2 vs AVX-512 reorder float sums), torch's thread count, and the text renderer
+    (Pillow, FreeType) that draws the synthetic suite's signs."""
+    from PIL import __version__ as pillow
+    from PIL import features
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "pillow": pillow,
+        "freetype": features.version("freetype2") or "absent",
+    }

@@ -26,7 +26,7 @@ from fedbench.model import OCR_TOKENS, Batch, ClientModel, sub_batch
 from fedbench.payload import META, Payload, analytic_bytes, check_upload, deserialize, serialize
 from fedbench.prompt_view import PromptViews
 from fedbench.protocol import MethodEntry, Protocol
-from fedbench.provenance import git_commit, library_versions
+from fedbench.provenance import git_commit, library_versions, machine
 from fedbench.records import append_records, read_jsonl
 from fedbench.registry import SUITES, TASKS
 from fedbench.task import TaskSpec
@@ -693,6 +693,8 @@ class Run:
                 "backbone_meta": self.prep.backbone.meta,
                 "partition": [p.as_record() for p in self.prep.plans],
                 "partition_summary": partition_summary(self.prep.table),
+                "data_fingerprint": self.prep.table.fingerprint(),
+                "machine": machine(),
             }
         )
         append_records(self.records_path, rows)
