@@ -33,8 +33,9 @@ def test_same_seed_gives_identical_records(tiny_prep, tmp_path):
     assert all(r["timer"] == "process_cpu" for r in train)
 
 
-def test_killed_run_resumes_to_the_same_numbers(tiny_prep, tmp_path, monkeypatch):
-    clean = Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "clean").execute()
+@pytest.mark.parametrize("method", ["fedsa-lora", "centralized"])  # centralized: one pooled trainer's state
+def test_killed_run_resumes_to_the_same_numbers(tiny_prep, tmp_path, monkeypatch, method):
+    clean = Run(tiny_prep, MethodEntry(method), tmp_path / "clean").execute()
     original = Run._round
 
     def crash_on_second_round(self, r, *args, **kwargs):
@@ -44,9 +45,9 @@ def test_killed_run_resumes_to_the_same_numbers(tiny_prep, tmp_path, monkeypatch
 
     monkeypatch.setattr(Run, "_round", crash_on_second_round)
     with pytest.raises(KeyboardInterrupt):
-        Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "killed").execute()
+        Run(tiny_prep, MethodEntry(method), tmp_path / "killed").execute()
     monkeypatch.setattr(Run, "_round", original)
-    resumed = Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "killed")
+    resumed = Run(tiny_prep, MethodEntry(method), tmp_path / "killed")
     assert resumed.checkpoint_path.is_file()
     resumed.execute()
     a = read_jsonl(tmp_path / "clean" / "runs" / clean / "records.jsonl")
