@@ -292,16 +292,27 @@ def leaderboard(
     versus: str = typer.Option(
         None, "--versus", metavar="ROW", help="Render each row's paired difference to ROW (95% CI; * excludes 0)."
     ),
+    steps: bool = typer.Option(
+        False, "--steps", help="Render each row minus the row above it in the protocol's row order (a ladder)."
+    ),
 ) -> None:
     """Render the leaderboard (mean with 95% CI, ± std over seeds) of a results directory."""
-    from fedbench.leaderboard import UnknownRowError, build_leaderboard, build_usage, build_versus, plot, render
+    from fedbench.leaderboard import (
+        UnknownRowError,
+        build_leaderboard,
+        build_steps,
+        build_usage,
+        build_versus,
+        plot,
+        render,
+    )
     from fedbench.records import read_records
 
     formats = ("table", "markdown", "csv")
     if format not in formats:
         raise UsageError(f"--format '{format}' is invalid. Choose one of: {', '.join(formats)}")
-    if usage and versus is not None:
-        raise UsageError("--usage and --versus render different tables; choose one")
+    if sum((usage, versus is not None, steps)) > 1:
+        raise UsageError("--usage, --versus and --steps render different tables; choose one")
     if not results.is_dir():
         raise UsageError(f"results directory '{results}' does not exist")
     written = results / "protocol.toml"
@@ -311,9 +322,14 @@ def leaderboard(
             f"--results {results}`, or point --results at one of its <field>=<value> directories"
         )
     records = read_records(results)
-    if versus is not None:
+    if steps and not written.is_file():
+        raise UsageError(f"--steps reads the row order from '{written}', which does not exist")
+    if versus is not None or steps:
         try:
-            board = build_versus(records, versus)
+            if steps:
+                board = build_steps(records, [m.label for m in protocol_mod.load(str(written)).methods])
+            else:
+                board = build_versus(records, versus)
         except UnknownRowError as err:
             raise UsageError(str(err)) from None
     else:

@@ -10,7 +10,9 @@ Global-test accuracies also get a 95% interval from a paired bootstrap over seed
 from __future__ import annotations
 
 import io
+import itertools
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +239,27 @@ def build_versus(df: pd.DataFrame, reference: str) -> pd.DataFrame:
     out = out.rename_axis("method").reset_index()
     out["seeds"] = out["seeds"].astype(int)
     out.attrs = {**_attrs(recs, per_run), "what": "versus", "reference": reference, "n_boot": N_BOOT}
+    return out
+
+
+def build_steps(df: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
+    """An ablation ladder read step by step: each row of ``order`` (labels, e.g. the protocol's
+    method rows) minus the row above it, paired as in :func:`build_versus` (``above`` names it).
+    Labels without per-example scores are skipped, so a step spans the nearest row above that has
+    them."""
+    recs, per_run, tasks = _runs(df)
+    examples = _examples(recs, tasks)
+    rows = [label for label in order if label in examples]
+    if len(rows) < 2:
+        raise UnknownRowError(f"steps need two rows with per-example scores among: {', '.join(order) or 'none'}")
+    frames = []
+    for above, row in itertools.pairwise(rows):
+        step = paired_differences({above: examples[above], row: examples[row]}, above)
+        frames.append(step.rename_axis("method").reset_index().assign(above=above))
+    out = pd.concat(frames, ignore_index=True)
+    out["seeds"] = out["seeds"].astype(int)
+    out = out[["method", "above", *[c for c in out.columns if c not in ("method", "above")]]]
+    out.attrs = {**_attrs(recs, per_run), "what": "versus", "reference": "the row above", "n_boot": N_BOOT}
     return out
 
 

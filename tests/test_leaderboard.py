@@ -11,7 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedbench.leaderboard import UnknownRowError, build_leaderboard, build_usage, build_versus, plot, render
+from fedbench.leaderboard import (
+    UnknownRowError,
+    build_leaderboard,
+    build_steps,
+    build_usage,
+    build_versus,
+    plot,
+    render,
+)
 from fedbench.records import append_records, read_records
 
 A, B, C = "fedavg-lora", "mmrouter-moa[router_inputs=image]", "local-lora"
@@ -479,6 +487,18 @@ def test_versus_is_the_paired_difference_on_shared_seeds():
         build_versus(pd.DataFrame(_paired_records()), "nope")
 
 
+def test_steps_are_each_row_minus_the_row_above():
+    """Order ref -> const -> flip: const − ref = +0.25 everywhere; flip − const = FLIP − 0.25 (hand-computed)."""
+    steps = build_steps(pd.DataFrame(_paired_records()), ["ref", "missing", "const", "flip"]).set_index("method")
+    assert list(steps.index) == ["const", "flip"] and list(steps["above"]) == ["ref", "const"]  # "missing" skipped
+    assert tuple(steps.loc["const", ["mean_acc", "mean_acc_lo", "mean_acc_hi"]]) == (0.25, 0.25, 0.25)
+    assert steps.loc["flip", "mean_acc"] == pytest.approx(1 / 16 - 0.25)
+    assert steps.loc["flip", "mean_acc_lo"] <= 1 / 16 - 0.25 <= steps.loc["flip", "mean_acc_hi"] < 0
+    assert "row − the row above" in render(build_steps(pd.DataFrame(_paired_records()), ["ref", "const"]), "markdown")
+    with pytest.raises(UnknownRowError, match="two rows"):
+        build_steps(pd.DataFrame(_paired_records()), ["ref"])
+
+
 def test_rising_flag_and_reference_rows_without_bytes():
     rows = []
     for seed in range(2):
@@ -520,6 +540,11 @@ def test_versus_command_and_unknown_row(tmp_path):
     md = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--versus", "ref", "--format", "markdown"])
     assert md.exit_code == 0, md.output
     assert "| flip | 3 | +0.062 [" in md.output and "+0.250 [+0.250, +0.250] *" in md.output
+    no_order = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--steps"])
+    assert no_order.exit_code == 2 and "protocol.toml" in no_order.output and "Traceback" not in no_order.output
+    (tmp_path / "protocol.toml").write_text('methods = ["ref", "const"]\n')
+    steps = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--steps", "--format", "csv"])
+    assert steps.exit_code == 0 and steps.output.splitlines()[1].startswith("const,ref,3,0.25,0.25,0.25")
 
 
 def test_a_run_records_per_example_scores_and_routing_statistics(tiny_prep, tmp_path):
