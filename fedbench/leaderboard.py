@@ -504,7 +504,8 @@ def _color(i: int) -> tuple:
 def plot_sweep_gain(table: pd.DataFrame, path: Path) -> Path:
     """One line per method row of a sweep table (:func:`fedbench.sweep.build_sweep`): x = the swept
     value, y = the paired gain in mean_acc over the reference, error bars = its 95% interval, a line
-    at 0; the legend sits outside the axes so ten rows stay readable. Rows are dodged a little along
+    at 0; the legend sits below the axes (the figure grows with the rows), so long labels such as
+    an ablation ladder's never squeeze the plot. Rows are dodged a little along
     x so their bars do not hide each other; non-numeric values are evenly spaced categories."""
     from matplotlib import colormaps
 
@@ -517,7 +518,7 @@ def plot_sweep_gain(table: pd.DataFrame, path: Path) -> Path:
     span = (max(xs) - min(xs)) or 1.0
     step = min(0.012 * span, 0.25 * span / max(len(labels), 1))
 
-    fig = Figure(figsize=(10, 5.5), layout="constrained")
+    fig = Figure(figsize=(9, 4.5 + 0.24 * len(labels)), layout="constrained")
     ax = fig.add_subplot()
     ax.axhline(0.0, color="grey", linewidth=1, linestyle="--")
     for i, label in enumerate(labels):
@@ -547,7 +548,7 @@ def plot_sweep_gain(table: pd.DataFrame, path: Path) -> Path:
         + "\nerror bars: 95% paired bootstrap interval over seeds and global-test examples"
     )
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", title="method row", borderaxespad=0)
+    fig.legend(loc="outside lower center", fontsize="small", title="method row", ncols=1)
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
