@@ -17,7 +17,7 @@ import torch
 
 from fedbench.aggregate import weighted_mean
 from fedbench.backbone import Backbone
-from fedbench.model import ClientModel
+from fedbench.model import HEADS, ClientModel
 from fedbench.options import build_config
 from fedbench.payload import Payload
 from fedbench.registry import METHODS
@@ -155,7 +155,7 @@ class Method:
 def holds(client: ClientInfo, name: str) -> bool:
     """False for the parameters of a task head whose task the client does not hold (the shared
     answer trunk serves every task, so every client holds it)."""
-    if not name.startswith("heads."):
+    if not name.startswith(HEADS):
         return True
     return name.split(".", 2)[1] in client.tasks
 

@@ -29,6 +29,7 @@ from fedbench.protocol import MethodEntry, Protocol
 from fedbench.provenance import git_commit, library_versions, machine
 from fedbench.records import append_records, read_jsonl
 from fedbench.registry import SUITES, TASKS
+from fedbench.statistics import routing_entropy, task_expert_mi
 from fedbench.task import TaskSpec
 from fedbench.tasks.partition import make_plans, partition_summary  # partitioners live with the tasks
 from fedbench.timing import ComputeTimer, device_label
@@ -499,24 +500,33 @@ class Run:
             fed.clients[c] = trainable_state(model)
             wire["up_bytes"] += len(up_blob)
             wire["up_bytes_analytic"] += analytic_bytes(up)
-            record = {
-                **self.common(),
-                "kind": "train",
-                "round": r,
-                "client": c,
-                **wire,
-                "compute_s": timer.seconds,
-                "timer": timer.kind,
-                "n_examples": len(train_rows),
-            }
-            rows.append(self._with_method_fields(record, model, ctx))
+            rows.append(self._train_record(r, c, wire, timer, len(train_rows), model, ctx))
             self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
         fed.server = self.method.aggregate(fed.server, replies)
         return rows
 
-    def _with_method_fields(self, record: dict, model: ClientModel, ctx: ClientContext) -> dict:
-        """A train record plus the method's own fields (:meth:`Method.train_record`), which may not
-        overwrite the harness's."""
+    def _train_record(
+        self,
+        r: int,
+        client: int,
+        wire: dict[str, Any],
+        timer: ComputeTimer,
+        n_examples: int,
+        model: ClientModel,
+        ctx: ClientContext,
+    ) -> dict:
+        """One ``kind="train"`` record: the message bytes (``wire``), the compute time, plus the
+        method's own fields (:meth:`Method.train_record`), which may not overwrite the harness's."""
+        record = {
+            **self.common(),
+            "kind": "train",
+            "round": r,
+            "client": client,
+            **wire,
+            "compute_s": timer.seconds,
+            "timer": timer.kind,
+            "n_examples": n_examples,
+        }
         extra = self.method.train_record(model, ctx)
         clash = sorted(set(extra) & set(record))
         if clash:
@@ -549,24 +559,9 @@ class Run:
         fed.server = trainable_state(model)
         for c in sampled:  # the clients whose share of steps the pooled trainer took
             self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
-        return [
-            {
-                **self.common(),
-                "kind": "train",
-                "round": r,
-                "client": GLOBAL_CLIENT,
-                "federated": False,
-                "up_bytes": 0,
-                "down_bytes": 0,
-                "up_bytes_analytic": 0,
-                "down_bytes_analytic": 0,
-                "compute_s": timer.seconds,
-                "timer": timer.kind,
-                "n_examples": len(train_rows),
-                "steps": steps,
-                "sampled": sampled,
-            }
-        ]
+        nothing = {"up_bytes": 0, "down_bytes": 0, "up_bytes_analytic": 0, "down_bytes_analytic": 0}
+        record = self._train_record(r, GLOBAL_CLIENT, nothing, timer, len(train_rows), model, ctx)
+        return [{**record, "federated": False, "steps": steps, "sampled": sampled}]
 
     def _evaluate(self, r: int, model: ClientModel, fed: Federation) -> list[dict]:
         """Every client's model: its own state + what the server would send a client asking for
@@ -622,8 +617,6 @@ class Run:
         weights on every global-test row, whose tasks are ``task``), how much its router specialises:
         the mean per-row routing entropy and I(task; expert), both in nats, over all tasks (each
         client is asked for every task, as for TTP), so every client's figure has the same range."""
-        from fedbench.statistics import routing_entropy, task_expert_mi
-
         common = self.common()
         matrix = [
             {**common, "kind": "usage", "round": r, "task": t, "expert": expert, "value": float(value)}

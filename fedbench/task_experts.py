@@ -49,7 +49,7 @@ from fedbench.moa import (
     route,
     router_z_loss,
 )
-from fedbench.model import TRUNK, ClientModel, Features, is_answer_side
+from fedbench.model import HEADS, TRUNK, ClientModel, Features, is_answer_side
 from fedbench.payload import Payload
 from fedbench.task import TaskSpec
 
@@ -57,13 +57,12 @@ if TYPE_CHECKING:
     from fedbench.simulation import ClientContext
 
 STAGE1, STAGE2 = 1, 2
-TASK_ADAPTERS, AOA, CLIENT_ADAPTER, ROUTER, OCR_EXPERT, HEADS = (
+TASK_ADAPTERS, AOA, CLIENT_ADAPTER, ROUTER, OCR_EXPERT = (
     "task_adapters.",
     "aoa.",
     "client_adapter.",
     "router.",
     "ocr_expert.",
-    "heads.",
 )
 ROUTINGS = ("learned", "oracle", "uniform")
 
