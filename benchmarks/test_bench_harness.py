@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from fedbench.context import client_context
 from fedbench.data import GLOBAL_TEST, TRAIN, PartitionConfig
+from fedbench.evaluation import evaluate_rows
 from fedbench.payload import serialize
 from fedbench.protocol import LocalConfig, MethodEntry, Protocol
-from fedbench.simulation import Run, evaluate_rows, prepare
+from fedbench.server import Run
+from fedbench.staging import prepare
 
 PROTO = Protocol(
     name="bench",
@@ -52,7 +55,7 @@ def test_eval_encodes_each_image_once(benchmark, prep, tmp_path):
                 model(batch, cached=model.backbone.encode_image(batch.images))  # the tower once per row
 
     baseline = _seconds(per_row_baseline, 3)
-    ctx = run.context(prep.infos[0], 0)
+    ctx = client_context(run.prep, prep.infos[0], 0)
     benchmark(evaluate_rows, model, run.method, ctx, rows, 128)
     benchmark.extra_info["baseline_s"] = baseline
     benchmark.extra_info["speedup_vs_per_row"] = baseline / benchmark.stats.stats.min

@@ -17,11 +17,11 @@ from rich.table import Table
 
 from fedbench import protocol as protocol_mod
 from fedbench.backbone import BackboneUnavailable
+from fedbench.checkpoint import CheckpointMismatch
 from fedbench.options import OptionError, parse_method_spec
 from fedbench.payload import ContractError
 from fedbench.protocol import MethodEntry, Protocol, ProtocolError
 from fedbench.registry import BACKBONES, METHODS, SUITES, TASKS, UnknownNameError
-from fedbench.simulation import CheckpointMismatch
 
 app = typer.Typer(
     add_completion=False,
@@ -177,7 +177,8 @@ def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str) -> 
     """One protocol (no sweep) into ``results``: records, leaderboard, expert usage, plots."""
     from fedbench.leaderboard import build_leaderboard, build_usage, plot, render
     from fedbench.records import read_records
-    from fedbench.simulation import Run, prepare
+    from fedbench.server import Run
+    from fedbench.staging import prepare
 
     _check_writable(results)
     console.print(

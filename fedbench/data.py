@@ -144,3 +144,13 @@ class PartitionConfig:
     ocr_fraction: float = 0.5
     domain_task_coupling: float = 0.5
     image_size: int = 64
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the server may know about a client (metadata, never its data)."""
+
+    client: int
+    tasks: tuple[str, ...]
+    has_ocr: bool
+    num_examples: int

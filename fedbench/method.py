@@ -17,6 +17,7 @@ import torch
 
 from fedbench.aggregate import weighted_mean
 from fedbench.backbone import Backbone
+from fedbench.data import ClientInfo
 from fedbench.model import HEADS, ClientModel
 from fedbench.options import build_config
 from fedbench.payload import Payload
@@ -24,19 +25,9 @@ from fedbench.registry import METHODS
 from fedbench.task import TaskSpec
 
 if TYPE_CHECKING:
-    from fedbench.simulation import ClientContext
+    from fedbench.context import ClientContext
 
 Tag = Literal["shared", "local"]
-
-
-@dataclass(frozen=True)
-class ClientInfo:
-    """What the server may know about a client (metadata, never its data)."""
-
-    client: int
-    tasks: tuple[str, ...]
-    has_ocr: bool
-    num_examples: int
 
 
 @dataclass(frozen=True)
@@ -68,7 +59,7 @@ class Method:
     paper: ClassVar[str] = ""
     # False for a reference row that is not federated (``centralized``): the harness then trains one
     # pooled trainer on every client's training rows, sends nothing, and evaluates that one model as
-    # every client's (Run._pooled_round); its server state is the pooled model's trainable tensors.
+    # every client's (server.Run._pooled_round); its server state is the pooled model's trainable tensors.
     federated: ClassVar[bool] = True
 
     def __init__(self, options: Any = None) -> None:

@@ -54,7 +54,7 @@ from fedbench.payload import Payload
 from fedbench.task import TaskSpec
 
 if TYPE_CHECKING:
-    from fedbench.simulation import ClientContext
+    from fedbench.context import ClientContext
 
 STAGE1, STAGE2 = 1, 2
 TASK_ADAPTERS, AOA, CLIENT_ADAPTER, ROUTER, OCR_EXPERT = (

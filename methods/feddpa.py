@@ -24,7 +24,7 @@ from fedbench.payload import Payload
 from fedbench.task import TaskSpec
 
 if TYPE_CHECKING:
-    from fedbench.simulation import ClientContext
+    from fedbench.context import ClientContext
 
 GLOBAL, LOCAL = "global", "local"
 REFERENCE_STREAM = "feddpa-reference"

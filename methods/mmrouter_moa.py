@@ -32,7 +32,7 @@ from fedbench.task_experts import (
 )
 
 if TYPE_CHECKING:
-    from fedbench.simulation import ClientContext
+    from fedbench.context import ClientContext
 
 ROUTER_INPUTS = ("image", "text", "task", "ocr")
 ROUTER_SCOPES = ("global", "local")

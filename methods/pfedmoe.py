@@ -21,7 +21,7 @@ from fedbench.model import Batch, ClientModel, Features
 from fedbench.task import TaskSpec
 
 if TYPE_CHECKING:
-    from fedbench.simulation import ClientContext
+    from fedbench.context import ClientContext
 
 PIXEL_SIDE = 16  # the pixel gate sees the image at 16x16x3
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fedbench.backbone import create_backbone
+from fedbench.context import client_context
 from fedbench.data import PartitionConfig
 from fedbench.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
-from fedbench.simulation import prepare
+from fedbench.staging import prepare
 
 TINY = Protocol(
     name="tiny",
@@ -37,7 +38,7 @@ def train_client():
     """One client's local update as the harness runs it: context, prepare_client, local_update."""
 
     def run_update(run, model, info, round_=0):
-        ctx = run.context(info, round_)
+        ctx = client_context(run.prep, info, round_)
         run.method.prepare_client(model, ctx)
         run.method.local_update(model, ctx)
         return ctx

@@ -10,7 +10,7 @@ from conftest import TINY
 
 from fedbench.model import AnswerHead, AnswerOutput, BoxHead, BoxOutput, attention_box
 from fedbench.protocol import ModelConfig, ProtocolError, from_dict
-from fedbench.simulation import Run
+from fedbench.server import Run
 
 
 def _run(prep, tmp_path, answer_side):

@@ -48,7 +48,7 @@ def test_malformed_toml_and_unwritable_results(tmp_path):
 
 def test_bad_input_leaves_existing_results_untouched(tmp_path, tiny_prep):
     from fedbench.protocol import MethodEntry
-    from fedbench.simulation import Run
+    from fedbench.server import Run
 
     run = Run(tiny_prep, MethodEntry("ffa-lora"), tmp_path)
     run.execute()
@@ -62,7 +62,7 @@ def test_bad_input_leaves_existing_results_untouched(tmp_path, tiny_prep):
 
 def test_leaderboard_command_prints_markdown_and_csv(tmp_path, tiny_prep):
     from fedbench.protocol import MethodEntry
-    from fedbench.simulation import Run
+    from fedbench.server import Run
 
     Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path).execute()
     md = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--format", "markdown"])
@@ -85,7 +85,7 @@ def test_list_and_describe():
 
 def test_leaderboard_usage_renders_the_routed_methods_matrix(tmp_path, tiny_prep):
     from fedbench.protocol import MethodEntry
-    from fedbench.simulation import Run
+    from fedbench.server import Run
 
     Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path).execute()
     csv = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--usage", "--format", "csv"])

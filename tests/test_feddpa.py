@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedbench.client import trainable_state
+from fedbench.context import client_context
 from fedbench.method import ClientInfo, Reply, create_method
 from fedbench.methods.feddpa import (
     REFERENCE_STREAM,
@@ -16,7 +18,7 @@ from fedbench.methods.feddpa import (
 from fedbench.payload import check_upload
 from fedbench.protocol import MethodEntry
 from fedbench.records import read_jsonl
-from fedbench.simulation import Run, trainable_state
+from fedbench.server import Run
 
 
 def _build(tiny_prep, tmp_path, **options):
@@ -113,7 +115,7 @@ def test_round0_trains_global_only_later_rounds_local_then_global(tiny_prep, tmp
     head_names = {n for n in run.method.tags(model) if n.startswith(("heads.", "trunk."))}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
 
-    ctx0 = run.context(info, 0)
+    ctx0 = client_context(run.prep, info, 0)
     calls = _spy(ctx0, model)
     before = trainable_state(model)
     run.method.local_update(model, ctx0)
@@ -124,7 +126,7 @@ def test_round0_trains_global_only_later_rounds_local_then_global(tiny_prep, tmp
     assert all(torch.equal(before[n], after0[n]) for n in loc), "round 0 leaves the local adapter alone"
     assert any(not torch.equal(before[n], after0[n]) for n in glob)
 
-    ctx1 = run.context(info, 1)
+    ctx1 = client_context(run.prep, info, 1)
     calls = _spy(ctx1, model)
     run.method.local_update(model, ctx1)
     after1 = trainable_state(model)
@@ -152,7 +154,7 @@ def test_alpha_and_features_are_per_instance_and_exact(tiny_prep, tmp_path):
     assert isinstance(model, FedDPAModel)
     _perturb(model)
     info = tiny_prep.infos[1]
-    ctx = run.context(info, 1)
+    ctx = client_context(run.prep, info, 1)
     store = tiny_prep.store
     ids = torch.as_tensor(np.unique(store.image_index.numpy())[:3])
     alphas = instance_alphas(model, ids, ctx)

@@ -6,13 +6,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedbench import simulation
+from fedbench import client as client_step
+from fedbench.client import trainable_state
+from fedbench.context import ClientContext, client_context
 from fedbench.data import GLOBAL_TEST
 from fedbench.method import ClientInfo, Reply, create_method
 from fedbench.payload import check_upload, serialize
 from fedbench.protocol import ClientsConfig, MethodEntry
 from fedbench.records import read_jsonl
-from fedbench.simulation import ClientContext, Federation, Run, trainable_state
+from fedbench.server import Federation, Run
 
 
 def expert_of(name):
@@ -36,7 +38,7 @@ def test_output_is_the_gate_weighted_mixture(tiny_prep, tmp_path):
     with torch.no_grad():  # make experts differ (up projections start at zero)
         for e in model.experts:
             e.adapter.up.weight.normal_(0, 0.1)
-    ctx = run.context(tiny_prep.infos[0], 0)
+    ctx = client_context(run.prep, tiny_prep.infos[0], 0)
     rows = tiny_prep.table.rows(split=GLOBAL_TEST)
     batch, cached = ctx.inputs(model, rows)
     with torch.no_grad():
@@ -191,7 +193,8 @@ def crafted_federation(run, model):
     infos = run.prep.infos
     shared = set(server)
     server.update({f"selection/{i.client}": torch.tensor([0, 1]) for i in infos})
-    return Federation(server, {i.client: dict(stale) for i in infos}, trainable_state(model), infos, shared, set())
+    run.backend.restore({i.client: dict(stale) for i in infos})
+    return Federation(server, trainable_state(model), infos, shared, set())
 
 
 def held(info, name):
@@ -203,7 +206,8 @@ def test_a_round_selects_with_the_current_gate_then_trains_the_servers_copies(ti
     run = Run(prep, MethodEntry("fedmix"), tmp_path)
     model = run.build()
     fed = crafted_federation(run, model)
-    server, stale = dict(fed.server), dict(fed.clients[0])
+    states = run.backend.runtime.states
+    server, stale = dict(fed.server), dict(states[0])
     at_start = {}
     train = ClientContext.train
 
@@ -229,8 +233,8 @@ def test_a_round_selects_with_the_current_gate_then_trains_the_servers_copies(ti
         assert all(torch.equal(state[n], stale[n]) for n in state if expert_of(n) in (0, 1))  # not sent
         assert trained == {n for n in stale if expert_of(n) in (None, 2, 3)}
         sent_up = {n for n in stale if expert_of(n) in (None, 2, 3) and held(info, n)}
-        assert all(not torch.equal(fed.clients[c][n], server[n]) for n in sent_up if n.endswith("adapter.up.weight"))
-        upload = {**{n: fed.clients[c][n] for n in sent_up}, "meta.gate_mass": torch.zeros(4)}
+        assert all(not torch.equal(states[c][n], server[n]) for n in sent_up if n.endswith("adapter.up.weight"))
+        upload = {**{n: states[c][n] for n in sent_up}, "meta.gate_mass": torch.zeros(4)}
         assert row["up_bytes"] == len(serialize(request)) + len(serialize(upload))
         assert fed.server[f"selection/{c}"].tolist() == [2, 3]
     # the server: gate (and trunk) by examples over all; expert k by examples x gate mass on k over
@@ -243,7 +247,7 @@ def test_a_round_selects_with_the_current_gate_then_trains_the_servers_copies(ti
             continue
         trainers = [i for i in prep.infos if held(i, name)]
         w = [i.num_examples * mass[k] for i in trainers]
-        expected = sum(wi * fed.clients[i.client][name] for wi, i in zip(w, trainers, strict=True)) / sum(w)
+        expected = sum(wi * states[i.client][name] for wi, i in zip(w, trainers, strict=True)) / sum(w)
         assert torch.allclose(fed.server[name], expected, atol=1e-6), name
 
 
@@ -253,16 +257,16 @@ def test_evaluation_runs_the_same_exchange(tiny_prep, tmp_path, monkeypatch):
     run = Run(tiny_prep, MethodEntry("fedmix"), tmp_path)
     model = run.build()
     fed = crafted_federation(run, model)
-    server, stale = dict(fed.server), dict(fed.clients[0])
+    server, stale = dict(fed.server), dict(run.backend.runtime.states[0])
     seen = {}
-    evaluate_rows = simulation.evaluate_rows
+    evaluate_rows = client_step.evaluate_rows
 
     def spy(model, method, ctx, rows, batch_size):
         seen.setdefault(ctx.info.client, {n: p.detach().clone() for n, p in model.named_parameters() if n in stale})
         assert model.selection.tolist() == [2, 3]
         return evaluate_rows(model, method, ctx, rows, batch_size)
 
-    monkeypatch.setattr(simulation, "evaluate_rows", spy)
+    monkeypatch.setattr(client_step, "evaluate_rows", spy)
     run._evaluate(0, model, fed)
     assert sorted(seen) == [i.client for i in tiny_prep.infos]
     for state in seen.values():

@@ -550,7 +550,7 @@ def test_versus_command_and_unknown_row(tmp_path):
 def test_a_run_records_per_example_scores_and_routing_statistics(tiny_prep, tmp_path):
     from fedbench.protocol import MethodEntry
     from fedbench.records import read_jsonl
-    from fedbench.simulation import Run
+    from fedbench.server import Run
 
     run = Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path)
     run.execute()

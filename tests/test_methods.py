@@ -5,11 +5,12 @@ import inspect
 import pytest
 import torch
 
+from fedbench.client import trainable_state
 from fedbench.method import create_method
 from fedbench.payload import META, check_upload, serialize
 from fedbench.protocol import MethodEntry
 from fedbench.registry import METHODS
-from fedbench.simulation import Run, trainable_state
+from fedbench.server import Run
 
 
 @pytest.fixture(params=METHODS.names())

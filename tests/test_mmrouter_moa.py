@@ -5,11 +5,13 @@ equivalence, end-to-end smoke run. The ablation ladder and reference routing: te
 import pytest
 import torch
 
+from fedbench.client import trainable_state
+from fedbench.context import client_context
 from fedbench.method import ClientInfo, Reply, create_method
 from fedbench.payload import check_upload
 from fedbench.protocol import MethodEntry
 from fedbench.records import read_jsonl
-from fedbench.simulation import Run, trainable_state
+from fedbench.server import Run
 from fedbench.task_experts import STAGE1, STAGE2
 
 t = torch.tensor
@@ -42,7 +44,7 @@ def _perturb(model, scale=0.1):
 
 
 def _features(run, model, rows):
-    ctx = run.context(run.prep.infos[0], 0)
+    ctx = client_context(run.prep, run.prep.infos[0], 0)
     batch, cached = ctx.inputs(model, rows)
     return model.encode(batch, cached)
 
@@ -183,7 +185,7 @@ def test_image_only_router_reduces_exactly_to_pilot(tiny_prep, tmp_path):
     assert set(dict(pilot.named_parameters())) == set(dict(mm.named_parameters()))
     mm.load_state_dict(pilot.state_dict())  # Pilot's router (and experts) copied into mmrouter
     info = tiny_prep.infos[0]
-    f = _features(pilot_run, pilot, pilot_run.context(info, 0).train_rows[:7])
+    f = _features(pilot_run, pilot, client_context(pilot_run.prep, info, 0).train_rows[:7])
     for model in (pilot, mm):
         model.bind(STAGE2, info.tasks, info.has_ocr)
     with torch.no_grad():
@@ -234,7 +236,7 @@ def test_client_without_ocr_routes_over_task_experts_only(tiny_prep, tmp_path):
     run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path)
     model = run.build()
     _perturb(model)
-    f = _features(run, model, run.context(tiny_prep.infos[0], 0).train_rows[:5])
+    f = _features(run, model, client_context(run.prep, tiny_prep.infos[0], 0).train_rows[:5])
     with torch.no_grad():
         model.bind(STAGE2, ("vqa", "classification"), False)
         model.adapt(f)

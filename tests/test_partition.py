@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fedbench.data import GLOBAL_CLIENT, PartitionConfig
+from fedbench.partition import make_plans, partition_summary
 from fedbench.tasks import scenes
-from fedbench.tasks.partition import make_plans, partition_summary
 
 TASKS = ["classification", "vqa", "grounding", "ocr_vqa"]
 N_DOM, N_CLS = scenes.N_DOMAINS, len(scenes.CLASSES)

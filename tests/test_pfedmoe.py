@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+from fedbench.client import trainable_state
+from fedbench.context import client_context
 from fedbench.method import ClientInfo, Reply, create_method
 from fedbench.payload import check_upload
 from fedbench.protocol import MethodEntry
 from fedbench.records import read_jsonl
-from fedbench.simulation import Run, trainable_state
+from fedbench.server import Run
 
 
 def test_only_the_global_expert_is_shared_and_travels(tiny_prep, tmp_path, train_client):
@@ -52,7 +54,7 @@ def test_representation_is_the_gated_sum_and_pixels_come_from_the_store(tiny_pre
     with torch.no_grad():
         model.global_expert.up.weight.normal_(0, 0.1)
         model.local_expert.up.weight.normal_(0, 0.1)
-    ctx = run.context(tiny_prep.infos[0], 0)
+    ctx = client_context(run.prep, tiny_prep.infos[0], 0)
     batch, cached = ctx.inputs(model, ctx.train_rows[:6])
     assert cached is not None  # frozen backbone: cached features; the batch still carries the pixels
     model.set_client(tiny_prep.infos[0])

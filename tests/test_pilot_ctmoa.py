@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from fedbench.client import trainable_state
+from fedbench.context import client_context
 from fedbench.method import ClientInfo, Reply, create_method
 from fedbench.payload import check_upload, serialize
 from fedbench.protocol import MethodEntry
 from fedbench.records import read_jsonl
-from fedbench.simulation import Run, trainable_state
+from fedbench.server import Run
 from fedbench.task_experts import STAGE1, STAGE2, client_key, stage_of
 
 t = torch.tensor
@@ -25,7 +27,7 @@ def _split(run, model):
 
 def _features(run, model, info, n=6):
     """``n`` training rows of ``info``, half from each end (so both of its tasks appear)."""
-    ctx = run.context(info, 0)
+    ctx = client_context(run.prep, info, 0)
     rows = np.concatenate([ctx.train_rows[: n // 2], ctx.train_rows[-(n - n // 2) :]])
     batch, cached = ctx.inputs(model, rows)
     assert len(set(batch.task.tolist())) == 2
@@ -187,14 +189,14 @@ def test_stage_is_per_client_from_its_participations(tiny_prep, tmp_path):
     # TINY samples clients [0, 1] in rounds 0 and 1, [0, 2] in round 2 (seed 0, 3 clients, fraction 0.5)
     run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
     c0, _, c2 = tiny_prep.infos
-    assert [run.context(c0, r).participations for r in range(4)] == [0, 1, 2, 3]
-    assert [run.context(c2, r).participations for r in range(4)] == [0, 0, 0, 1]
+    assert [client_context(run.prep, c0, r).participations for r in range(4)] == [0, 1, 2, 3]
+    assert [client_context(run.prep, c2, r).participations for r in range(4)] == [0, 0, 0, 1]
     # at evaluation after round r, the state holds round r's update too
-    assert [run.context(c0, r, evaluating=True).participations for r in range(3)] == [1, 2, 3]
-    assert [run.context(c2, r, evaluating=True).participations for r in range(3)] == [0, 0, 1]
-    assert [run.method.stage(run.context(c2, r)) for r in range(4)] == [STAGE1, STAGE1, STAGE1, STAGE2]
-    assert run.method.stage(run.context(c0, 0, evaluating=True)) == STAGE2  # evaluated as it trains next
-    assert run.method.stage(run.context(c2, 1, evaluating=True)) == STAGE1  # never trained: stage 1
+    assert [client_context(run.prep, c0, r, evaluating=True).participations for r in range(3)] == [1, 2, 3]
+    assert [client_context(run.prep, c2, r, evaluating=True).participations for r in range(3)] == [0, 0, 1]
+    assert [run.method.stage(client_context(run.prep, c2, r)) for r in range(4)] == [STAGE1, STAGE1, STAGE1, STAGE2]
+    assert run.method.stage(client_context(run.prep, c0, 0, evaluating=True)) == STAGE2  # evaluated as it trains next
+    assert run.method.stage(client_context(run.prep, c2, 1, evaluating=True)) == STAGE1  # never trained: stage 1
     with pytest.raises(ValueError, match="stage1_participations"):
         create_method("pilot-ctmoa", {"stage1_participations": -1})
     with pytest.raises(ValueError, match="stage1_rounds"):  # the old round-fraction schedule is gone

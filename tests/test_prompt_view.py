@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from fedbench.context import client_context
 from fedbench.prompt_view import _font, band_lines, band_width, prompt_view, shrunken_scene
 from fedbench.tasks.scenes import draw_scenes
 
@@ -75,14 +76,14 @@ def test_prompt_views_are_each_rows_view_through_the_frozen_tower(tiny_prep):
 
 def test_prompt_row_routes_on_the_prompt_view_while_experts_read_the_plain_image(tiny_prep, tmp_path):
     from fedbench.protocol import MethodEntry
-    from fedbench.simulation import Run
+    from fedbench.server import Run
     from fedbench.task_experts import STAGE2
 
     options = {"router_inputs": ["image"], "router_scope": "local", "ocr_expert": False, "router_view": "prompt"}
     run = Run(tiny_prep, MethodEntry("mmrouter-moa", options), tmp_path)
     model = run.build()
     info = tiny_prep.infos[0]
-    ctx = run.context(info, 0)
+    ctx = client_context(run.prep, info, 0)
     run.method.prepare_client(model, ctx)
     model.bind(STAGE2, info.tasks, False)
     rows = ctx.train_rows[:6]

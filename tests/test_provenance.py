@@ -6,7 +6,8 @@ import torch
 from conftest import TINY
 
 from fedbench.records import read_jsonl
-from fedbench.simulation import Run, prepare
+from fedbench.server import Run
+from fedbench.staging import prepare
 
 
 def test_run_record_carries_the_data_fingerprint_and_the_machine(tiny_prep, tmp_path):

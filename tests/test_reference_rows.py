@@ -6,25 +6,28 @@ import dataclasses
 import numpy as np
 import torch
 
+from fedbench.checkpoint import Checkpoint
+from fedbench.context import ClientContext
 from fedbench.data import GLOBAL_CLIENT, TRAIN
 from fedbench.leaderboard import build_leaderboard
 from fedbench.payload import deserialize, serialize
 from fedbench.protocol import ClientsConfig, MethodEntry
 from fedbench.records import read_jsonl, read_records
-from fedbench.simulation import ClientContext, Run, sample_clients
+from fedbench.seeding import sample_clients
+from fedbench.server import Run
 
 
 def _capture_states(monkeypatch):
     """Every round's server state and stored client states, as checkpointed."""
     seen = []
-    save = Run._save_checkpoint
+    save = Checkpoint.save
 
-    def capture(self, next_round, fed):
+    def capture(self, next_round, server, clients, init):
         clone = lambda state: {n: t.clone() for n, t in state.items()}  # noqa: E731
-        seen.append((clone(fed.server), {c: clone(s) for c, s in fed.clients.items()}))
-        save(self, next_round, fed)
+        seen.append((clone(server), {c: clone(s) for c, s in clients.items()}))
+        save(self, next_round, server, clients, init)
 
-    monkeypatch.setattr(Run, "_save_checkpoint", capture)
+    monkeypatch.setattr(Checkpoint, "save", capture)
     return seen
 
 

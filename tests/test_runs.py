@@ -13,7 +13,7 @@ from fedbench.method import Method, register_method
 from fedbench.protocol import MethodEntry
 from fedbench.records import read_jsonl, read_records
 from fedbench.registry import METHODS
-from fedbench.simulation import Run
+from fedbench.server import Run
 
 VOLATILE = {"compute_s", "git_commit", "versions"}
 
@@ -48,7 +48,7 @@ def test_killed_run_resumes_to_the_same_numbers(tiny_prep, tmp_path, monkeypatch
         Run(tiny_prep, MethodEntry(method), tmp_path / "killed").execute()
     monkeypatch.setattr(Run, "_round", original)
     resumed = Run(tiny_prep, MethodEntry(method), tmp_path / "killed")
-    assert resumed.checkpoint_path.is_file()
+    assert resumed.checkpoint.path.is_file()
     resumed.execute()
     a = read_jsonl(tmp_path / "clean" / "runs" / clean / "records.jsonl")
     b = read_jsonl(resumed.records_path)
@@ -122,22 +122,24 @@ import hashlib, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from conftest import TINY
+from fedbench.checkpoint import Checkpoint
 from fedbench.protocol import MethodEntry
-from fedbench.simulation import Run, prepare
+from fedbench.server import Run
+from fedbench.staging import prepare
 
 torch.set_num_threads(2)
 digest = hashlib.sha256()
-save = Run._save_checkpoint
+save = Checkpoint.save
 
 
-def capture(self, next_round, fed):  # every round's server and client states, bit for bit
-    for state in (fed.server, *(fed.clients[c] for c in sorted(fed.clients))):
+def capture(self, next_round, server, clients, init):  # every round's server and client states, bit for bit
+    for state in (server, *(clients[c] for c in sorted(clients))):
         for name in sorted(state):
             digest.update(name.encode() + state[name].numpy().tobytes())
-    save(self, next_round, fed)
+    save(self, next_round, server, clients, init)
 
 
-Run._save_checkpoint = capture
+Checkpoint.save = capture
 prep = prepare(TINY, 0, device=torch.device("cpu"))
 for name in ("fedavg-lora", "feddpa", "mmrouter-moa"):
     Run(prep, MethodEntry(name), sys.argv[2]).execute()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fedbench.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, TRAIN, PartitionConfig
+from fedbench.partition import make_plans
 from fedbench.registry import SUITES, TASKS
 from fedbench.tasks import scenes
-from fedbench.tasks.partition import make_plans
 
 TASK_NAMES = ["classification", "vqa", "grounding", "ocr_vqa"]
 CONFIG = PartitionConfig(num_clients=4, train_images=24, test_images=8, global_test_images=20)

@@ -10,10 +10,11 @@ import pytest
 import tomllib
 import torch
 
+from fedbench.context import client_context
 from fedbench.method import create_method
 from fedbench.protocol import MethodEntry, from_dict
 from fedbench.records import read_jsonl
-from fedbench.simulation import Run
+from fedbench.server import Run
 from fedbench.task_experts import STAGE2
 
 ALL = ("classification", "vqa", "grounding", "ocr_vqa")
@@ -111,7 +112,7 @@ def _stage2(prep, tmp_path, entry, info, ocr):
         for name, p in model.named_parameters():
             if name.endswith("up.weight"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    ctx = run.context(info, 0)
+    ctx = client_context(run.prep, info, 0)
     rows = list(ctx.train_rows[:3]) + list(ctx.train_rows[-3:])
     f = model.encode(*ctx.inputs(model, rows))
     model.bind(STAGE2, info.tasks, ocr)

@@ -1,0 +1,137 @@
+"""The client step, shared by every backend: a function of (client, round, what it received, its
+stored state) that returns what it sends back. A backend only moves the bytes.
+
+A client keeps its stored state (every trainable tensor after its last local update, local ones
+included) in a :class:`~collections.abc.MutableMapping` keyed by client (partition) id that stays
+on the client's side: a dict in process, a directory on a Flower node. Nothing local ever leaves
+it except through :meth:`~fedbench.method.Method.upload`, which the server checks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedbench.context import ClientContext, client_context
+from fedbench.data import GLOBAL_TEST, TEST, ClientInfo
+from fedbench.evaluation import EvalReply, asking_every_task, evaluate_rows
+from fedbench.method import Method
+from fedbench.model import ClientModel
+from fedbench.payload import META, deserialize, serialize
+from fedbench.seeding import derive_seed
+from fedbench.staging import Prepared
+from fedbench.timing import ComputeTimer
+
+State = dict[str, torch.Tensor]
+
+
+def trainable_state(model: ClientModel) -> State:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_state(model: ClientModel, *states: State | None) -> None:
+    """Copy the given states into the model's parameters, later states winning (``meta.*`` message
+    tensors are not parameters and are skipped)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for state in states:
+            for name, tensor in (state or {}).items():
+                if name.startswith(META):
+                    continue
+                if name not in params:
+                    raise KeyError(f"payload tensor '{name}' is not a parameter of the model")
+                params[name].copy_(tensor)
+
+
+def build_model(prep: Prepared, method: Method) -> ClientModel:
+    """The method's model on a fresh copy of the backbone, from the one seeded init every client
+    (and the server) starts from."""
+    torch.manual_seed(derive_seed(prep.seed, "init"))
+    model = method.build_model(copy.deepcopy(prep.backbone), prep.specs, prep.protocol.model.answer_side)
+    return model.to(prep.device)
+
+
+@dataclass
+class Message:
+    """What the server sends one client: the round, its download (serialized), and for a method with
+    a two-message download the answer to the client's request."""
+
+    client: int
+    round: int
+    down: bytes
+    more: bytes | None = None
+    evaluating: bool = False
+
+
+@dataclass
+class TrainReply:
+    """What a client sends back after its local update, and what the ledger needs to know of it."""
+
+    upload: bytes
+    n_examples: int
+    compute_s: float
+    timer: str
+    record: dict[str, Any] = field(default_factory=dict)  # the method's train-record fields
+
+
+class ClientRuntime:
+    """One model and the staged data on a client process; runs any client's step on them."""
+
+    def __init__(self, prep: Prepared, method: Method, states: MutableMapping[int, State] | None = None) -> None:
+        self.prep, self.method = prep, method
+        self.model = build_model(prep, method)
+        self.init = trainable_state(self.model)
+        self.states: MutableMapping[int, State] = {} if states is None else states
+        self.two_messages = type(method).request is not Method.request
+
+    def context(self, info: ClientInfo, r: int, evaluating: bool = False) -> ClientContext:
+        return client_context(self.prep, info, r, evaluating)
+
+    def _load(self, msg: Message) -> ClientContext:
+        """Initial state, then the stored state, then the download, as it crossed the wire; then
+        the method's per-client structure; then, when the method asks in two messages, the same
+        request as the one the server answered (it is deterministic) and the answer on top."""
+        info = self.prep.infos[msg.client]
+        load_state(self.model, self.init, self.states.get(msg.client), deserialize(msg.down))
+        ctx = self.context(info, msg.round, msg.evaluating)
+        self.method.prepare_client(self.model, ctx)
+        if msg.more is not None:
+            self.method.request(self.model, ctx)
+            load_state(self.model, deserialize(msg.more))
+        return ctx
+
+    def query(self, msg: Message) -> bytes:
+        """The first half of a two-message download: the client's request (serialized)."""
+        ctx = self._load(msg)
+        return serialize(self.method.request(self.model, ctx))
+
+    def train(self, msg: Message) -> TrainReply:
+        """Local update, upload, and the new stored state."""
+        ctx = self._load(msg)
+        info = ctx.info
+        with ComputeTimer(self.prep.device) as timer:
+            self.method.local_update(self.model, ctx)
+        up = serialize(self.method.upload(self.model, info))
+        self.states[info.client] = trainable_state(self.model)
+        extra = self.method.train_record(self.model, ctx)
+        return TrainReply(up, len(ctx.train_rows), timer.seconds, timer.kind, extra)
+
+    def evaluate(self, msg: Message) -> EvalReply:
+        """Scores on the client's own test split and on the global test set (see :func:`eval_records`)."""
+        ctx = self._load(msg)
+        table, bs = self.prep.table, self.prep.protocol.eval.batch_size
+        own = table.rows(client=msg.client, split=TEST)
+        own_correct, _ = evaluate_rows(self.model, self.method, ctx, own, bs)
+        global_correct, routing = evaluate_rows(self.model, self.method, ctx, table.rows(split=GLOBAL_TEST), bs)
+        return EvalReply(own_correct, global_correct, routing)
+
+
+def asking(prep: Prepared, client: int, evaluating: bool) -> ClientInfo:
+    """The client as the server sees it when it builds the download: at evaluation, asking for
+    every task (TTP); at training, its own tasks."""
+    info = prep.infos[client]
+    return asking_every_task(info, prep.store.task_names) if evaluating else info

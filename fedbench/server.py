@@ -1,0 +1,266 @@
+"""The server loop, shared by every backend: sampling, download, aggregation, evaluation schedule,
+the byte ledger, records and checkpoints. It reaches clients only through a :class:`Backend`,
+which moves :class:`~fedbench.client.Message` bytes to the client step and its replies back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedbench.checkpoint import Checkpoint, CheckpointMismatch, truncate_records
+from fedbench.client import ClientRuntime, Message, State, TrainReply, build_model, load_state, trainable_state
+from fedbench.context import ClientContext
+from fedbench.data import GLOBAL_CLIENT, TRAIN, ClientInfo
+from fedbench.evaluation import EvalReply, asking_every_task, eval_records
+from fedbench.method import Method, Reply, count_params, create_method
+from fedbench.payload import Payload, analytic_bytes, check_upload, deserialize, serialize
+from fedbench.protocol import MethodEntry
+from fedbench.records import append_records, read_jsonl
+from fedbench.run_records import RunRecords
+from fedbench.seeding import sample_clients
+from fedbench.staging import Prepared
+from fedbench.timing import ComputeTimer, device_label
+
+__all__ = ["Backend", "CheckpointMismatch", "Federation", "Run", "run_id_for"]
+
+
+class Backend(Protocol):
+    """Moves messages to client steps and their replies back, in message order. A reply is None
+    for a client that dropped out (its process died, it timed out): the round goes on without it."""
+
+    name: str
+
+    def query(self, messages: Sequence[Message]) -> Iterable[bytes | None]: ...
+
+    def train(self, messages: Sequence[Message]) -> Iterable[TrainReply | None]: ...
+
+    def evaluate(self, messages: Sequence[Message]) -> Iterable[EvalReply | None]: ...
+
+    def client_states(self) -> dict[int, State] | None:
+        """Every client's stored state where the backend can hand it to a checkpoint, else None
+        (then a run is not resumable mid-way and restarts)."""
+
+    def restore(self, states: dict[int, State]) -> None: ...
+
+
+def run_id_for(entry: MethodEntry, seed: int, protocol: Any) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._=+-]+", "_", entry.label)
+    return f"{slug}__seed{seed}__{protocol.hash}"
+
+
+@dataclass
+class Federation:
+    """What the server holds between rounds: its state, the initial state every client starts
+    from (one seeded build), what it may know of every client, and the tag sets it checks with."""
+
+    server: Payload
+    init: State
+    infos: list[ClientInfo]
+    shared: set[str]
+    local: set[str]
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def _noop(event: str, info: dict[str, Any]) -> None:
+    return None
+
+
+class Run:
+    """One (method row, seed) run of a protocol, resumable from its last completed round."""
+
+    def __init__(
+        self,
+        prep: Prepared,
+        entry: MethodEntry,
+        results_dir: Path,
+        progress: Progress = _noop,
+        backend: Backend | None = None,
+    ) -> None:
+        self.prep, self.entry, self.progress = prep, entry, progress
+        self.protocol = prep.protocol
+        self.method: Method = create_method(entry.name, entry.options)
+        self.run_id = run_id_for(entry, prep.seed, self.protocol)
+        self.dir = Path(results_dir) / "runs" / self.run_id
+        self.records_path = self.dir / "records.jsonl"
+        self.checkpoint = Checkpoint(self.dir / "checkpoint.pt")
+        self.records = RunRecords(self.run_id, entry, prep.seed, self.protocol, prep.table, device_label(prep.device))
+        self._backend = backend
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            from fedbench.backends.inprocess import InProcessBackend
+
+            self._backend = InProcessBackend(ClientRuntime(self.prep, self.method))
+        return self._backend
+
+    def completed(self) -> bool:
+        if not self.records_path.is_file():
+            return False
+        return any(r.get("kind") == "run" and r.get("completed") for r in read_jsonl(self.records_path))
+
+    def build(self):
+        return build_model(self.prep, self.method)
+
+    def execute(self) -> str:
+        """Run (or resume, or skip when complete); returns the run id."""
+        if self.completed():
+            self.progress("skip", {"run_id": self.run_id})
+            return self.run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        model = self.build()
+        tags = self.method.tags(model)
+        bad = {n: t for n, t in tags.items() if t not in ("shared", "local")}
+        if bad:
+            raise ValueError(
+                f"method '{self.entry.name}' tagged {next(iter(bad))!r} as "
+                f"{next(iter(bad.values()))!r}; tags are shared|local"
+            )
+        init = trainable_state(model)
+        fed = Federation(
+            server=self.method.init_server_state(model),
+            init=init,
+            infos=self.prep.infos,
+            shared={n for n, t in tags.items() if t == "shared"},
+            local={n for n, t in tags.items() if t == "local"},
+        )
+        start = self._resume(fed)
+        rounds = self.protocol.rounds
+        self.progress("start", {"run_id": self.run_id, "label": self.entry.label, "rounds": rounds, "start": start})
+        for r in range(start, rounds):
+            rows = self._round(r, model, fed)
+            if (r + 1) == rounds or (self.protocol.eval.every and (r + 1) % self.protocol.eval.every == 0):
+                rows += self._evaluate(r, model, fed)
+            append_records(self.records_path, rows)
+            self.checkpoint.save(r + 1, fed.server, self.backend.client_states(), fed.init)
+            self.progress("round", {"run_id": self.run_id, "round": r + 1, "rounds": rounds})
+        self._finish(model, tags)
+        return self.run_id
+
+    def _resume(self, fed: Federation) -> int:
+        """The round to start from: after the checkpoint's, with the records of later rounds dropped
+        (a kill between append and checkpoint); 0 when there is none or the backend cannot resume."""
+        loaded = self.checkpoint.load(fed.init) if self.backend.client_states() is not None else None
+        start = 0
+        if loaded is not None:
+            start, fed.server, states = loaded
+            self.backend.restore(states)
+            self.progress("resume", {"run_id": self.run_id, "round": start})
+        truncate_records(self.records_path, start)
+        return start
+
+    # --- one round ------------------------------------------------------------------------------
+    def _exchange(self, fed: Federation, clients: Sequence[int], r: int, evaluating: bool) -> list[Message]:
+        """The download of each client, as it crosses the wire (for a two-message download: the
+        request and the answer too), with each message's byte ledger in ``self._wire``."""
+        messages, self._wire, self._asked = [], {}, {}
+        for c in clients:
+            info = fed.infos[c]
+            asking = asking_every_task(info, self.prep.store.task_names) if evaluating else info
+            down = self.method.download(fed.server, asking)
+            blob = serialize(down)
+            messages.append(Message(c, r, blob, None, evaluating))
+            self._wire[c] = {
+                "up_bytes": 0,
+                "down_bytes": len(blob),
+                "up_bytes_analytic": 0,
+                "down_bytes_analytic": analytic_bytes(down),
+            }
+        if self.backend_two_messages:
+            for msg, ask_blob in zip(messages, self.backend.query(messages), strict=True):
+                ask = deserialize(ask_blob)
+                check_upload(ask, fed.shared, fed.local, self.entry.name)
+                asking = fed.infos[msg.client]
+                asking = asking_every_task(asking, self.prep.store.task_names) if evaluating else asking
+                more = self.method.answer(fed.server, asking, ask)
+                msg.more = serialize(more)
+                wire = self._wire[msg.client]
+                wire["up_bytes"] += len(ask_blob)
+                wire["down_bytes"] += len(msg.more)
+                wire["up_bytes_analytic"] += analytic_bytes(ask)
+                wire["down_bytes_analytic"] += analytic_bytes(more)
+                wire["request"] = {k: v.tolist() for k, v in ask.items()}
+        return messages
+
+    @property
+    def backend_two_messages(self) -> bool:
+        return type(self.method).request is not Method.request
+
+    def _round(self, r: int, model, fed: Federation) -> list[dict]:
+        """Sample, download, train, upload, aggregate (updates ``fed`` in place); train records."""
+        if not self.method.federated:
+            return self._pooled_round(r, model, fed)
+        sampled = sample_clients(self.prep.seed, r, len(fed.infos), self.protocol.clients.sample_fraction)
+        messages = self._exchange(fed, sampled, r, evaluating=False)
+        replies, rows = [], []
+        for msg, reply in zip(messages, self.backend.train(messages), strict=True):
+            c, info = msg.client, fed.infos[msg.client]
+            up = deserialize(reply.upload)
+            check_upload(up, fed.shared, fed.local, self.entry.name)
+            replies.append(Reply(info, up, reply.n_examples))
+            wire = self._wire[c]
+            wire["up_bytes"] += len(reply.upload)
+            wire["up_bytes_analytic"] += analytic_bytes(up)
+            rows.append(self.records.train(r, c, wire, reply.compute_s, reply.timer, reply.n_examples, reply.record))
+            self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
+        fed.server = self.method.aggregate(fed.server, replies)
+        return rows
+
+    def _pooled_round(self, r: int, model, fed: Federation) -> list[dict]:
+        """A reference row that is not federated (``Method.federated`` False): one trainer on the
+        union of every client's training rows (all tasks; OCR as each row has it) for ``local.steps``
+        × (clients sampled this round) steps, so it takes as many gradient steps as a federated row.
+        It trains on the server, whatever the backend. Nothing is sent: one train record per round
+        with 0 bytes and ``federated: false``. The pooled model's trainable state is ``fed.server``,
+        so :meth:`_evaluate` scores it as every client's."""
+        proto, prep = self.protocol, self.prep
+        sampled = sample_clients(prep.seed, r, len(fed.infos), proto.clients.sample_fraction)
+        train_rows = prep.table.rows(split=TRAIN)
+        steps = proto.local.steps * len(sampled)
+        held = {t for info in fed.infos for t in info.tasks}
+        info = ClientInfo(
+            GLOBAL_CLIENT,
+            tuple(t for t in prep.store.task_names if t in held),
+            any(i.has_ocr for i in fed.infos),
+            len(train_rows),
+        )
+        pooled = proto.replace(local=dataclasses.replace(proto.local, steps=steps))
+        ctx = ClientContext(info, r, prep.store, train_rows, pooled, prep.seed, prep.features)
+        load_state(model, fed.init, fed.server)
+        self.method.prepare_client(model, ctx)
+        with ComputeTimer(prep.device) as timer:
+            self.method.local_update(model, ctx)
+        fed.server = trainable_state(model)
+        for c in sampled:  # the clients whose share of steps the pooled trainer took
+            self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
+        nothing = {"up_bytes": 0, "down_bytes": 0, "up_bytes_analytic": 0, "down_bytes_analytic": 0}
+        extra = self.method.train_record(model, ctx)
+        record = self.records.train(r, GLOBAL_CLIENT, nothing, timer.seconds, timer.kind, len(train_rows), extra)
+        return [{**record, "federated": False, "steps": steps, "sampled": sampled}]
+
+    def _evaluate(self, r: int, model, fed: Federation) -> list[dict]:
+        """Every registered client's model after round ``r``, scored by the client step."""
+        clients = [info.client for info in fed.infos]
+        messages = self._exchange(fed, clients, r, evaluating=True)
+        replies = list(self.backend.evaluate(messages))
+        return eval_records(self.records, r, fed.infos, replies, self.prep.store.task_names, model.expert_names)
+
+    def _finish(self, model, tags: dict[str, str]) -> None:
+        rows = self.records.finish(
+            self.prep.majority,
+            self.method.federated,
+            count_params(model, tags),
+            self.method.options,
+            self.prep.backbone,
+            self.prep.plans,
+            self.backend.name,
+        )
+        append_records(self.records_path, rows)
+        self.checkpoint.remove()

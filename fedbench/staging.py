@@ -1,0 +1,183 @@
+"""Staging: what every run of one seed shares before any method acts (DESIGN §6).
+
+The partition plan, the drawn suite, its rows as tensors with text encoded once by the frozen
+text tower, the frozen image features (computed once, shared by every row whose trainable parts
+sit after the towers) and the majority reference row. Every backend stages the same way from
+(protocol, seed), so a Flower node rebuilds exactly what the in-process backend holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedbench.backbone import Backbone, create_backbone
+from fedbench.data import GLOBAL_TEST, TRAIN, ClientInfo, ClientPlan, ExampleTable
+from fedbench.model import OCR_TOKENS, Batch
+from fedbench.partition import make_plans
+from fedbench.prompt_view import PromptViews
+from fedbench.protocol import Protocol
+from fedbench.registry import SUITES, TASKS
+from fedbench.task import TaskSpec
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class RowStore:
+    """Every row of a table as tensors; text is encoded once by the frozen text tower."""
+
+    def __init__(
+        self, table: ExampleTable, specs: Sequence[TaskSpec], backbone: Backbone, device: torch.device
+    ) -> None:
+        self.table = table
+        self.device = device
+        self.task_names = [s.name for s in specs]
+        self.images = table.images.to(device)
+        self.image_index = torch.as_tensor(table.image_index, dtype=torch.long)
+        self.task_id = torch.as_tensor([self.task_names.index(t) for t in table.task], dtype=torch.long, device=device)
+        self.question = self._encode(backbone, table.question)
+        self.ocr, self.ocr_mask = self._encode_tokens(backbone, table.ocr_text)
+        self.label = torch.as_tensor(table.label, dtype=torch.long, device=device)
+        self.box = torch.as_tensor(table.box, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _encode(backbone: Backbone, texts: np.ndarray) -> torch.Tensor:
+        unique, inverse = np.unique(texts.astype(str), return_inverse=True)
+        return backbone.encode_text(list(unique))[torch.as_tensor(inverse, device=backbone.mean.device)]
+
+    @staticmethod
+    def _encode_tokens(backbone: Backbone, texts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """OCR text -> one embedding per whitespace token (reading order), at most OCR_TOKENS."""
+        tokens = [str(t).split()[:OCR_TOKENS] for t in texts]
+        vocab = sorted({w for ts in tokens for w in ts})
+        device = backbone.mean.device
+        k = max((len(ts) for ts in tokens), default=0) or 1
+        emb = torch.zeros(len(texts), k, backbone.embed_dim, device=device)
+        mask = torch.zeros(len(texts), k, dtype=torch.bool, device=device)
+        if vocab:
+            table = backbone.encode_text(vocab)
+            index = {w: i for i, w in enumerate(vocab)}
+            for row, ts in enumerate(tokens):
+                if ts:
+                    emb[row, : len(ts)] = table[[index[w] for w in ts]]
+                    mask[row, : len(ts)] = True
+        return emb, mask
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        image_index = self.image_index[rows]
+        images = self.images[image_index.to(self.device)]
+        return Batch(
+            images,
+            image_index,
+            self.table.task[rows],
+            self.task_id[idx],
+            self.question[idx],
+            self.ocr[idx],
+            self.ocr_mask[idx],
+            self.label[idx],
+            self.box[idx],
+            idx,
+        )
+
+
+class FeatureCache:
+    """Frozen-backbone image features of every image, computed once per seed and shared by all
+    methods whose trainable parts sit after the towers (keyed by the backbone and the table)."""
+
+    def __init__(
+        self, backbone: Backbone, images: torch.Tensor, batch_size: int = 256, prompts: PromptViews | None = None
+    ) -> None:
+        self.backbone, self.images, self.batch_size = backbone, images, batch_size
+        self.prompts = prompts  # per-row prompt views (text drawn around the image), for routers that read them
+        self._tokens: torch.Tensor | None = None
+        self._pooled: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _fill(self) -> None:
+        tokens, pooled = [], []
+        for i in range(0, len(self.images), self.batch_size):
+            t, p = self.backbone.encode_image(self.images[i : i + self.batch_size])
+            tokens.append(t)
+            pooled.append(p)
+        self._tokens, self._pooled = torch.cat(tokens), torch.cat(pooled)
+
+    def get(self, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tokens is None:
+            self._fill()
+        idx = image_index.to(self._tokens.device)
+        return self._tokens[idx], self._pooled[idx]
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs that does not depend on the method (shared by all rows of a seed)."""
+
+    protocol: Protocol
+    seed: int
+    plans: list[ClientPlan]
+    table: ExampleTable
+    specs: list[TaskSpec]
+    backbone: Backbone
+    store: RowStore
+    device: torch.device
+    majority: dict[str, float]
+    features: FeatureCache
+
+    @property
+    def infos(self) -> list[ClientInfo]:
+        return [
+            ClientInfo(
+                p.client,
+                tuple(t for t in p.tasks if t in self.store.task_names),
+                p.has_ocr,
+                len(self.table.rows(client=p.client, split=TRAIN)),
+            )
+            for p in self.plans
+        ]
+
+
+def prepare(
+    protocol: Protocol, seed: int, backbone: Backbone | None = None, device: torch.device | None = None
+) -> Prepared:
+    """Partition, draw the suite and encode text for one seed."""
+
+    device = device or default_device()
+    specs = [TASKS.get(name) for name in protocol.tasks]
+    suite = SUITES.get(protocol.data.suite)
+    wrong = [s.name for s in specs if s.suite != protocol.data.suite]
+    if wrong:
+        raise ValueError(f"task(s) {wrong} do not belong to suite '{protocol.data.suite}'")
+    n_classes = max((s.num_answers for s in specs if s.family == "classification"), default=1)
+    plans = make_plans(protocol.data, list(protocol.tasks), suite.n_domains, n_classes, seed)
+    table = suite(plans, protocol.data, list(protocol.tasks), seed)
+    backbone = backbone or create_backbone(protocol.backbone.name, device)
+    store = RowStore(table, specs, backbone, device)
+    prompts = PromptViews(table, {s.name: s.family for s in specs}, backbone, protocol.eval.batch_size)
+    features = FeatureCache(backbone, store.images, protocol.eval.batch_size, prompts)
+    return Prepared(
+        protocol, seed, plans, table, specs, backbone, store, device, majority_scores(table, specs), features
+    )
+
+
+def majority_scores(table: ExampleTable, specs: Sequence[TaskSpec]) -> dict[str, float]:
+    """Reference row: the majority training answer (mean training box for grounding) on the global test."""
+    from torchvision.ops import box_iou
+
+    scores = {}
+    for spec in specs:
+        train = np.flatnonzero((table.task == spec.name) & (table.split == TRAIN))
+        test = np.flatnonzero((table.task == spec.name) & (table.split == GLOBAL_TEST))
+        if spec.is_box:
+            mean_box = torch.as_tensor(table.box[train].mean(0, keepdims=True))
+            ious = box_iou(mean_box.expand(len(test), 4), torch.as_tensor(table.box[test])).diagonal()
+            scores[spec.name] = float((ious >= 0.5).float().mean())
+        else:
+            answer = np.bincount(table.label[train], minlength=spec.num_answers).argmax()
+            scores[spec.name] = float((table.label[test] == answer).mean())
+    return scores
