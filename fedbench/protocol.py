@@ -80,6 +80,16 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ResourcesConfig:
+    """What each client may use when a Flower backend runs it (Ray's client resources: CPUs, and a
+    fraction of a GPU). It changes where and how fast clients run, never a number, so it stays out
+    of the hash."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
 class MethodEntry:
     """One leaderboard row: a registered method and its option overrides."""
 
@@ -135,6 +145,7 @@ class Protocol:
     eval: EvalConfig = field(default_factory=EvalConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     sweep: SweepConfig | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -147,10 +158,11 @@ class Protocol:
     def hash(self) -> str:
         """Hash of everything that changes a run's numbers; not the name, nor the list of seeds and
         method rows (each record carries its own seed and method), so adding a seed or a method
-        row keeps the runs already made. A protocol with a sweep hashes its ``[sweep]`` table too,
-        but runs nothing under that hash: each variant's records carry the variant's own hash."""
+        row keeps the runs already made, nor the client resources of a Flower backend. A protocol
+        with a sweep hashes its ``[sweep]`` table too, but runs nothing under that hash: each
+        variant's records carry the variant's own hash."""
         body = self.as_dict()
-        for key in ("name", "seeds", "methods"):
+        for key in ("name", "seeds", "methods", "resources"):
             body.pop(key)
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -178,7 +190,7 @@ def _variant(proto: Protocol, value: Any) -> Protocol:
     return dataclasses.replace(proto, **{section: dataclasses.replace(getattr(proto, section), **{leaf: value})})
 
 
-_NOT_SWEPT = ("name", "seeds", "tasks", "methods", "sweep")  # seeds are replicates; rows are the sweep's
+_NOT_SWEPT = ("name", "seeds", "tasks", "methods", "resources", "sweep")  # seeds are replicates; rows are the sweep's
 
 
 def sweep_fields() -> dict[str, Any]:
@@ -222,6 +234,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.every": (lambda v: v >= 0, "an integer >= 0"),
     "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "model.answer_side": (lambda v: v in ANSWER_SIDES, "one of: " + ", ".join(ANSWER_SIDES)),
+    "resources.num_cpus": (lambda v: v > 0, "a number > 0"),
+    "resources.num_gpus": (lambda v: 0 <= v <= 1, "a number in [0, 1] (a fraction of one GPU per client)"),
 }
 
 

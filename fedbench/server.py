@@ -10,7 +10,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol as Interface
 
 from fedbench.checkpoint import Checkpoint, CheckpointMismatch, truncate_records
 from fedbench.client import ClientRuntime, Message, State, TrainReply, build_model, load_state, trainable_state
@@ -19,17 +20,17 @@ from fedbench.data import GLOBAL_CLIENT, TRAIN, ClientInfo
 from fedbench.evaluation import EvalReply, asking_every_task, eval_records
 from fedbench.method import Method, Reply, count_params, create_method
 from fedbench.payload import Payload, analytic_bytes, check_upload, deserialize, serialize
-from fedbench.protocol import MethodEntry
+from fedbench.protocol import MethodEntry, Protocol
 from fedbench.records import append_records, read_jsonl
 from fedbench.run_records import RunRecords
 from fedbench.seeding import sample_clients
-from fedbench.staging import Prepared
+from fedbench.staging import Prepared, prepare
 from fedbench.timing import ComputeTimer, device_label
 
-__all__ = ["Backend", "CheckpointMismatch", "Federation", "Run", "run_id_for"]
+__all__ = ["Backend", "CheckpointMismatch", "Federation", "Run", "run_id_for", "run_rows"]
 
 
-class Backend(Protocol):
+class Backend(Interface):
     """Moves messages to client steps and their replies back, in message order. A reply is None
     for a client that dropped out (its process died, it timed out): the round goes on without it."""
 
@@ -46,6 +47,9 @@ class Backend(Protocol):
         (then a run is not resumable mid-way and restarts)."""
 
     def restore(self, states: dict[int, State]) -> None: ...
+
+    def drop_reason(self, client: int) -> str:
+        """Why ``client``'s last reply is missing (an error's text, or a timeout)."""
 
 
 def run_id_for(entry: MethodEntry, seed: int, protocol: Any) -> str:
@@ -81,7 +85,7 @@ class Run:
         entry: MethodEntry,
         results_dir: Path,
         progress: Progress = _noop,
-        backend: Backend | None = None,
+        backend: Callable[[Run], Backend] | None = None,
     ) -> None:
         self.prep, self.entry, self.progress = prep, entry, progress
         self.protocol = prep.protocol
@@ -91,14 +95,19 @@ class Run:
         self.records_path = self.dir / "records.jsonl"
         self.checkpoint = Checkpoint(self.dir / "checkpoint.pt")
         self.records = RunRecords(self.run_id, entry, prep.seed, self.protocol, prep.table, device_label(prep.device))
-        self._backend = backend
+        self._make_backend = backend
+        self._backend: Backend | None = None
 
     @property
     def backend(self) -> Backend:
+        """Built on first use (a completed run, skipped, never starts one): in process by default."""
         if self._backend is None:
-            from fedbench.backends.inprocess import InProcessBackend
+            if self._make_backend is None:
+                from fedbench.backends.inprocess import InProcessBackend
 
-            self._backend = InProcessBackend(ClientRuntime(self.prep, self.method))
+                self._backend = InProcessBackend(ClientRuntime(self.prep, self.method))
+            else:
+                self._backend = self._make_backend(self)
         return self._backend
 
     def completed(self) -> bool:
@@ -160,7 +169,7 @@ class Run:
     def _exchange(self, fed: Federation, clients: Sequence[int], r: int, evaluating: bool) -> list[Message]:
         """The download of each client, as it crosses the wire (for a two-message download: the
         request and the answer too), with each message's byte ledger in ``self._wire``."""
-        messages, self._wire, self._asked = [], {}, {}
+        messages, self._wire = [], {}
         for c in clients:
             info = fed.infos[c]
             asking = asking_every_task(info, self.prep.store.task_names) if evaluating else info
@@ -174,7 +183,11 @@ class Run:
                 "down_bytes_analytic": analytic_bytes(down),
             }
         if self.backend_two_messages:
+            kept = []
             for msg, ask_blob in zip(messages, self.backend.query(messages), strict=True):
+                if ask_blob is None:
+                    self._dropped(msg, "query")
+                    continue
                 ask = deserialize(ask_blob)
                 check_upload(ask, fed.shared, fed.local, self.entry.name)
                 asking = fed.infos[msg.client]
@@ -187,6 +200,8 @@ class Run:
                 wire["up_bytes_analytic"] += analytic_bytes(ask)
                 wire["down_bytes_analytic"] += analytic_bytes(more)
                 wire["request"] = {k: v.tolist() for k, v in ask.items()}
+                kept.append(msg)
+            messages = kept
         return messages
 
     @property
@@ -198,10 +213,14 @@ class Run:
         if not self.method.federated:
             return self._pooled_round(r, model, fed)
         sampled = sample_clients(self.prep.seed, r, len(fed.infos), self.protocol.clients.sample_fraction)
+        self._drops: list[dict] = []
         messages = self._exchange(fed, sampled, r, evaluating=False)
         replies, rows = [], []
         for msg, reply in zip(messages, self.backend.train(messages), strict=True):
             c, info = msg.client, fed.infos[msg.client]
+            if reply is None:
+                self._dropped(msg, "train")
+                continue
             up = deserialize(reply.upload)
             check_upload(up, fed.shared, fed.local, self.entry.name)
             replies.append(Reply(info, up, reply.n_examples))
@@ -210,8 +229,20 @@ class Run:
             wire["up_bytes_analytic"] += analytic_bytes(up)
             rows.append(self.records.train(r, c, wire, reply.compute_s, reply.timer, reply.n_examples, reply.record))
             self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
-        fed.server = self.method.aggregate(fed.server, replies)
-        return rows
+        if replies:  # a round without one valid update keeps the previous server state
+            fed.server = self.method.aggregate(fed.server, replies)
+        return rows + self._drops
+
+    def _dropped(self, msg: Message, phase: str) -> None:
+        """A client that sent no reply (its process died, it timed out). In training: a
+        ``kind="train"`` record with ``dropped: true`` keeps the ledger exact (its download was sent,
+        nothing came back); in evaluation: a ``kind="drop"`` record (its scores are left out)."""
+        if msg.evaluating:
+            drop = {**self.records.common(), "kind": "drop", "round": msg.round, "client": msg.client}
+            self._drops.append({**drop, "phase": phase, "error": self.backend.drop_reason(msg.client)})
+            return
+        record = self.records.train(msg.round, msg.client, self._wire[msg.client], 0.0, "none", 0, {})
+        self._drops.append({**record, "dropped": True, "phase": phase, "error": self.backend.drop_reason(msg.client)})
 
     def _pooled_round(self, r: int, model, fed: Federation) -> list[dict]:
         """A reference row that is not federated (``Method.federated`` False): one trainer on the
@@ -246,11 +277,18 @@ class Run:
         return [{**record, "federated": False, "steps": steps, "sampled": sampled}]
 
     def _evaluate(self, r: int, model, fed: Federation) -> list[dict]:
-        """Every registered client's model after round ``r``, scored by the client step."""
-        clients = [info.client for info in fed.infos]
-        messages = self._exchange(fed, clients, r, evaluating=True)
-        replies = list(self.backend.evaluate(messages))
-        return eval_records(self.records, r, fed.infos, replies, self.prep.store.task_names, model.expert_names)
+        """Every registered client's model after round ``r``, scored by the client step (a client
+        that drops out of evaluation is left out of the round's scores and recorded)."""
+        self._drops = []
+        messages = self._exchange(fed, [info.client for info in fed.infos], r, evaluating=True)
+        scored = [
+            (fed.infos[msg.client], reply)
+            for msg, reply in zip(messages, self.backend.evaluate(messages), strict=True)
+            if reply is not None or self._dropped(msg, "evaluate")
+        ]
+        infos, replies = [i for i, _ in scored], [e for _, e in scored]
+        names = self.prep.store.task_names
+        return eval_records(self.records, r, infos, replies, names, model.expert_names) + self._drops
 
     def _finish(self, model, tags: dict[str, str]) -> None:
         rows = self.records.finish(
@@ -264,3 +302,20 @@ class Run:
         )
         append_records(self.records_path, rows)
         self.checkpoint.remove()
+
+
+def run_rows(
+    protocol: Protocol,
+    results: Path,
+    progress: Progress = _noop,
+    backend: Callable[[Run], Backend] | None = None,
+    on_seed: Callable[[Prepared], None] | None = None,
+) -> None:
+    """Every method row of ``protocol`` over its seeds, each seed staged once for all its rows."""
+    for seed in protocol.seeds:
+        prep = prepare(protocol, seed)
+        if on_seed is not None:
+            on_seed(prep)
+        for entry in protocol.methods:
+            Run(prep, entry, results, progress, backend).execute()
+            progress("row", {"label": entry.label, "seed": seed})

@@ -32,3 +32,6 @@ class InProcessBackend:
     def restore(self, states: dict[int, State]) -> None:
         self.runtime.states.clear()
         self.runtime.states.update(states)
+
+    def drop_reason(self, client: int) -> str:
+        return ""  # in process, a client's error is the run's error: nothing is dropped
