@@ -1,0 +1,132 @@
+"""The Flower backends give the in-process numbers: same accuracies (example by example), same bytes.
+
+Flower's simulation engine runs each client step in a Ray worker process; the server loop and the
+client step are the ones the in-process backend calls, so on CPU the records must be identical, not
+close. Also: a reply that is an error (or missing) is a dropped client, recorded, and the round
+goes on without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+from fedbench.backends.flower import FlowerBackend, run_flower_sim
+from fedbench.protocol import MethodEntry
+from fedbench.records import read_jsonl
+from fedbench.server import Run, run_rows
+
+PARITY_METHODS = ("fedavg-lora", "feddpa", "pilot-ctmoa", "mmrouter-moa")
+BACKEND_FIELDS = {"compute_s", "backend", "machine", "up_bytes_flower", "down_bytes_flower"}
+
+
+def _records(results: Path) -> dict[str, list[dict]]:
+    return {p.parent.name: read_jsonl(p) for p in sorted(results.glob("runs/*/records.jsonl"))}
+
+
+def _same(a: dict, b: dict) -> dict:
+    return {k: v for k, v in a.items() if k not in BACKEND_FIELDS}, {
+        k: v for k, v in b.items() if k not in BACKEND_FIELDS
+    }
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    torch.set_num_threads(1)
+    proto = dataclasses.replace(TINY, methods=tuple(MethodEntry(m) for m in PARITY_METHODS))
+    root = tmp_path_factory.mktemp("parity")
+    run_rows(proto, root / "inprocess")
+    run_flower_sim(proto, root / "flower-sim", lambda event, info: None)
+    return _records(root / "inprocess"), _records(root / "flower-sim")
+
+
+def test_flower_sim_records_equal_the_in_process_ones(parity):
+    inprocess, flower = parity
+    assert sorted(inprocess) == sorted(flower) and len(inprocess) == len(PARITY_METHODS)
+    print("\nrun | round | client | up_bytes (both) | up_bytes_flower | down_bytes (both) | down_bytes_flower")
+    for run_id, rows in inprocess.items():
+        other = flower[run_id]
+        assert len(rows) == len(other), run_id
+        for a, b in zip(rows, other, strict=True):
+            left, right = _same(a, b)
+            assert left == right, (run_id, a["kind"], a.get("round"))
+            if a["kind"] == "train":
+                # Flower's count: each array serialized (.npy, its own header) + key names; ours: the
+                # safetensors length (one JSON header). Both hold at least the tensor data.
+                assert b["up_bytes_flower"] >= a["up_bytes_analytic"] > 0
+                assert b["down_bytes_flower"] >= a["down_bytes_analytic"] > 0
+                print(
+                    f"{a['label']} | {a['round']} | {a['client']} | {a['up_bytes']} | {b['up_bytes_flower']} | "
+                    f"{a['down_bytes']} | {b['down_bytes_flower']}"
+                )
+        assert other[-1]["kind"] == "run" and other[-1]["backend"] == "flower-sim"
+        assert rows[-1]["backend"] == "inprocess"
+    evals = [r for rows in flower.values() for r in rows if r["kind"] == "eval" and r["scope"] == "global"]
+    assert evals and all(len(r["per_example"]) == r["n"] > 0 for r in evals)
+
+
+class FakeGrid:
+    """A Flower grid whose nodes answer through a real ClientApp handler in this process, except
+    ``failing`` partitions, which answer with an error (what Flower returns when a ClientApp raises)."""
+
+    def __init__(self, n: int, failing: set[int]) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.nodes = {1000 + p: p for p in range(n)}
+        self.failing = failing
+        self.context = {
+            node: Context(0, node, {"partition-id": p, "num-partitions": n}, RecordDict(), {})
+            for node, p in self.nodes.items()
+        }
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error, Message
+
+        from fedbench.backends import flower
+
+        handlers = {
+            "query.setup": flower._setup,
+            "query.request": flower._request,
+            "train": flower._train,
+            "evaluate": flower._evaluate,
+        }
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if self.nodes[node] in self.failing and msg.metadata.message_type != "query.setup":
+                out.append(Message(Error(code=2, reason="ClientApp raised: boom"), reply_to=msg))
+            else:
+                out.append(handlers[msg.metadata.message_type](msg, self.context[node]))
+        return out
+
+
+def test_an_error_reply_is_a_recorded_drop_and_the_round_goes_on(tiny_prep, tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field in ("_run_id", "_node_id", "_task_id"):  # what Flower's runtime sets in its processes
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    grid = FakeGrid(len(tiny_prep.plans), failing={1})
+    run = Run(
+        tiny_prep, MethodEntry("fedavg-lora"), tmp_path, backend=lambda run: FlowerBackend(grid, "flower-sim", run)
+    )
+    rows = read_jsonl(tmp_path / "runs" / run.execute() / "records.jsonl")
+    train = [r for r in rows if r["kind"] == "train"]
+    dropped = [r for r in train if r.get("dropped")]
+    assert dropped and all(r["client"] == 1 and r["up_bytes"] == 0 and r["down_bytes"] > 0 for r in dropped)
+    assert all("boom" in r["error"] for r in dropped)
+    kept = [r for r in train if not r.get("dropped")]
+    assert kept and all(r["up_bytes"] > 0 for r in kept)
+    drops = [r for r in rows if r["kind"] == "drop"]
+    assert {r["client"] for r in drops} == {1} and all(r["phase"] == "evaluate" for r in drops)
+    scored = {r["client"] for r in rows if r["kind"] == "eval" and r["scope"] == "client"}
+    assert 1 not in scored and scored
+    assert rows[-1]["kind"] == "run" and rows[-1]["completed"]
+    json.dumps(rows)  # every record stays JSON
