@@ -83,11 +83,12 @@ class FakeGrid:
             node: Context(0, node, {"partition-id": p, "num-partitions": n}, RecordDict(), {})
             for node, p in self.nodes.items()
         }
+        self.replies = {}
 
     def get_node_ids(self):
         return list(self.nodes)
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
         from flwr.app import Error, Message
 
         from fedbench.backends import flower
@@ -98,14 +99,20 @@ class FakeGrid:
             "train": flower._train,
             "evaluate": flower._evaluate,
         }
-        out = []
+        ids = []
         for msg in messages:
+            mid = f"message-{len(self.replies)}"
+            msg.metadata.__dict__["_message_id"] = mid  # what the SuperLink assigns on push
             node = msg.metadata.dst_node_id
             if self.nodes[node] in self.failing and msg.metadata.message_type != "query.setup":
-                out.append(Message(Error(code=2, reason="ClientApp raised: boom"), reply_to=msg))
+                self.replies[mid] = Message(Error(code=2, reason="ClientApp raised: boom"), reply_to=msg)
             else:
-                out.append(handlers[msg.metadata.message_type](msg, self.context[node]))
-        return out
+                self.replies[mid] = handlers[msg.metadata.message_type](msg, self.context[node])
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(mid) for mid in message_ids if mid in self.replies]
 
 
 def test_an_error_reply_is_a_recorded_drop_and_the_round_goes_on(tiny_prep, tmp_path, monkeypatch):

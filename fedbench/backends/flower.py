@@ -51,6 +51,7 @@ from flwr.serverapp import ServerApp
 
 REPLY_TIMEOUT_S = 3600.0  # a client that has not replied by then is dropped for the round
 NODES_TIMEOUT_S = 120.0  # how long the server waits for every SuperNode to register
+POLL_S = 0.05  # between pulls of replies (Flower's own send_and_receive sleeps 3 s)
 
 
 def _arrays(payload: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -204,9 +205,9 @@ class FlowerBackend:
             for node in nodes
         ]
         node_of = {}
-        for reply in self.grid.send_and_receive(asks, timeout=REPLY_TIMEOUT_S):
-            if not reply.has_error():
-                node_of[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id
+        for node, content in zip(nodes, self._exchange(asks, nodes), strict=True):
+            if content is not None:
+                node_of[int(content["node"]["partition-id"])] = node
         missing = sorted(set(range(n)) - set(node_of))
         if missing:
             raise RuntimeError(f"no Flower node answered for partition id(s) {missing} (of {n}; nodes: {len(nodes)})")
@@ -223,17 +224,35 @@ class FlowerBackend:
             down_bytes = sum(r.count_bytes() for r in (content["down"], content.get("more")) if r is not None)
             self.flower_bytes[(m.round, m.client)] = down_bytes
             out.append(FlowerMessage(RecordDict(content), dst_node_id=self.node_of[m.client], message_type=kind))
-        partition_of = {node: p for p, node in self.node_of.items()}
+        return self._exchange(out, [m.client for m in messages])
+
+    def _exchange(self, out: list[FlowerMessage], clients: list[int]) -> list[RecordDict | None]:
+        """Push, then pull until every reply is in or the deadline passes. Replies are matched to
+        messages by ``reply_to_message_id``: an error the SuperLink makes for a node that is gone
+        comes from the SuperLink, not from the node."""
+        ids = list(self.grid.push_messages(out))
+        client_of = {mid: c for mid, c in zip(ids, clients, strict=True) if mid}
+        self.errors = {c: f"no reply within {REPLY_TIMEOUT_S:.0f} s" for c in clients}
+        self.errors.update(
+            {c: "message not accepted by the SuperLink" for mid, c in zip(ids, clients, strict=True) if not mid}
+        )
         by_client: dict[int, RecordDict] = {}
-        self.errors = {m.client: f"no reply within {REPLY_TIMEOUT_S:.0f} s" for m in messages}
-        for reply in self.grid.send_and_receive(out, timeout=REPLY_TIMEOUT_S):
-            client = partition_of[reply.metadata.src_node_id]
-            if reply.has_error():  # Flower's strategies drop these silently; here each is recorded
-                self.errors[client] = f"error {reply.error.code}: {(reply.error.reason or '').strip()[-300:]}"
-            else:
-                by_client[client] = reply.content
-                self.errors.pop(client)
-        return [by_client.get(m.client) for m in messages]
+        pending, deadline = set(client_of), time.monotonic() + REPLY_TIMEOUT_S
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                if mid not in pending:
+                    continue
+                pending.discard(mid)
+                client = client_of[mid]
+                if reply.has_error():  # Flower's strategies drop these silently; here each is recorded
+                    self.errors[client] = f"error {reply.error.code}: {(reply.error.reason or '').strip()[-300:]}"
+                else:
+                    by_client[client] = reply.content
+                    self.errors.pop(client)
+            if pending:
+                time.sleep(POLL_S)
+        return [by_client.get(c) for c in clients]
 
     def query(self, messages: Sequence[Message]) -> list[bytes | None]:
         return [None if c is None else serialize(_tensors(c["ask"])) for c in self._send("query.request", messages)]
