@@ -17,6 +17,7 @@ from rich.table import Table
 
 from fedbench import protocol as protocol_mod
 from fedbench.backbone import BackboneUnavailable
+from fedbench.backends import BackendError, check_backend
 from fedbench.checkpoint import CheckpointMismatch
 from fedbench.options import OptionError, parse_method_spec
 from fedbench.payload import ContractError
@@ -37,6 +38,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 USER_ERRORS = (
+    BackendError,
     CheckpointMismatch,
     ProtocolError,
     OptionError,
@@ -137,6 +139,9 @@ def run(
     rounds: int = typer.Option(None, help="Override the number of rounds."),
     results: Path = typer.Option(None, help="Results directory (default: runs/<protocol name>)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots next to the leaderboard."),
+    backend: str = typer.Option(
+        "inprocess", help="Who moves the messages: inprocess, flower-sim (Flower's simulation engine), flower-deploy."
+    ),
 ) -> None:
     """Run every method row of a protocol over its seeds and print the leaderboard.
 
@@ -146,8 +151,9 @@ def run(
     results = results or Path("runs") / proto.name
     _check_writable(results)
     command = " ".join(["fedbench", *sys.argv[1:]]) + "\n"
+    check_backend(backend)
     if proto.sweep is None:
-        _run_protocol(proto, results, plots, command)
+        _run_protocol(proto, results, plots, command, backend)
         return
     from fedbench.sweep import write_sweep_report
 
@@ -160,7 +166,7 @@ def run(
     (results / "command.txt").write_text(command)
     for i, (value, variant) in enumerate(variants, start=1):
         console.rule(f"{sweep.field} = {value} ({i}/{len(variants)})")
-        _run_protocol(variant, results / sweep.dir_name(value), plots, command)
+        _run_protocol(variant, results / sweep.dir_name(value), plots, command, backend)
     table, paths = write_sweep_report(proto, results, plots)
     _print_sweep(table, paths, results)
 
@@ -173,12 +179,12 @@ def _print_sweep(table: Any, paths: list[Path], results: Path) -> None:
     console.print(f"{', '.join(p.name for p in paths)} in {results}/")
 
 
-def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str) -> None:
+def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str, backend: str = "inprocess") -> None:
     """One protocol (no sweep) into ``results``: records, leaderboard, expert usage, plots."""
+    from fedbench.backends import run_backend
     from fedbench.leaderboard import build_leaderboard, build_usage, plot, render
     from fedbench.records import read_records
-    from fedbench.server import Run
-    from fedbench.staging import prepare
+    from fedbench.staging import Prepared
 
     _check_writable(results)
     console.print(
@@ -215,9 +221,11 @@ def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str) -> 
             elif event == "skip":
                 progress.console.print(f"[dim]skip (already complete): {info['run_id']}[/]")
 
-        for seed in proto.seeds:
-            prep = prepare(proto, seed)
-            if seed == proto.seeds[0] and "zero_shot_acc" in prep.backbone.meta:
+            elif event == "row":
+                progress.advance(rows_bar)
+
+        def on_seed(prep: Prepared) -> None:
+            if prep.seed == proto.seeds[0] and "zero_shot_acc" in prep.backbone.meta:
                 meta = prep.backbone.meta
                 progress.console.print(
                     f"backbone {prep.backbone.name}: zero-shot accuracy {meta['zero_shot_acc']:.3f} "
@@ -225,12 +233,11 @@ def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str) -> 
                 )
             clients_per_round = max(1, round(proto.clients.sample_fraction * proto.data.num_clients))
             progress.update(clients_bar, total=clients_per_round)
-            for entry in proto.methods:
-                Run(prep, entry, results, on_event).execute()
-                progress.advance(rows_bar)
+
+        run_backend(backend, proto, results, on_event, on_seed)
     records = read_records(results)
     board = build_leaderboard(records)
-    console.print(render(board, "table"), markup=False, highlight=False)
+    console.print(_render_board(board, "table", None), markup=False, highlight=False, soft_wrap=True)
     (results / "leaderboard.md").write_text(render(board, "markdown"))
     (results / "leaderboard.csv").write_text(render(board, "csv"))
     written = "leaderboard.md/.csv"
@@ -296,8 +303,17 @@ def leaderboard(
     steps: bool = typer.Option(
         False, "--steps", help="Render each row minus the row above it in the protocol's row order (a ladder)."
     ),
+    columns: str = typer.Option(
+        None,
+        "--columns",
+        help="Comma-separated leaderboard columns, e.g. method,mean_acc,total_mb (default: a terminal table shows "
+        "what fits its width, markdown and csv every column).",
+    ),
 ) -> None:
-    """Render the leaderboard (mean with 95% CI, ± std over seeds) of a results directory."""
+    """Render the leaderboard (mean with 95% CI, ± std over seeds) of a results directory.
+
+    In a terminal (``--format table``) it shows the columns a reader needs first and as many more as
+    the width allows (``COLUMNS``, else the terminal's, else 100); ``--columns`` picks any set."""
     from fedbench.leaderboard import (
         UnknownRowError,
         build_leaderboard,
@@ -314,6 +330,8 @@ def leaderboard(
         raise UsageError(f"--format '{format}' is invalid. Choose one of: {', '.join(formats)}")
     if sum((usage, versus is not None, steps)) > 1:
         raise UsageError("--usage, --versus and --steps render different tables; choose one")
+    if columns is not None and (usage or versus is not None or steps):
+        raise UsageError("--columns picks leaderboard columns; it does not apply to --usage, --versus or --steps")
     if not results.is_dir():
         raise UsageError(f"results directory '{results}' does not exist")
     written = results / "protocol.toml"
@@ -337,7 +355,8 @@ def leaderboard(
         board = build_usage(records) if usage else build_leaderboard(records)
     if usage and board.empty:
         raise UsageError(f"no expert-usage records in '{results}': none of its methods has a router or gate")
-    text = render(board, format)
+    text = _render_board(board, format, columns) if not (usage or versus is not None or steps) else None
+    text = text or render(board, format)
     if out is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:
@@ -351,6 +370,105 @@ def leaderboard(
         _check_writable(plots)
         for path in plot(records, plots):
             err_console.print(f"wrote {path}")
+
+
+def _terminal_width() -> int:
+    """COLUMNS, else the terminal's width, else 100 (piped output)."""
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def _render_board(board: Any, fmt: str, columns: str | None) -> str:
+    """The leaderboard: a table that fits the terminal, or markdown / CSV (every column unless
+    ``columns`` picks some)."""
+    from fedbench.leaderboard import render
+    from fedbench.terminal_table import UnknownColumnError, render_terminal, select_columns
+
+    picked = _split(columns) if columns is not None else None
+    try:
+        if fmt == "table":
+            return render_terminal(board, _terminal_width(), picked)
+        return render(board if picked is None else select_columns(board, picked), fmt)
+    except UnknownColumnError as err:
+        raise UsageError(str(err)) from None
+
+
+def _one_results_dir(results: Path) -> None:
+    """A results directory of one protocol (not a sweep), or a one-line error that lists the results
+    directories beside it."""
+    if not results.is_dir():
+        parent = results.parent if str(results.parent) else Path(".")
+        found = sorted(p.name for p in parent.glob("*/") if p.is_dir() and (p / "runs").is_dir())
+        where = f"; results directories in '{parent}': {', '.join(found)}" if found else ""
+        raise UsageError(f"results directory '{results}' does not exist{where}")
+    written = results / "protocol.toml"
+    if written.is_file() and protocol_mod.load(str(written)).sweep is not None:
+        subs = sorted(p.name for p in results.iterdir() if p.is_dir() and "=" in p.name)
+        raise UsageError(
+            f"'{results}' holds a sweep; point --results at one of its value directories: {', '.join(subs)}"
+        )
+
+
+def _completed_runs(build: Callable[[], Any]) -> Any:
+    """``build()``, with "no completed run" and "two completed runs of a seed" as one-line errors."""
+    try:
+        return build()
+    except ValueError as err:
+        if "completed run" not in str(err):
+            raise
+        raise UsageError(str(err)) from None
+
+
+@app.command()
+@one_line_errors
+def report(
+    results: Path = typer.Option(..., help="Results directory written by `fedbench run`."),
+    out: Path = typer.Option(None, help="HTML page to write (default: RESULTS/report.html); PNGs go beside it."),
+) -> None:
+    """Write a self-contained HTML report of a results directory, its plots as PNGs beside it.
+
+    The page holds the sortable leaderboard, accuracy vs communication (Pareto front), accuracy per
+    round per task family, bytes per round, per-client accuracy, expert usage, and the protocol, its
+    hash, library versions and device; the PNGs are <stem>_<plot>.png."""
+    from fedbench.report import write_report
+
+    _one_results_dir(results)
+    out = out or results / "report.html"
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--out '{out}' must name an .html file (the PNGs are written beside it)")
+    _check_writable(out.parent)
+    paths = _completed_runs(lambda: write_report(results, out))
+    console.print(f"wrote {paths[0]} and beside it {', '.join(p.name for p in paths[1:])}", soft_wrap=True)
+
+
+@app.command()
+@one_line_errors
+def compare(
+    results: Path = typer.Option(..., help="Results directory written by `fedbench run`."),
+    target: float = typer.Option(..., help="Target accuracy on the global test set, in [0, 1]."),
+    task: str = typer.Option(None, help="Only this task (or task family, or mean_acc); default: each family."),
+    format: str = typer.Option("table", "--format", help="table, markdown or csv."),
+) -> None:
+    """Rounds and bytes each row needed to first reach a target accuracy, relative to fedavg-lora.
+
+    Per row and task family: the first evaluated round at which the seed-mean global-test accuracy
+    reaches --target, and the uplink, downlink and total MB sent until then, or `not reached`."""
+    from fedbench.compare import FORMATS, CompareError, build_compare, render_compare
+    from fedbench.records import read_records
+
+    if format not in FORMATS:
+        raise UsageError(f"--format '{format}' is invalid. Choose one of: {', '.join(FORMATS)}")
+    if not 0.0 <= target <= 1.0:
+        raise UsageError(f"--target {target:g} is outside [0, 1]: give an accuracy as a fraction, e.g. 0.35")
+    _one_results_dir(results)
+    records = read_records(results)
+    try:
+        table = _completed_runs(lambda: build_compare(records, target, task))
+    except CompareError as err:
+        raise UsageError(str(err)) from None
+    text = render_compare(table, format, _terminal_width())
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
 @app.command("list")
