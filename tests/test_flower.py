@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ import torch
 from conftest import TINY
 
 from fedbench.backends.flower import FlowerBackend, run_flower_sim
+from fedbench.backends.flower_deploy import LocalDeployment, run_flower_deploy, write_protocol
 from fedbench.protocol import MethodEntry
 from fedbench.records import read_jsonl
+from fedbench.seeding import sample_clients
 from fedbench.server import Run, run_rows
 
 PARITY_METHODS = ("fedavg-lora", "feddpa", "pilot-ctmoa", "mmrouter-moa")
@@ -35,20 +38,38 @@ def _same(a: dict, b: dict) -> dict:
     }
 
 
+# scored once, after the last round: a deployment starts a process per message (Flower 1.42)
+PARITY = dataclasses.replace(
+    TINY, methods=tuple(MethodEntry(m) for m in PARITY_METHODS), eval=dataclasses.replace(TINY.eval, every=0)
+)
+
+
+def _noop(event, info):
+    return None
+
+
 @pytest.fixture(scope="module")
-def parity(tmp_path_factory):
+def inprocess(tmp_path_factory):
     torch.set_num_threads(1)
-    proto = dataclasses.replace(TINY, methods=tuple(MethodEntry(m) for m in PARITY_METHODS))
-    root = tmp_path_factory.mktemp("parity")
-    run_rows(proto, root / "inprocess")
-    run_flower_sim(proto, root / "flower-sim", lambda event, info: None)
-    return _records(root / "inprocess"), _records(root / "flower-sim")
+    root = tmp_path_factory.mktemp("inprocess")
+    start = time.perf_counter()
+    run_rows(PARITY, root)
+    print(f"\ninprocess: {time.perf_counter() - start:.1f} s wall")
+    return _records(root)
 
 
-def test_flower_sim_records_equal_the_in_process_ones(parity):
-    inprocess, flower = parity
+@pytest.mark.parametrize("backend", ["flower-sim", "flower-deploy"])
+def test_flower_records_equal_the_in_process_ones(inprocess, backend, tmp_path):
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    (run_flower_sim if backend == "flower-sim" else run_flower_deploy)(PARITY, tmp_path, _noop)
+    print(f"\n{backend}: {time.perf_counter() - start:.1f} s wall")
+    _check_parity(inprocess, _records(tmp_path), backend)
+
+
+def _check_parity(inprocess, flower, backend):
     assert sorted(inprocess) == sorted(flower) and len(inprocess) == len(PARITY_METHODS)
-    print("\nrun | round | client | up_bytes (both) | up_bytes_flower | down_bytes (both) | down_bytes_flower")
+    print("run | round | client | up_bytes (both) | up_bytes_flower | down_bytes (both) | down_bytes_flower")
     for run_id, rows in inprocess.items():
         other = flower[run_id]
         assert len(rows) == len(other), run_id
@@ -64,7 +85,7 @@ def test_flower_sim_records_equal_the_in_process_ones(parity):
                     f"{a['label']} | {a['round']} | {a['client']} | {a['up_bytes']} | {b['up_bytes_flower']} | "
                     f"{a['down_bytes']} | {b['down_bytes_flower']}"
                 )
-        assert other[-1]["kind"] == "run" and other[-1]["backend"] == "flower-sim"
+        assert other[-1]["kind"] == "run" and other[-1]["backend"] == backend
         assert rows[-1]["backend"] == "inprocess"
     evals = [r for rows in flower.values() for r in rows if r["kind"] == "eval" and r["scope"] == "global"]
     assert evals and all(len(r["per_example"]) == r["n"] > 0 for r in evals)
@@ -137,3 +158,28 @@ def test_an_error_reply_is_a_recorded_drop_and_the_round_goes_on(tiny_prep, tmp_
     assert 1 not in scored and scored
     assert rows[-1]["kind"] == "run" and rows[-1]["completed"]
     json.dumps(rows)  # every record stays JSON
+
+
+def test_a_supernode_killed_mid_run_is_a_recorded_drop(tmp_path):
+    """A real deployment on loopback: SuperNode ``victim`` is killed once round 0 is recorded; the
+    rounds go on with the others, and its missing replies are drops with the SuperLink's reason."""
+    proto = dataclasses.replace(TINY, rounds=3, eval=dataclasses.replace(TINY.eval, every=0))
+    victim = next(c for c in range(3) if c in sample_clients(0, 1, 3, 0.5) and c in sample_clients(0, 2, 3, 0.5))
+    results = tmp_path / "results"
+    with LocalDeployment(proto.data.num_clients, tmp_path / "work") as cluster:
+        run_id = cluster.submit(write_protocol(proto, results), results)
+        records = lambda: [r for p in results.glob("runs/*/records.jsonl") for r in read_jsonl(p)]  # noqa: E731
+        deadline = time.monotonic() + 300
+        while not any(r["kind"] == "train" for r in records()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cluster.kill_node(victim)
+        status = cluster.wait(run_id, timeout=600)
+    assert status == "finished:completed", cluster.log(run_id)
+    rows = records()
+    dropped = [r for r in rows if r.get("dropped")]
+    assert dropped and {r["client"] for r in dropped} == {victim}
+    assert all(r["round"] >= 1 and r["up_bytes"] == 0 and r["error"] for r in dropped)
+    for r in {r["round"] for r in dropped}:  # the round completed with the others
+        assert any(t["round"] == r and not t.get("dropped") for t in rows if t["kind"] == "train")
+    assert {r["client"] for r in rows if r["kind"] == "drop"} == {victim}  # not scored at the end
+    assert rows[-1]["kind"] == "run" and rows[-1]["completed"]
