@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,30 +44,67 @@ class ClientContext:
     def train(
         self,
         model: ClientModel,
-        params: Sequence[torch.nn.Parameter],
+        params: Iterable[torch.nn.Parameter],
         phase: str = "train",
         lr_scales: Sequence[float] | None = None,
+        extra_loss: Callable[[ClientModel], torch.Tensor] | None = None,
     ) -> None:
-        """``local.steps`` AdamW steps on ``params`` over batches drawn from the client's train rows;
-        ``lr_scales`` (aligned with ``params``) multiplies the protocol's learning rate per parameter."""
+        """``local.steps`` AdamW steps on exactly ``params`` over batches drawn from the client's
+        train rows (the stream named by ``phase``; LoRA dropout draws from the global torch RNG,
+        seeded here from ``phase`` too).
+
+        - ``params``: trainable parameters of ``model`` (``requires_grad`` True). Every other
+          parameter is frozen (``requires_grad`` False) while they train, and every parameter's flag
+          is restored afterwards, also when training raises; a method never toggles flags itself.
+        - ``lr_scales`` (aligned with ``params``): multiplies the protocol's learning rate per
+          parameter (one AdamW param group per distinct scale, in order of first appearance).
+        - ``extra_loss``: ``extra_loss(model)`` is added to the loss at every step, after the
+          forward pass (e.g. a FedProx proximal term ``mu / 2 * Σ ‖p - p_received‖²``: no model
+          subclass needed; the model's own ``extra_loss()`` hook is added as always).
+        """
+        params = list(params)
+        _check_trainable(model, params)
         cfg = self.protocol.local
         scales = list(lr_scales) if lr_scales is not None else [1.0] * len(params)
         groups = [
             {"params": [p for p, s in zip(params, scales, strict=True) if s == scale], "lr": cfg.lr * scale}
             for scale in dict.fromkeys(scales)
         ]
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.info.client, phase))
-        torch.manual_seed(derive_seed(self.seed, self.round, self.info.client, phase, "dropout"))
-        model.train()
-        bs = min(cfg.batch_size, len(self.train_rows))
-        for _ in range(cfg.steps):
-            pick = self.train_rows[torch.randint(len(self.train_rows), (bs,), generator=gen).numpy()]
-            loss = model.loss(*self.inputs(model, pick))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        model.eval()
+        chosen = {id(p) for p in params}
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            for p, _ in flags:
+                p.requires_grad_(id(p) in chosen)
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.info.client, phase))
+            torch.manual_seed(derive_seed(self.seed, self.round, self.info.client, phase, "dropout"))
+            model.train()
+            bs = min(cfg.batch_size, len(self.train_rows))
+            for _ in range(cfg.steps):
+                pick = self.train_rows[torch.randint(len(self.train_rows), (bs,), generator=gen).numpy()]
+                loss = model.loss(*self.inputs(model, pick))
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            model.eval()
+
+
+def _check_trainable(model: ClientModel, params: Sequence[torch.nn.Parameter]) -> None:
+    """Each of ``params`` is a trainable parameter of ``model``; a one-line error otherwise (training a
+    frozen tensor would change it outside every client's stored state)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for i, p in enumerate(params):
+        if id(p) not in names:
+            raise ValueError(f"ctx.train: params[{i}] is not a parameter of the model")
+        if not p.requires_grad:
+            raise ValueError(
+                f"ctx.train: parameter '{names[id(p)]}' is frozen (requires_grad False); pass trainable parameters only"
+            )
 
 
 def client_context(prep: Prepared, info: ClientInfo, r: int, evaluating: bool = False) -> ClientContext:

@@ -19,15 +19,33 @@ from torch.nn.utils import parametrize
 
 @dataclass(frozen=True)
 class LoRASpec:
-    """rank, alpha, dropout; ``scale = alpha / rank`` as in the LoRA paper."""
+    """LoRA's rank, alpha and dropout (``scale = alpha / rank``, as in the LoRA paper), validated.
+
+    Declared once: a method with LoRA uses it as its options (``fedavg-lora``) or subclasses it with
+    its own fields (``feddpa``), so every such method takes ``rank``, ``alpha`` and ``dropout``
+    (``--methods fedavg-lora:rank=4``) with the same defaults (FedIT's) and the same checks.
+    """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
 
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank = {self.rank!r} must be an integer >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha = {self.alpha!r} must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout = {self.dropout!r} must be in [0, 1)")
+
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def lora(self) -> LoRASpec:
+        """The LoRA fields alone (of a method's options that extend this class)."""
+        return LoRASpec(self.rank, self.alpha, self.dropout)
 
 
 class LoRADelta(nn.Module):

@@ -155,10 +155,9 @@ def register_method(name: str):
     """Class decorator: register a :class:`Method` subclass under ``name`` (what users type)."""
 
     def wrap(cls: type[Method]) -> type[Method]:
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise TypeError(f"method '{name}' must subclass fedbench.method.Method")
+        METHODS.register(name, cls)  # refuses anything but a Method subclass, one line naming it
         cls.name = name
-        return METHODS.register(name, cls)
+        return cls
 
     return wrap
 

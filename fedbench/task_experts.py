@@ -26,7 +26,6 @@ and what goes down; everything else lives here once.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -236,20 +235,6 @@ class TaskExpertModel(ClientModel):
         return self._aux
 
 
-@contextlib.contextmanager
-def training_only(model: nn.Module, names: set[str]) -> Iterator[list[nn.Parameter]]:
-    """Within the block only ``names`` require grad (the rest are frozen for this phase); yields them."""
-    params = dict(model.named_parameters())
-    was = {n: p.requires_grad for n, p in params.items()}
-    try:
-        for n, p in params.items():
-            p.requires_grad_(was[n] and n in names)
-        yield [params[n] for n in params if was[n] and n in names]
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(was[n])
-
-
 # --- aggregation ------------------------------------------------------------------------------
 def client_key(client: int, name: str) -> str:
     """Server-state key of client ``client``'s own aggregate of parameter ``name``."""
@@ -397,10 +382,9 @@ class TaskExpertsMethod(Method):
 
     def local_update(self, model: TaskExpertModel, ctx: ClientContext) -> None:
         stage = self.stage(ctx)
-        names = [n for n, p in model.named_parameters() if p.requires_grad and self.trains(n, ctx.info, stage)]
-        scales = [self.options.router_lr_scale if n.startswith(ROUTER) else 1.0 for n in names]
-        with training_only(model, set(names)) as params:  # params come in named_parameters order, as names
-            ctx.train(model, params, phase=f"stage{stage}", lr_scales=scales)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and self.trains(n, ctx.info, stage)]
+        scales = [self.options.router_lr_scale if n.startswith(ROUTER) else 1.0 for n, _ in named]
+        ctx.train(model, [p for _, p in named], phase=f"stage{stage}", lr_scales=scales)
 
     # --- communication -------------------------------------------------------------------------
     def download(self, server_state: Payload, client: ClientInfo) -> Payload:

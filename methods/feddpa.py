@@ -31,12 +31,10 @@ REFERENCE_STREAM = "feddpa-reference"
 
 
 @dataclass(frozen=True)
-class FedDPAOptions:
-    """FedDPA-T defaults of the official code (LoRA r 8 / alpha 16 / dropout 0.05 on q, v)."""
+class FedDPAOptions(LoRASpec):
+    """FedDPA-T defaults of the official code (LoRA ``rank`` 8 / ``alpha`` 16 / ``dropout`` 0.05 on q,
+    v: :class:`~fedbench.lora.LoRASpec`'s fields and checks) and the dual-adapter options."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
     local_weight: float = 0.5  # weight of the local adapter in pass (1); the global gets 1 - it
     num_reference: int = 5  # training inputs compared with each test instance
     max_weight: float = 0.5  # α = max_weight × mean cosine similarity
@@ -45,10 +43,7 @@ class FedDPAOptions:
     embedding: Literal["pooled", "token_mean"] = "pooled"  # official emb_type: last (default) / avg
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank = {self.rank} must be >= 1")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout = {self.dropout} must be in [0, 1)")
+        super().__post_init__()
         if not 0 < self.local_weight <= 1:
             raise ValueError(f"local_weight = {self.local_weight} must be in (0, 1]")
         if self.num_reference < 1:
@@ -208,8 +203,7 @@ class FedDPA(Method):
     paper = "https://arxiv.org/abs/2403.19211"
 
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
-        o = self.options
-        return FedDPAModel(backbone, list(tasks), LoRASpec(o.rank, o.alpha, o.dropout), answer_side)
+        return FedDPAModel(backbone, list(tasks), self.options.lora, answer_side)
 
     def tag(self, name: str) -> Tag:
         adapter = adapter_of(name)
@@ -224,30 +218,16 @@ class FedDPA(Method):
     def local_update(self, model: ClientModel, ctx: ClientContext) -> None:
         assert isinstance(model, FedDPAModel)
         model.image_alpha.clear()
-        params = dict(model.named_parameters())
-        flags = {n: p.requires_grad for n, p in params.items()}
-        glob = [p for n, p in params.items() if adapter_of(n) == GLOBAL]
-        loc = [p for n, p in params.items() if adapter_of(n) == LOCAL]
-        heads = [p for n, p in params.items() if is_answer_side(n) and flags[n]]
-
-        def trainable(group: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-            chosen = {id(p) for p in group}
-            for n, p in params.items():
-                if flags[n]:
-                    p.requires_grad_(id(p) in chosen)
-            return group
-
-        try:
-            if ctx.round > 0:  # pass (1): the local adapter, global mixed in frozen and detached
-                w = self.options.local_weight
-                with model.mixed({LOCAL: w, GLOBAL: 1.0 - w}, detached=(GLOBAL,)):
-                    group = loc + (heads if self.options.heads == "local" else [])
-                    ctx.train(model, trainable(group), phase="feddpa-local")
-            with model.mixed({GLOBAL: 1.0}):  # pass (2) / round 0: the global adapter alone
-                ctx.train(model, trainable(glob + heads), phase="feddpa-global")
-        finally:
-            for n, p in params.items():
-                p.requires_grad_(flags[n])
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        glob = [p for n, p in params if adapter_of(n) == GLOBAL]
+        loc = [p for n, p in params if adapter_of(n) == LOCAL]
+        heads = [p for n, p in params if is_answer_side(n)]
+        if ctx.round > 0:  # pass (1): the local adapter, global mixed in frozen and detached
+            w = self.options.local_weight
+            with model.mixed({LOCAL: w, GLOBAL: 1.0 - w}, detached=(GLOBAL,)):
+                ctx.train(model, loc + (heads if self.options.heads == "local" else []), phase="feddpa-local")
+        with model.mixed({GLOBAL: 1.0}):  # pass (2) / round 0: the global adapter alone
+            ctx.train(model, glob + heads, phase="feddpa-global")
 
     def encode_images(
         self, model: ClientModel, image_ids: torch.Tensor, ctx: ClientContext

@@ -212,15 +212,8 @@ class FedMix(Method):
         """Train the gate and the experts of this round's selection (made by :meth:`request` before
         they came down; selected here only when no exchange ran, e.g. a direct call in a test)."""
         selection = model.selection if model.selection is not None else self.select(model, ctx)
-        chosen = set(selection.tolist())
-        frozen = [p for k, e in enumerate(model.experts) if k not in chosen for p in e.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            ctx.train(model, [p for p in model.parameters() if p.requires_grad])
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        trained = {None, *selection.tolist()}  # the gate and the trunk (no expert), and the selected experts
+        ctx.train(model, [p for n, p in model.named_parameters() if p.requires_grad and expert_of(n) in trained])
 
     # --- communication --------------------------------------------------------------------
     def upload(self, model: FedMixModel, client: ClientInfo) -> Payload:

@@ -1,22 +1,68 @@
-"""Third-party plug-ins arrive through Python entry points, without touching the repo."""
+"""Third-party plug-ins arrive through Python entry points, without touching the repo, and are
+checked like the in-repo ones."""
 
 from importlib.metadata import EntryPoint
 
+import pytest
+
 from fedbench import registry
 from fedbench.method import Method
+from fedbench.task import TaskSpec
 
 
 class ThirdPartyMethod(Method):
     """A method shipped by another package."""
 
 
+class NotAMethod:
+    """A class that forgot to subclass Method."""
+
+
+THIRD_PARTY_TASK = TaskSpec("third", family="vqa", suite="scenes", answers=("yes", "no"))
+
+
+def _entry_points(monkeypatch, group, value, name="third-party"):
+    ep = EntryPoint(name=name, value=f"{__name__}:{value}", group=group)
+    monkeypatch.setattr(registry, "entry_points", lambda group=None: [ep] if group == ep.group else [])
+
+
 def test_entry_point_method_is_listed_and_loaded(monkeypatch):
-    ep = EntryPoint(name="third-party", value=f"{__name__}:ThirdPartyMethod", group="fedbench.methods")
-
-    def fake_entry_points(group=None):
-        return [ep] if group == "fedbench.methods" else []
-
-    monkeypatch.setattr(registry, "entry_points", fake_entry_points)
+    _entry_points(monkeypatch, "fedbench.methods", "ThirdPartyMethod")
     reg = registry.Registry("method", base=Method, entry_point_group="fedbench.methods")
     assert reg.names() == ["third-party"]
     assert reg.get("third-party") is ThirdPartyMethod
+
+
+def test_entry_point_task_instance_is_loaded(monkeypatch):
+    _entry_points(monkeypatch, "fedbench.tasks", "THIRD_PARTY_TASK", name="third")
+    reg = registry.Registry("task", base="fedbench.task:TaskSpec", instance=True, entry_point_group="fedbench.tasks")
+    assert reg.get("third") is THIRD_PARTY_TASK
+
+
+@pytest.mark.parametrize(
+    ("group", "value", "base", "instance", "needle"),
+    [
+        (
+            "fedbench.methods",
+            "NotAMethod",
+            "fedbench.method:Method",
+            False,
+            f"method 'third-party' (entry point '{__name__}:NotAMethod' in group 'fedbench.methods') must be "
+            f"a subclass of fedbench.method.Method; got class {__name__}.NotAMethod",
+        ),
+        (
+            "fedbench.tasks",
+            "ThirdPartyMethod",
+            "fedbench.task:TaskSpec",
+            True,
+            "task 'third-party' (entry point",
+        ),
+        ("fedbench.suites", "THIRD_PARTY_TASK", None, False, "suite 'third-party' (entry point"),
+    ],
+)
+def test_entry_point_of_the_wrong_kind_is_refused_in_one_line(monkeypatch, group, value, base, instance, needle):
+    _entry_points(monkeypatch, group, value)
+    reg = registry.Registry(group.split(".")[1][:-1], base=base, instance=instance, entry_point_group=group)
+    with pytest.raises(TypeError) as info:
+        reg.names()
+    assert str(info.value).startswith(needle) and "\n" not in str(info.value)

@@ -1,5 +1,5 @@
 """FedDPA-T (methods/feddpa.py): tags and upload, uniform/example aggregation, the two-pass
-client schedule, exact per-instance α mixing at inference, and an end-to-end run."""
+client schedule, exact per-instance α mixing at inference, and the usage records of a run."""
 
 import numpy as np
 import pytest
@@ -17,7 +17,6 @@ from fedbench.methods.feddpa import (
 )
 from fedbench.payload import check_upload
 from fedbench.protocol import MethodEntry
-from fedbench.records import read_jsonl
 from fedbench.server import Run
 
 
@@ -84,12 +83,12 @@ def test_aggregation_uniform_by_default_and_by_examples():
 
 def _spy(ctx, model):
     """Record each ctx.train call: phase, LoRA mix, detached set, which parameters are optimised and
-    which require grad; and the state right after it."""
+    which require grad while it trains (seen by a zero extra loss); and the state right after it."""
     calls = []
     original = ctx.train
     names = {id(p): n for n, p in model.named_parameters()}
 
-    def train(m, params, phase="train"):
+    def train(m, params, phase="train", **kwargs):
         params = list(params)
         delta = m.deltas()[0]
         call = {
@@ -97,9 +96,13 @@ def _spy(ctx, model):
             "mix": dict(delta.mix),
             "detached": set(delta.detached),
             "params": {names[id(p)] for p in params},
-            "grad": {n for n, p in m.named_parameters() if p.requires_grad},
         }
-        original(m, params, phase=phase)
+
+        def probe(model):
+            call["grad"] = {n for n, p in model.named_parameters() if p.requires_grad}
+            return 0.0
+
+        original(m, params, phase=phase, extra_loss=probe, **kwargs)
         call["after"] = {n: p.detach().clone() for n, p in m.named_parameters()}
         calls.append(call)
 
@@ -198,18 +201,12 @@ def test_alpha_and_features_are_per_instance_and_exact(tiny_prep, tmp_path):
     assert model.expert_names == ["global", "local"]
 
 
-def test_end_to_end_run_records_usage(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("feddpa"), tmp_path)
-    records = read_jsonl(tmp_path / "runs" / run.execute() / "records.jsonl")
-    train = [r for r in records if r["kind"] == "train"]
-    assert train and all(r["up_bytes"] > 0 and r["compute_s"] > 0 for r in train)
-    evals = [r for r in records if r["kind"] == "eval" and r["scope"] == "client_global"]
-    assert evals and all(0 <= r["value"] <= 1 for r in evals)
-    usage = [r for r in records if r["kind"] == "usage"]
+def test_usage_records_mix_global_and_local_by_alpha(tiny_run):
+    """The two rounds of the shared TINY run (checked like every method's in test_methods): the usage
+    rows are [α, 1 − α] over (global, local), with α = max_weight (0.5) × a mean cosine similarity."""
+    usage = tiny_run("feddpa").of("usage")
     assert usage and {r["expert"] for r in usage} == {"global", "local"}
-    for rnd in {r["round"] for r in usage}:
-        for task in {r["task"] for r in usage if r["round"] == rnd}:
-            values = {r["expert"]: r["value"] for r in usage if r["round"] == rnd and r["task"] == task}
-            assert values["global"] + values["local"] == pytest.approx(1.0)
-            assert -0.5 <= values["global"] <= 0.5
-    assert any(r["kind"] == "run" and r["completed"] for r in records)
+    for rnd, task in {(r["round"], r["task"]) for r in usage}:
+        values = {r["expert"]: r["value"] for r in usage if (r["round"], r["task"]) == (rnd, task)}
+        assert values["global"] + values["local"] == pytest.approx(1.0)
+        assert -0.5 <= values["global"] <= 0.5

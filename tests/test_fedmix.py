@@ -13,7 +13,6 @@ from fedbench.data import GLOBAL_TEST
 from fedbench.method import ClientInfo, Reply, create_method
 from fedbench.payload import check_upload, serialize
 from fedbench.protocol import ClientsConfig, MethodEntry
-from fedbench.records import read_jsonl
 from fedbench.server import Federation, Run
 
 
@@ -281,17 +280,12 @@ def test_bad_options_are_rejected():
         create_method("fedmix", {"sparsity_weight": -1})
 
 
-def test_smoke_run_records_expert_usage(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("fedmix"), tmp_path)
-    records = read_jsonl(tmp_path / "runs" / run.execute() / "records.jsonl")
-    usage = [r for r in records if r["kind"] == "usage"]
-    assert usage and {r["expert"] for r in usage} == {"expert0", "expert1", "expert2", "expert3"}
-    for task in {r["task"] for r in usage}:
-        total = sum(r["value"] for r in usage if r["task"] == task and r["round"] == 1)
-        assert total == pytest.approx(1.0, abs=1e-4)
-    train = [r for r in records if r["kind"] == "train"]
-    # what came down (the gate, then the m selected experts) goes back up, plus the request (m int64)
-    # and the gate mass (K float32); this replaces "up < down in round 0", which encoded the bug
+def test_a_client_sends_up_what_came_down_plus_its_request_and_gate_mass(tiny_run):
+    """The rounds of the shared TINY run (checked like every method's in test_methods): what came down
+    (the gate, then the m selected experts) goes back up, plus the request (m int64) and the gate mass
+    (K float32); this replaces "up < down in round 0", which encoded the bug."""
+    done = tiny_run("fedmix")
+    train = done.of("train")
     assert train and all(r["up_bytes_analytic"] == r["down_bytes_analytic"] + 2 * 8 + 4 * 4 for r in train)
     assert all(len(set(r["request"]["meta.selection"])) == 2 for r in train)  # each round's selection
-    assert any(r["kind"] == "run" and r["completed"] for r in records)
+    assert {r["expert"] for r in done.of("usage")} == {"expert0", "expert1", "expert2", "expert3"}

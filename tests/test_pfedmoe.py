@@ -107,15 +107,9 @@ def test_bad_options_are_rejected():
         create_method("pfedmoe", {"gate_input": "text"})
 
 
-def test_smoke_run_records_expert_usage(tiny_prep, tmp_path):
+def test_heterogeneous_local_widths_still_send_the_same_global_expert(tiny_prep, tmp_path):
     run = Run(tiny_prep, MethodEntry("pfedmoe", {"local_widths": "8+16+32"}), tmp_path)
     records = read_jsonl(tmp_path / "runs" / run.execute() / "records.jsonl")
-    usage = [r for r in records if r["kind"] == "usage"]
-    assert usage and {r["expert"] for r in usage} == {"global", "local"}
-    for task in {r["task"] for r in usage}:
-        total = sum(r["value"] for r in usage if r["task"] == task and r["round"] == 1)
-        assert total == pytest.approx(1.0, abs=1e-4)
     train = [r for r in records if r["kind"] == "train"]
-    assert train and len({r["up_bytes"] for r in train}) == 1  # every client sends the same G
-    assert any(r["kind"] == "eval" for r in records)
-    assert any(r["kind"] == "run" and r["completed"] for r in records)
+    assert len({r["client"] for r in train}) > 1
+    assert len({r["up_bytes"] for r in train}) == 1 and len({r["down_bytes"] for r in train}) == 1  # G alone
