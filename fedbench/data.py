@@ -18,6 +18,15 @@ SPLIT_NAMES = {TRAIN: "train", TEST: "test", GLOBAL_TEST: "global_test"}
 GLOBAL_CLIENT = -1  # client id of rows in the global held-out test set
 
 
+class DatasetUnavailable(FileNotFoundError):
+    """A real dataset that is not on this machine; the message names it and the command that gets it
+    (the CLI prints it as one line and exits 2)."""
+
+
+class DataError(ValueError):
+    """A real dataset whose files do not have the schema its adapter reads (one line, exit 2)."""
+
+
 @dataclass
 class ExampleTable:
     """All rows of a federated suite.
@@ -35,6 +44,15 @@ class ExampleTable:
         split: int8 [n] one of TRAIN, TEST, GLOBAL_TEST.
         domain: int64 [n] image domain id (background/noise/font/palette style).
         synthetic: True when the data are procedurally generated (shown in every output).
+        meta: free-form facts about the table (plans, domains, the real data's sources, answer vocabularies).
+        answer_ids: optional int64 [n, K]: each row's distinct human answers as answer-vocabulary ids
+            (-1: padding, or an answer outside the vocabulary), for families that score against several
+            human answers (``vqa_soft``); None when no task needs it.
+        answer_scores: optional float32 [n, K]: the score of predicting each of those answers (the
+            official VQA accuracy); 0 where ``answer_ids`` is -1.
+
+    ``images`` may be a tensor backed by a memory-mapped file (real data: decoded once into an on-disk
+    cache, see :mod:`fedbench.tasks.real`); the harness only ever indexes it.
     """
 
     images: torch.Tensor
@@ -49,13 +67,20 @@ class ExampleTable:
     domain: np.ndarray
     synthetic: bool = True
     meta: dict = field(default_factory=dict)
+    answer_ids: np.ndarray | None = None
+    answer_scores: np.ndarray | None = None
 
     def fingerprint(self) -> str:
         """SHA-256 (16 hex digits) of the pixels, questions, OCR text and answers: two runs on the same
         data have the same fingerprint, so drift across machines can be traced to data or to compute."""
-        digest = hashlib.sha256(self.images.numpy().tobytes())
+        digest = hashlib.sha256()
+        for i in range(0, len(self.images), 4096):  # in chunks: the images may be a memory-mapped cache
+            digest.update(np.ascontiguousarray(self.images[i : i + 4096].numpy()).tobytes())
         for column in (self.image_index, self.task, self.question, self.ocr_text, self.label, self.box, self.client):
             digest.update(np.asarray(column).astype(str).tobytes() if column.dtype == object else column.tobytes())
+        for column in (self.answer_ids, self.answer_scores):  # absent on the embedded suite: digest unchanged
+            if column is not None:
+                digest.update(np.ascontiguousarray(column).tobytes())
         return digest.hexdigest()[:16]
 
     def __len__(self) -> int:
@@ -131,6 +156,9 @@ class PartitionConfig:
         domain_task_coupling: 0 = every task family drawn on the same image domains (pixels
             say nothing about the task); 1 = each family has its own domain.
         image_size: side of the square images in pixels.
+        sources: real data only: task name -> where its dataset is, a Hugging Face hub id
+            (``lmms-lab/VQAv2``, read from the hub cache) or a local snapshot directory; a task not
+            named here uses its adapter's hub id (``fedbench list``). Empty for the embedded suite.
     """
 
     suite: str = "scenes"
@@ -144,6 +172,7 @@ class PartitionConfig:
     ocr_fraction: float = 0.5
     domain_task_coupling: float = 0.5
     image_size: int = 64
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

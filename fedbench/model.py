@@ -22,11 +22,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from fedbench.backbone import Backbone
+from fedbench.family import TaskFamily, family_of
 from fedbench.task import TaskSpec
 
 OCR_TOKENS = 8  # at most this many OCR tokens per row, in reading order
@@ -46,6 +45,8 @@ class Batch:
     label: torch.Tensor  # [B] answer index (-1 for box tasks)
     box: torch.Tensor  # [B,4] target box (NaN for answer tasks)
     row_index: torch.Tensor  # [B] rows of the example table (keys per-row views such as the prompt view)
+    answer_ids: torch.Tensor | None = None  # [B,K] the rows' distinct human answers as vocabulary ids (-1: none)
+    answer_scores: torch.Tensor | None = None  # [B,K] the score of predicting each (VQA accuracy)
 
     def __len__(self) -> int:
         return len(self.task)
@@ -123,28 +124,16 @@ class Hidden:
         return Hidden(self.state[idx], self.attention[idx])
 
 
-class AnswerRule:
-    """Loss and correctness of an answer classifier (full head or thin output)."""
+class FamilyRule:
+    """Loss and correctness of a head: its task family's (:mod:`fedbench.family`), never a branch here."""
 
-    @staticmethod
-    def loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(out, batch.label)
+    family: TaskFamily
 
-    @staticmethod
-    def correct(out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return (out.argmax(-1) == batch.label).float()
+    def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.family.loss(out, batch)
 
-
-class BoxRule:
-    """Loss and correctness (IoU >= 0.5) of a box regressor (full head or thin output)."""
-
-    @staticmethod
-    def loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.l1_loss(out, batch.box) + generalized_box_iou_loss(out, batch.box, reduction="mean")
-
-    @staticmethod
-    def correct(out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return (box_iou(out, batch.box).diagonal() >= 0.5).float()
+    def correct(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.family.correct(out, batch)
 
 
 def attention_box(weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -181,33 +170,36 @@ class AnswerTrunk(nn.Module):
         return Hidden(self.mlp(torch.cat([f.image, f.question, pooled, self.ocr(f)], -1)), weights)
 
 
-class AnswerOutput(AnswerRule, nn.Module):
+class AnswerOutput(FamilyRule, nn.Module):
     """Thin answer output on the trunk: Linear(hidden -> answers)."""
 
-    def __init__(self, spec: TaskSpec, hidden: int) -> None:
+    def __init__(self, spec: TaskSpec, hidden: int, family: TaskFamily) -> None:
         super().__init__()
+        self.family = family
         self.logits = nn.Linear(hidden, spec.num_answers)
 
     def forward(self, h: Hidden) -> torch.Tensor:
         return self.logits(h.state)
 
 
-class BoxOutput(BoxRule, nn.Module):
+class BoxOutput(FamilyRule, nn.Module):
     """Thin box output on the trunk: the trunk's attention centroid + Linear(hidden -> 4)."""
 
-    def __init__(self, spec: TaskSpec, hidden: int) -> None:
+    def __init__(self, spec: TaskSpec, hidden: int, family: TaskFamily) -> None:
         super().__init__()
+        self.family = family
         self.box = nn.Linear(hidden, 4)
 
     def forward(self, h: Hidden) -> torch.Tensor:
         return attention_box(h.attention, self.box(h.state))
 
 
-class AnswerHead(AnswerRule, nn.Module):
+class AnswerHead(FamilyRule, nn.Module):
     """Per-task answer classifier on [image, question, question-pooled tokens, (OCR read-out)]."""
 
-    def __init__(self, spec: TaskSpec, token_dim: int, embed_dim: int, hidden: int = 256) -> None:
+    def __init__(self, spec: TaskSpec, token_dim: int, embed_dim: int, family: TaskFamily, hidden: int = 256) -> None:
         super().__init__()
+        self.family = family
         self.pool = QueryPool(token_dim, embed_dim)
         self.ocr = OCRPointer(embed_dim) if spec.uses_ocr else None
         in_dim = 2 * embed_dim + token_dim + (embed_dim if spec.uses_ocr else 0)
@@ -223,11 +215,12 @@ class AnswerHead(AnswerRule, nn.Module):
         return self.mlp(torch.cat(parts, -1))
 
 
-class BoxHead(BoxRule, nn.Module):
+class BoxHead(FamilyRule, nn.Module):
     """Per-task referring-expression box regressor: attention centroid over patches + predicted size."""
 
-    def __init__(self, spec: TaskSpec, token_dim: int, embed_dim: int, hidden: int = 256) -> None:
+    def __init__(self, spec: TaskSpec, token_dim: int, embed_dim: int, family: TaskFamily, hidden: int = 256) -> None:
         super().__init__()
+        self.family = family
         self.pool = QueryPool(token_dim, embed_dim)
         self.mlp = nn.Sequential(
             nn.LayerNorm(token_dim + embed_dim),
@@ -253,10 +246,10 @@ def make_trunk(answer_side: str, token_dim: int, embed_dim: int) -> AnswerTrunk 
 
 
 def make_heads(tasks: Sequence[TaskSpec], trunk: AnswerTrunk | None, token_dim: int, embed_dim: int) -> nn.ModuleDict:
-    """One head per task: a thin output on ``trunk``, or (no trunk) a full per-task head."""
+    """One head per task, made by its family: a thin output on ``trunk``, or (no trunk) a full per-task head."""
     if trunk is not None:
-        return nn.ModuleDict({t.name: (BoxOutput if t.is_box else AnswerOutput)(t, trunk.hidden) for t in tasks})
-    return nn.ModuleDict({t.name: (BoxHead if t.is_box else AnswerHead)(t, token_dim, embed_dim) for t in tasks})
+        return nn.ModuleDict({t.name: family_of(t).output(t, trunk.hidden) for t in tasks})
+    return nn.ModuleDict({t.name: family_of(t).head(t, token_dim, embed_dim) for t in tasks})
 
 
 def answer_input(trunk: AnswerTrunk | None, features: Features) -> Features | Hidden:
@@ -338,4 +331,6 @@ def sub_batch(batch: Batch, idx: torch.Tensor) -> Batch:
         label=batch.label[idx],
         box=batch.box[idx],
         row_index=batch.row_index[idx],
+        answer_ids=None if batch.answer_ids is None else batch.answer_ids[idx],
+        answer_scores=None if batch.answer_scores is None else batch.answer_scores[idx],
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedbench.data import GLOBAL_CLIENT, SPLIT_NAMES, ClientPlan, ExampleTable, PartitionConfig
+from fedbench.family import family_of
 from fedbench.registry import TASKS
 
 _DIRICHLET, _QUANTITY, _OCR = 1, 2, 3  # seed-stream tags
@@ -86,7 +87,7 @@ def partition_summary(table: ExampleTable) -> list[dict]:
 
     ``has_ocr`` comes from the plans recorded in ``table.meta["plans"]`` when present (a client
     may have OCR yet hold no OCR task), else from the data: whether any of its rows carries OCR text.
-    ``label_histogram`` counts the labels of each classification-family task's rows.
+    ``label_histogram`` counts the labels of each task whose family takes label skew (classification).
     """
     n_domains = int(table.meta.get("n_domains", int(table.domain.max()) + 1 if len(table) else 0))
     planned_ocr = {p["client"]: p["has_ocr"] for p in table.meta.get("plans", [])}
@@ -102,7 +103,7 @@ def partition_summary(table: ExampleTable) -> list[dict]:
             in_task = mine & (table.task == task)
             rows[task] = {name: int((in_task & (table.split == code)).sum()) for code, name in SPLIT_NAMES.items()}
             spec = TASKS.get(task)
-            if spec.family == "classification":
+            if family_of(spec).label_skew:
                 labels[task] = np.bincount(table.label[in_task], minlength=spec.num_answers).tolist()
         images, first = np.unique(table.image_index[mine], return_index=True)
         domains = table.domain[np.flatnonzero(mine)[first]]

@@ -20,7 +20,6 @@ from fedbench.data import ExampleTable
 
 BAND_FRACTION = 0.2  # each band (top and bottom, and the margins left and right) is 20% of the side
 MIN_FONT = 7  # below this, the default font's glyphs stop being legible at these sizes
-TASK_SYMBOLS = {"classification": "CLS", "vqa": "VQA", "grounding": "BOX", "ocr_vqa": "OCR"}
 BAND_RGB, INK_RGB = (255, 255, 255), (0, 0, 0)
 
 
@@ -76,8 +75,9 @@ class PromptViews:
     tower on first use and kept for the seed (rows asking the same question of one image share one
     view). Only the image tower's patch tokens are kept: they are what Pilot's router reads."""
 
-    def __init__(self, table: ExampleTable, family_of: dict[str, str], backbone: Backbone, batch_size: int) -> None:
-        self.table, self.family_of, self.backbone, self.batch_size = table, family_of, backbone, batch_size
+    def __init__(self, table: ExampleTable, symbol_of: dict[str, str], backbone: Backbone, batch_size: int) -> None:
+        """``symbol_of``: task name -> its family's symbol (``TaskFamily.symbol``: CLS, VQA, BOX, OCR)."""
+        self.table, self.symbol_of, self.backbone, self.batch_size = table, symbol_of, backbone, batch_size
         keys = [f"{i}\x00{t}\x00{q}" for i, t, q in zip(table.image_index, table.task, table.question, strict=True)]
         _, self._first, inverse = np.unique(np.asarray(keys, dtype=object), return_index=True, return_inverse=True)
         self._inverse = torch.as_tensor(inverse, dtype=torch.long)
@@ -87,10 +87,7 @@ class PromptViews:
         """uint8 [len(rows),3,S,S]: each row's image with its task symbol and question around it."""
         t = self.table
         return torch.stack(
-            [
-                prompt_view(t.images[t.image_index[r]], TASK_SYMBOLS[self.family_of[t.task[r]]], str(t.question[r]))
-                for r in rows
-            ]
+            [prompt_view(t.images[t.image_index[r]], self.symbol_of[t.task[r]], str(t.question[r])) for r in rows]
         )
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ sit after the towers) and the majority reference row. Every backend stages the s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 
 from fedbench.backbone import Backbone, create_backbone
 from fedbench.data import GLOBAL_TEST, TRAIN, ClientInfo, ClientPlan, ExampleTable
+from fedbench.family import family_of
 from fedbench.model import OCR_TOKENS, Batch
 from fedbench.partition import make_plans
 from fedbench.prompt_view import PromptViews
@@ -44,6 +46,10 @@ class RowStore:
         self.ocr, self.ocr_mask = self._encode_tokens(backbone, table.ocr_text)
         self.label = torch.as_tensor(table.label, dtype=torch.long, device=device)
         self.box = torch.as_tensor(table.box, dtype=torch.float32, device=device)
+        self.answer_ids = self.answer_scores = None
+        if table.answer_ids is not None:
+            self.answer_ids = torch.as_tensor(table.answer_ids, dtype=torch.long, device=device)
+            self.answer_scores = torch.as_tensor(table.answer_scores, dtype=torch.float32, device=device)
 
     @staticmethod
     def _encode(backbone: Backbone, texts: np.ndarray) -> torch.Tensor:
@@ -83,6 +89,8 @@ class RowStore:
             self.label[idx],
             self.box[idx],
             idx,
+            None if self.answer_ids is None else self.answer_ids[idx],
+            None if self.answer_scores is None else self.answer_scores[idx],
         )
 
 
@@ -153,12 +161,17 @@ def prepare(
     wrong = [s.name for s in specs if s.suite != protocol.data.suite]
     if wrong:
         raise ValueError(f"task(s) {wrong} do not belong to suite '{protocol.data.suite}'")
-    n_classes = max((s.num_answers for s in specs if s.family == "classification"), default=1)
+    n_classes = max((s.num_answers for s in specs if family_of(s).label_skew), default=1)
+    if hasattr(suite, "label_space"):  # a real-data suite reads its classes from the dataset
+        n_classes = max(n_classes, suite.label_space(protocol.data, specs))
     plans = make_plans(protocol.data, list(protocol.tasks), suite.n_domains, n_classes, seed)
     table = suite(plans, protocol.data, list(protocol.tasks), seed)
+    # a real-data suite finds the answer vocabularies in the training clients' rows
+    vocab = table.meta.get("answers", {})
+    specs = [dataclasses.replace(s, answers=tuple(vocab[s.name])) if s.name in vocab else s for s in specs]
     backbone = backbone or create_backbone(protocol.backbone.name, device)
     store = RowStore(table, specs, backbone, device)
-    prompts = PromptViews(table, {s.name: s.family for s in specs}, backbone, protocol.eval.batch_size)
+    prompts = PromptViews(table, {s.name: family_of(s).symbol for s in specs}, backbone, protocol.eval.batch_size)
     features = FeatureCache(backbone, store.images, protocol.eval.batch_size, prompts)
     return Prepared(
         protocol, seed, plans, table, specs, backbone, store, device, majority_scores(table, specs), features
@@ -166,18 +179,11 @@ def prepare(
 
 
 def majority_scores(table: ExampleTable, specs: Sequence[TaskSpec]) -> dict[str, float]:
-    """Reference row: the majority training answer (mean training box for grounding) on the global test."""
-    from torchvision.ops import box_iou
-
+    """Reference row: each task family's constant prediction from the training rows (the majority
+    answer, the mean box, ...) scored on the global test."""
     scores = {}
     for spec in specs:
         train = np.flatnonzero((table.task == spec.name) & (table.split == TRAIN))
         test = np.flatnonzero((table.task == spec.name) & (table.split == GLOBAL_TEST))
-        if spec.is_box:
-            mean_box = torch.as_tensor(table.box[train].mean(0, keepdims=True))
-            ious = box_iou(mean_box.expand(len(test), 4), torch.as_tensor(table.box[test])).diagonal()
-            scores[spec.name] = float((ious >= 0.5).float().mean())
-        else:
-            answer = np.bincount(table.label[train], minlength=spec.num_answers).argmax()
-            scores[spec.name] = float((table.label[test] == answer).mean())
+        scores[spec.name] = family_of(spec).majority(spec, table, train, test)
     return scores

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FAMILIES = ("classification", "vqa", "grounding", "ocr_vqa")
-
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -13,10 +11,13 @@ class TaskSpec:
 
     Attributes:
         name: registry key, what users type (``"vqa"``).
-        family: one of :data:`FAMILIES`; decides the head (answer classifier or box regressor).
+        family: a registered task family (:mod:`fedbench.family`, ``fedbench list``); it owns the head,
+            the loss, the correctness rule, the majority baseline and the metric.
         suite: the suite registry name that produces this task's rows.
-        answers: answer vocabulary (class names); empty for box tasks.
-        metric: ``"accuracy"`` (exact answer) or ``"acc_iou50"`` (box IoU >= 0.5).
+        answers: answer vocabulary (class names); empty for box tasks, and for a real-data task until
+            its suite has read the training clients' answers (``Prepared.specs`` then carry them).
+        metric: the family's metric name (``"accuracy"``, ``"acc_iou50"``, ``"vqa_accuracy"``); filled
+            in from the family when left empty, and must match it when given.
         uses_ocr: whether the task's head reads the OCR tokens (rows of every task carry OCR text
             when the client has OCR; only such heads answer from it).
     """
@@ -25,18 +26,27 @@ class TaskSpec:
     family: str
     suite: str
     answers: tuple[str, ...] = ()
-    metric: str = "accuracy"
+    metric: str = ""
     uses_ocr: bool = False
 
     def __post_init__(self) -> None:
+        from fedbench.registry import FAMILIES
+
         if self.family not in FAMILIES:
-            raise ValueError(f"task '{self.name}': family '{self.family}' not in {FAMILIES}")
-        if self.family == "grounding" and self.answers:
-            raise ValueError(f"task '{self.name}': a grounding task has no answer vocabulary")
+            raise ValueError(f"task '{self.name}': family '{self.family}' not in {tuple(FAMILIES.names())}")
+        family = FAMILIES.get(self.family)
+        if not self.metric:
+            object.__setattr__(self, "metric", family.metric.name)
+        elif self.metric != family.metric.name:
+            raise ValueError(f"task '{self.name}': metric '{self.metric}' is not its family's ('{family.metric.name}')")
+        family.validate(self)
 
     @property
     def is_box(self) -> bool:
-        return self.family == "grounding"
+        """Whether the task predicts a box (its family has no answer vocabulary)."""
+        from fedbench.registry import FAMILIES
+
+        return not FAMILIES.get(self.family).has_answers
 
     @property
     def num_answers(self) -> int:

@@ -58,14 +58,14 @@ def test_prompt_view_is_the_shrunken_scene_inside_a_band_holding_symbol_and_text
 
 
 def test_prompt_views_are_each_rows_view_through_the_frozen_tower(tiny_prep):
-    from fedbench.prompt_view import TASK_SYMBOLS
+    from fedbench.family import family_of
     from fedbench.registry import TASKS
 
     table, views = tiny_prep.table, tiny_prep.features.prompts
     rows = np.array([0, 1, len(table) - 1])
     got = views.tokens(torch.as_tensor(rows))
     for k, r in enumerate(rows):
-        symbol = TASK_SYMBOLS[TASKS.get(table.task[r]).family]
+        symbol = family_of(TASKS.get(table.task[r])).symbol
         view = prompt_view(table.images[table.image_index[r]], symbol, str(table.question[r]))
         expected, _ = tiny_prep.backbone.encode_image(view[None])
         assert torch.allclose(got[k], expected[0], atol=1e-5)

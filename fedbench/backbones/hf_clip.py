@@ -42,3 +42,18 @@ def create_hf_clip(rest: str, spec: str) -> Backbone:
         embed_dim=model.config.projection_dim,
         name=spec,
     )
+
+
+def peft_lora(tower: torch.nn.Module, spec, adapter_name: str = "default") -> torch.nn.Module:
+    """LoRA on a transformers CLIP tower's ``q_proj`` and ``v_proj`` through ``peft`` (``LoraConfig``;
+    ``r = spec.rank``, ``lora_alpha = spec.alpha``, ``lora_dropout = spec.dropout``), injected in place
+    into the plain module (no ``PeftModel`` wrapper, so the tower keeps its forward and its names, plus
+    ``.lora_A.<adapter>`` / ``.lora_B.<adapter>``). With the same weights, A and B it computes what
+    :func:`fedbench.lora.inject_lora` computes (``tests/test_backbones.py``), up to where dropout acts
+    (peft: on the input; fedbench: on A's columns)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=["q_proj", "v_proj"]
+    )
+    return inject_adapter_in_model(config, tower, adapter_name=adapter_name)

@@ -1,0 +1,1 @@
+"""Task families, one registered :class:`fedbench.family.TaskFamily` per module (discovered)."""

@@ -1,0 +1,54 @@
+"""Answer-classifier families: ``classification``, ``vqa`` and ``ocr_vqa`` (exact-match accuracy).
+
+The usual classifier formulation: the head scores every answer of the task's vocabulary, the loss
+is cross-entropy on the row's answer index, a row is correct when the top answer is its answer, and
+the majority row predicts the most frequent training answer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.nn.functional as F
+
+from fedbench.family import MetricSpec, TaskFamily
+from fedbench.model import AnswerHead, AnswerOutput
+from fedbench.registry import register_family
+
+
+class AnswerFamily(TaskFamily):
+    """One answer out of the task's vocabulary, scored by exact match."""
+
+    metric = MetricSpec("accuracy", higher_is_better=True, aggregate="mean")
+    has_answers = True
+
+    def __init__(self, name: str, symbol: str, label_skew: bool = False) -> None:
+        self.name, self.symbol, self.label_skew = name, symbol, label_skew
+
+    def output(self, spec, hidden):
+        return AnswerOutput(spec, hidden, self)
+
+    def head(self, spec, token_dim, embed_dim):
+        return AnswerHead(spec, token_dim, embed_dim, self)
+
+    def loss(self, out, batch):
+        return F.cross_entropy(out, batch.label)
+
+    def correct(self, out, batch):
+        return (out.argmax(-1) == batch.label).float()
+
+    @staticmethod
+    def majority_answer(spec, table, train: np.ndarray) -> int:
+        labels = table.label[train]
+        return int(np.bincount(labels[labels >= 0], minlength=max(spec.num_answers, 1)).argmax())
+
+    def majority(self, spec, table, train, test):
+        answer = self.majority_answer(spec, table, train)
+        return float((table.label[test] == answer).mean())
+
+    def __repr__(self) -> str:
+        return f"AnswerFamily({self.name!r})"
+
+
+CLASSIFICATION = register_family("classification")(AnswerFamily("classification", "CLS", label_skew=True))
+VQA = register_family("vqa")(AnswerFamily("vqa", "VQA"))
+OCR_VQA = register_family("ocr_vqa")(AnswerFamily("ocr_vqa", "OCR"))

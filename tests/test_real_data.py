@@ -1,0 +1,290 @@
+"""Real-data adapters on fixture snapshots in each dataset's schema, VQA scoring, and a smoke run.
+
+Every fixture is written inside its test (``real_fixtures``: parquet with embedded PNG images, in the
+layout ``huggingface-cli download --repo-type dataset REPO --local-dir DIR`` leaves), loaded through
+the adapter and ``fedbench data check``, and checked against the adapter's mapping.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import real_fixtures as rf
+import torch
+from typer.testing import CliRunner
+
+from fedbench.cli import app
+from fedbench.data import GLOBAL_TEST, TRAIN, ExampleTable
+from fedbench.family import family_of
+from fedbench.model import Batch
+from fedbench.registry import FAMILIES, TASKS
+from fedbench.tasks import real
+from fedbench.tasks.families.vqa_soft import answer_scores, majority_answer, normalize_answer, vqa_accuracy
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEDBENCH_HF_CACHE", str(tmp_path / "hf"))
+
+
+# ------------------------------------------------------------------------------------------ VQA scoring
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("Two", "2"),
+        ("the dog.", "dog"),
+        ("A red car!", "red car"),
+        ("dont", "don't"),
+        ("yes.", "yes"),
+        ("1,000", "1000"),
+        ("left-side", "left side"),
+        ("  none\n", "0"),
+    ],
+)
+def test_official_answer_normalisation(raw, normal):
+    assert normalize_answer(raw) == normal
+
+
+def test_vqa_accuracy_leave_one_out_by_hand():
+    # a answered by m of 10 humans: m subsets see m-1 matches, 10-m see m; min(1, matches/3), mean
+    for m, expected in ((0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)):
+        answers = ["cat"] * m + ["dog"] * (10 - m)
+        assert vqa_accuracy("cat", answers) == pytest.approx(expected)
+    # normalisation before matching: "two" / "2" / "2." are one answer
+    assert vqa_accuracy("2", ["two", "2.", "2"] + ["three"] * 7) == pytest.approx(0.9)
+    assert answer_scores(["yes"] * 3 + ["no"] * 7) == pytest.approx({"yes": 0.9, "no": 1.0})
+    assert vqa_accuracy("Ann", ["ann"]) == 1.0 and vqa_accuracy("Bob", ["ann"]) == 0.0  # one answer: exact
+    assert majority_answer(["Two", "2", "three"]) == "2"
+
+
+def test_vqa_soft_family_scores_predictions_and_majority():
+    fam = FAMILIES.get("vqa_soft")
+    assert (fam.metric.name, fam.metric.higher_is_better, fam.metric.aggregate) == ("vqa_accuracy", True, "mean")
+    ids = torch.tensor([[0, 1, -1], [1, -1, -1]])
+    scores = torch.tensor([[1.0, 0.3, 0.0], [0.6, 0.0, 0.0]])
+    logits = torch.tensor([[0.1, 2.0, 0.0], [0.0, 0.0, 3.0]])  # predicts answer 1, then answer 2
+    batch = Batch(*([None] * 7), torch.tensor([0, 1]), None, None, answer_ids=ids, answer_scores=scores)
+    assert fam.correct(logits, batch).tolist() == pytest.approx([0.3, 0.0])
+    n = 4
+    table = ExampleTable(
+        torch.zeros(1, 3, 4, 4, dtype=torch.uint8), np.zeros(n, np.int64), np.array(["t"] * n, object),
+        np.array(["q"] * n, object), np.array([""] * n, object), np.array([1, 1, 0, 1]), np.zeros((n, 4), np.float32),
+        np.zeros(n, np.int64), np.array([TRAIN, TRAIN, GLOBAL_TEST, GLOBAL_TEST], np.int8), np.zeros(n, np.int64),
+        answer_ids=np.array([[1, -1]] * 2 + [[0, 1], [1, -1]]),
+        answer_scores=np.array([[1, 0]] * 2 + [[1, 0.6], [0.3, 0]]),
+    )  # fmt: skip
+    spec = TASKS.get("vqav2")
+    assert fam.majority(spec, table, np.array([0, 1]), np.array([2, 3])) == pytest.approx((0.6 + 0.3) / 2)
+
+
+def test_every_family_declares_its_metric_and_rules():
+    for name in FAMILIES.names():
+        fam = FAMILIES.get(name)
+        assert fam.name == name and fam.metric.name and fam.metric.aggregate == "mean"
+        for hook in ("output", "head", "loss", "correct", "majority"):
+            assert getattr(type(fam), hook) is not getattr(type(fam).__mro__[-2], hook, None)
+    assert family_of(TASKS.get("grounding")).metric.name == TASKS.get("grounding").metric == "acc_iou50"
+    assert TASKS.get("refcoco").metric == "acc_iou50" and TASKS.get("vqav2").metric == "vqa_accuracy"
+    with pytest.raises(ValueError, match="family 'nope' not in"):
+        from fedbench.task import TaskSpec
+
+        TaskSpec("x", "nope", "real")
+
+
+# ------------------------------------------------------------------------------- adapters on fixtures
+
+
+def _check(root, task):
+    result = runner.invoke(app, ["data", "check", str(root), "--task", task])
+    assert result.exit_code == 0, result.output
+    assert "schema ok" in result.output
+    return result.output
+
+
+def test_vqav2_adapter_normalises_the_ten_answers(tmp_path):
+    rf.vqav2(tmp_path / "vqav2")
+    out = _check(tmp_path / "vqav2", "vqav2")
+    assert "examples 36" in out and "images 12" in out and "human_answers_per_example 10.0" in out
+    adapter = real.ADAPTERS["vqav2"]
+    ex = real.read_examples(tmp_path / "vqav2", adapter, "validation")
+    assert len(ex) == 36 and all(len(a) == 10 for a in ex.answers)
+    assert {majority_answer(a) for a in ex.answers} == {"yes", "no", "2", "red", "dog"}  # "two", "a dog", "Yes."
+    assert ex.domain_names == ("number", "other", "yes/no")  # natural domain: answer type
+
+
+def test_textvqa_adapter_carries_ocr_tokens(tmp_path):
+    rf.textvqa(tmp_path / "tv")
+    out = _check(tmp_path / "tv", "textvqa")
+    assert "ocr_tokens_per_example 3.0" in out and "validation:" in out
+    ex = real.read_examples(tmp_path / "tv", real.ADAPTERS["textvqa"], "train")
+    assert ex.ocr[0] == "STOP open 24h" and ex.answers[0] == ["stop"] * 9 + ["unanswerable"]
+
+
+def test_ocrvqa_adapter_expands_parallel_lists(tmp_path):
+    rf.ocrvqa(tmp_path / "ocr")
+    _check(tmp_path / "ocr", "ocrvqa")
+    ex = real.read_examples(tmp_path / "ocr", real.ADAPTERS["ocrvqa"], "train")
+    assert len(ex) == 30 and ex.question[:3].tolist()[1] == "What is the genre of this book?"
+    assert ex.answers[:3] == [["Ann"], ["Travel"], ["No"]] and ex.ocr[0] == "Book 0 by Ann"
+    assert ex.row[:4].tolist() == [0, 0, 0, 1]  # three questions share the first image
+
+
+def test_cifar100_adapter_reads_class_names_from_a_config_folder(tmp_path):
+    rf.cifar100(tmp_path / "c")
+    out = _check(tmp_path / "c", "cifar100")
+    assert "answers 5" in out and "test:" in out
+    ex = real.read_examples(tmp_path / "c", real.ADAPTERS["cifar100"], "train")
+    assert ex.classes == tuple(rf.CIFAR_FINE) and ex.answers[1] == ["aquarium_fish"]
+
+
+def test_domainnet_adapter_looks_domains_up_in_the_features(tmp_path):
+    rf.domainnet(tmp_path / "d")
+    out = _check(tmp_path / "d", "domainnet")
+    assert "'clipart', 'infograph'" in out
+    ex = real.read_examples(tmp_path / "d", real.ADAPTERS["domainnet"], "train")
+    assert ex.domain_names == tuple(rf.DOMAINS) and ex.domain[:4].tolist() == [0, 0, 1, 1]
+
+
+def test_refcoco_adapter_one_example_per_expression_and_boxes(tmp_path):
+    boxes = rf.refcoco(tmp_path / "r")
+    out = _check(tmp_path / "r", "refcoco")
+    assert "examples 32" in out and "first_box_unit_xyxy [0.1, 0.1, 0.6, 0.6]" in out
+    ex = real.read_examples(tmp_path / "r", real.ADAPTERS["refcoco"], "val")
+    assert ex.question[:2].tolist() == ["the thing on the left 0", "left object 0"]
+    (x, y, w, h), iw, ih = boxes[1]
+    unit = real.xywh_to_unit_xyxy(ex.box_xywh[2:3], np.array([[iw, ih]]))[0]
+    assert unit.tolist() == pytest.approx([x / iw, y / ih, (x + w) / iw, (y + h) / ih])
+
+
+def test_missing_or_malformed_dataset_is_one_line_exit_2(tmp_path, monkeypatch):
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "absent"), "--task", "vqav2"])
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert "\n" not in line and "lmms-lab/VQAv2" in line
+    assert "huggingface-cli download --repo-type dataset lmms-lab/VQAv2 --local-dir DIR" in line
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = runner.invoke(app, ["data", "check", "lmms-lab/textvqa", "--task", "textvqa"])
+    assert result.exit_code == 2 and "not in the hub cache" in result.output
+    rf.textvqa(tmp_path / "tv")  # a TextVQA snapshot is not a RefCOCO one: the missing columns are named
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "tv"), "--task", "refcoco"])
+    assert result.exit_code == 2 and "no 'val' parquet files" in result.output
+
+
+def test_list_shows_the_real_adapters():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    for name in ("vqav2", "textvqa", "ocrvqa", "cifar100", "domainnet", "refcoco", "refcoco_plus", "refcocog"):
+        assert name in result.output
+    assert "lmms-lab/VQAv2" in result.output and "fine_label" in result.output
+
+
+# ---------------------------------------------------------------------------------- smoke on all six
+
+SMOKE = """
+name = "real-fixtures"
+seeds = [0]
+rounds = 2
+tasks = {tasks}
+methods = ["fedavg-lora"]
+
+[data]
+suite = "real"
+num_clients = 6
+train_images = 8
+test_images = 2
+global_test_images = 4
+tasks_per_client = 1
+image_size = 32
+
+[data.sources]
+{sources}
+
+[local]
+steps = 1
+batch_size = 4
+
+[eval]
+every = 0
+batch_size = 64
+"""
+
+
+def test_smoke_run_on_every_fixture_dataset(tmp_path):
+    tasks = list(rf.WRITERS)
+    for task, write in rf.WRITERS.items():
+        write(tmp_path / task)
+    sources = "\n".join(f'{t} = "{tmp_path / t}"' for t in tasks)
+    proto = tmp_path / "real.toml"
+    proto.write_text(SMOKE.format(tasks=json.dumps(tasks), sources=sources))
+    result = runner.invoke(app, ["run", "--preset", str(proto), "--results", str(tmp_path / "out"), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for f in (tmp_path / "out" / "runs").glob("*/records.jsonl") for line in f.open()]
+    last = max(r["round"] for r in records if r["kind"] == "eval")
+    glob_ = {r["task"]: r for r in records if r["kind"] == "eval" and r["scope"] == "global" and r["round"] == last}
+    assert set(glob_) == set(tasks)
+    assert {t: glob_[t]["metric"] for t in tasks} == {
+        "vqav2": "vqa_accuracy",
+        "textvqa": "vqa_accuracy",
+        "ocrvqa": "accuracy",
+        "cifar100": "accuracy",
+        "domainnet": "accuracy",
+        "refcoco": "acc_iou50",
+    }
+    assert all(0.0 <= r["value"] <= 1.0 for r in glob_.values())
+    majority = {r["task"] for r in records if r["kind"] == "majority"}
+    assert majority == set(tasks)
+    board = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "acc_vqav2" in board and "acc_refcoco" in board
+    print(board)
+
+
+def test_partition_natural_domains_and_training_only_vocabulary(tmp_path):
+    from fedbench.data import ClientPlan, PartitionConfig
+
+    rf.domainnet(tmp_path / "d")
+    rf.vqav2(tmp_path / "v", n_images=30)
+    config = PartitionConfig(
+        suite="real", num_clients=4, train_images=4, test_images=2, global_test_images=10, image_size=16,
+        sources={"domainnet": str(tmp_path / "d"), "vqav2": str(tmp_path / "v")},
+    )  # fmt: skip
+    plans = [ClientPlan(c, (("domainnet", "vqav2")[c % 2],), 4, 2, (1.0,), None, c < 2) for c in range(4)]
+    table = real.build_real(plans, config, ["domainnet", "vqav2"], seed=0)
+    dn = table.task == "domainnet"
+    for client in (0, 2):  # the task's first and second client: one natural domain each
+        domains = set(table.domain[dn & (table.client == client)].tolist())
+        assert len(domains) == 1
+    assert table.meta["domains"]["domainnet"] == rf.DOMAINS
+    vq = table.task == "vqav2"
+    train = vq & (table.split == TRAIN)
+    vocab = table.meta["answers"]["vqav2"]
+    assert set(vocab) == {vocab[i] for i in table.label[train]}  # every answer comes from a training row
+    assert (table.label[train] >= 0).all()
+    # global-test rows keep their VQA scores against the vocabulary; unseen answers score nothing
+    glob = vq & (table.split == GLOBAL_TEST)
+    assert table.answer_scores[glob].max() <= 1.0 and (table.answer_ids[glob] < len(vocab)).all()
+    images = table.images
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 16, 16)
+    cached = [np.load(f, mmap_mode="r") for f in (real.cache_root() / "images").glob("*.npy") if ".sizes" not in f.name]
+    assert [c.shape for c in cached] == [tuple(images.shape)]  # the table's images are the on-disk cache
+    assert np.array_equal(cached[0], images.numpy())
+
+
+def test_a_hub_id_reads_the_hub_cache_offline(tmp_path, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--lmms-lab--textvqa"
+    rf.textvqa(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = _check("lmms-lab/textvqa", "textvqa")
+    assert commit in out and "examples 24" in out
