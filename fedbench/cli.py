@@ -19,10 +19,12 @@ from fedbench import protocol as protocol_mod
 from fedbench.backbone import BackboneUnavailable
 from fedbench.backends import BackendError, check_backend
 from fedbench.checkpoint import CheckpointMismatch
+from fedbench.data import DataError
+from fedbench.integrity import IntegrityError
 from fedbench.options import OptionError, parse_method_spec
 from fedbench.payload import ContractError
 from fedbench.protocol import MethodEntry, Protocol, ProtocolError
-from fedbench.registry import BACKBONES, METHODS, SUITES, TASKS, UnknownNameError
+from fedbench.registry import BACKBONES, FAMILIES, METHODS, SUITES, TASKS, UnknownNameError
 
 app = typer.Typer(
     add_completion=False,
@@ -34,18 +36,24 @@ backbone_app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Prepare backbones."
 )
 app.add_typer(backbone_app, name="backbone")
+data_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Check real datasets."
+)
+app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 
 USER_ERRORS = (
     BackendError,
     CheckpointMismatch,
+    IntegrityError,
     ProtocolError,
     OptionError,
     UnknownNameError,
     BackboneUnavailable,
     ContractError,
     FileNotFoundError,
+    DataError,
 )
 
 
@@ -153,7 +161,7 @@ def run(
     command = " ".join(["fedbench", *sys.argv[1:]]) + "\n"
     check_backend(backend)
     if proto.sweep is None:
-        _run_protocol(proto, results, plots, command, backend)
+        _exit_if_failed(_run_protocol(proto, results, plots, command, backend))
         return
     from fedbench.sweep import write_sweep_report
 
@@ -164,11 +172,25 @@ def run(
     )
     (results / "protocol.toml").write_text(protocol_to_toml(proto))
     (results / "command.txt").write_text(command)
+    failures = []
     for i, (value, variant) in enumerate(variants, start=1):
         console.rule(f"{sweep.field} = {value} ({i}/{len(variants)})")
-        _run_protocol(variant, results / sweep.dir_name(value), plots, command, backend)
+        failures += _run_protocol(variant, results / sweep.dir_name(value), plots, command, backend)
     table, paths = write_sweep_report(proto, results, plots)
     _print_sweep(table, paths, results)
+    _exit_if_failed(failures)
+
+
+def _exit_if_failed(failures: list) -> None:
+    """After every other row ran and the leaderboard was written: one line per failed row, exit 1."""
+    for f in failures:
+        err_console.print(
+            f"[bold red]error:[/] row {escape(f.label)} (seed {f.seed}) failed: {escape(f.error)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if failures:
+        raise typer.Exit(1)
 
 
 def _print_sweep(table: Any, paths: list[Path], results: Path) -> None:
@@ -179,11 +201,13 @@ def _print_sweep(table: Any, paths: list[Path], results: Path) -> None:
     console.print(f"{', '.join(p.name for p in paths)} in {results}/")
 
 
-def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str, backend: str = "inprocess") -> None:
-    """One protocol (no sweep) into ``results``: records, leaderboard, expert usage, plots."""
+def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str, backend: str = "inprocess") -> list:
+    """One protocol (no sweep) into ``results``: records, leaderboard, expert usage, plots. Returns
+    the rows that failed (every other row ran; the leaderboard shows them as ``failed``)."""
     from fedbench.backends import run_backend
     from fedbench.leaderboard import build_leaderboard, build_usage, plot, render
     from fedbench.records import read_records
+    from fedbench.server import RowsFailed
     from fedbench.staging import Prepared
 
     _check_writable(results)
@@ -220,6 +244,19 @@ def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str, bac
                 progress.update(clients_bar, advance=1)
             elif event == "skip":
                 progress.console.print(f"[dim]skip (already complete): {info['run_id']}[/]")
+            elif event == "wait":
+                progress.console.print(f"waiting for {info['run_id']}: another process ({info['holder']}) runs it")
+            elif event == "drop":
+                progress.console.print(
+                    f"[dim]client {info['client']} dropped in round {info['round']}: {escape(info['error'])}[/]",
+                    soft_wrap=True,
+                )
+            elif event == "failed":
+                progress.console.print(
+                    f"[bold red]row {escape(info['label'])} (seed {info['seed']}) failed:[/] {escape(info['error'])}; "
+                    "the other rows go on",
+                    soft_wrap=True,
+                )
 
             elif event == "row":
                 progress.advance(rows_bar)
@@ -234,21 +271,27 @@ def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str, bac
             clients_per_round = max(1, round(proto.clients.sample_fraction * proto.data.num_clients))
             progress.update(clients_bar, total=clients_per_round)
 
-        run_backend(backend, proto, results, on_event, on_seed)
+        failures = []
+        try:
+            run_backend(backend, proto, results, on_event, on_seed)
+        except RowsFailed as err:
+            failures = err.failures
     records = read_records(results)
-    board = build_leaderboard(records)
+    board = build_leaderboard(records, with_failed=True)
     console.print(_render_board(board, "table", None), markup=False, highlight=False, soft_wrap=True)
     (results / "leaderboard.md").write_text(render(board, "markdown"))
     (results / "leaderboard.csv").write_text(render(board, "csv"))
     written = "leaderboard.md/.csv"
-    usage = build_usage(records)
+    completed = "failed" not in board or board["failed"].isna().any()
+    usage = build_usage(records) if completed else board.iloc[:0]
     if not usage.empty:
         (results / "expert_usage.md").write_text(render(usage, "markdown"))
         (results / "expert_usage.csv").write_text(render(usage, "csv"))
         written += ", expert_usage.md/.csv"
-    if plots:
+    if plots and completed:
         plot(records, results)
-    console.print(f"records, {written}{' and plots' if plots else ''} in {results}/")
+    console.print(f"records, {written}{' and plots' if plots and completed else ''} in {results}/")
+    return failures
 
 
 def protocol_to_toml(proto: Protocol) -> str:
@@ -352,7 +395,7 @@ def leaderboard(
         except UnknownRowError as err:
             raise UsageError(str(err)) from None
     else:
-        board = build_usage(records) if usage else build_leaderboard(records)
+        board = build_usage(records) if usage else build_leaderboard(records, with_failed=True)
     if usage and board.empty:
         raise UsageError(f"no expert-usage records in '{results}': none of its methods has a router or gate")
     text = _render_board(board, format, columns) if not (usage or versus is not None or steps) else None
@@ -479,10 +522,22 @@ def list_() -> None:
     table.add_column("names")
     table.add_row("methods", ", ".join(METHODS.names()))
     table.add_row("tasks", ", ".join(f"{n} ({TASKS.get(n).family})" for n in TASKS.names()))
+    families = [FAMILIES.get(n) for n in FAMILIES.names()]
+    table.add_row("task families", ", ".join(f"{f.name} ({f.metric.name})" for f in families))
     table.add_row("suites", ", ".join(SUITES.names()))
     table.add_row("backbones", ", ".join(BACKBONES.names()))
     table.add_row("presets", ", ".join(protocol_mod.preset_names()))
     console.print(table)
+    from fedbench.tasks.real import adapter_table
+
+    console.print("real-data adapters (suite 'real'; [data.sources] TASK = a hub id or a local snapshot directory):")
+    for row in adapter_table():
+        console.print(
+            f"  {row['task']} ({row['family']}): {row['dataset']}; needs columns {row['needs']}; "
+            f"splits {row['splits']}; {row['notes']}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -498,6 +553,25 @@ def describe(
     proto = resolve_protocol(preset, None, None, None, None)
     proto = proto.replace(methods=(MethodEntry(name, options),), sweep=None)
     describe_method(proto, console)
+
+
+@data_app.command("check")
+@one_line_errors
+def data_check(
+    source: str = typer.Argument(..., help="A local snapshot directory or a hub id (read from the hub cache)."),
+    task: str = typer.Option(..., help="The real-data task whose adapter reads it (fedbench list)."),
+) -> None:
+    """Validate a real dataset's schema against its adapter and print a summary (rows, answer
+    vocabulary, images) before a long run."""
+    from fedbench.tasks.real import check
+
+    summary = check(source, task)
+    console.print(
+        f"{summary['task']}: {summary['dataset']} ({summary['family']}) at {summary['root']}: schema ok",
+        highlight=False,
+    )
+    for split, info in summary["splits"].items():
+        console.print(f"  {split}: " + "; ".join(f"{k} {v}" for k, v in info.items()), highlight=False, soft_wrap=True)
 
 
 @backbone_app.command("pretrain")

@@ -10,6 +10,7 @@ it except through :meth:`~fedbench.method.Method.upload`, which the server check
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from fedbench.context import ClientContext, client_context
 from fedbench.data import GLOBAL_TEST, TEST, ClientInfo
 from fedbench.evaluation import EvalReply, asking_every_task, evaluate_rows
+from fedbench.faults import nonfinite
 from fedbench.method import Method
 from fedbench.model import ClientModel
 from fedbench.payload import META, deserialize, serialize
@@ -65,6 +67,7 @@ class Message:
     down: bytes
     more: bytes | None = None
     evaluating: bool = False
+    steps: int | None = None  # local steps to run this round (a straggler's share); None: the protocol's
 
 
 @dataclass
@@ -110,13 +113,20 @@ class ClientRuntime:
         return serialize(self.method.request(self.model, ctx))
 
     def train(self, msg: Message) -> TrainReply:
-        """Local update, upload, and the new stored state."""
+        """Local update, upload, and the new stored state. ``msg.steps`` (a straggler's share of the
+        round) replaces ``local.steps`` in the context the method trains with. A state holding NaN or
+        Inf is not stored (the client keeps its previous one); the server leaves its upload out."""
         ctx = self._load(msg)
+        if msg.steps is not None and msg.steps != ctx.protocol.local.steps:
+            local = dataclasses.replace(ctx.protocol.local, steps=msg.steps)
+            ctx = dataclasses.replace(ctx, protocol=ctx.protocol.replace(local=local))
         info = ctx.info
         with ComputeTimer(self.prep.device) as timer:
             self.method.local_update(self.model, ctx)
         up = serialize(self.method.upload(self.model, info))
-        self.states[info.client] = trainable_state(self.model)
+        state = trainable_state(self.model)
+        if not nonfinite(state):
+            self.states[info.client] = state
         extra = self.method.train_record(self.model, ctx)
         return TrainReply(up, len(ctx.train_rows), timer.seconds, timer.kind, extra)
 

@@ -10,10 +10,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedbench.client import ClientRuntime
-from fedbench.method import count_params, create_method
-from fedbench.payload import serialize
+from fedbench.data import GLOBAL_TEST
+from fedbench.method import Method, count_params, create_method
+from fedbench.model import ClientModel
+from fedbench.payload import META, serialize
 from fedbench.protocol import Protocol
-from fedbench.staging import prepare
+from fedbench.staging import Prepared, prepare
 
 
 def module_group(name: str) -> str:
@@ -54,11 +56,16 @@ def describe_method(proto: Protocol, console: Console) -> dict:
     console.print(", ".join(f"{k}={v:,}" for k, v in counts.items()))
     if not method.federated:
         console.print("not federated: one pooled trainer, nothing is sent (bytes n/a)")
+        console.print(
+            "privacy: none promised; this reference row pools every client's training rows in one place.",
+            markup=False,
+            soft_wrap=True,
+        )
         return {"counts": counts, "groups": groups, "bytes": None}
     server_state = method.init_server_state(model)
     last = proto.rounds - 1  # the steady state: per-client stages (task-expert methods) have moved on
     wire = Table(title=f"bytes per client taking part in the last round (safetensors, protocol {proto.name})")
-    for col in ("client", "tasks", "ocr", "download", "upload"):
+    for col in ("client", "tasks", "ocr", "examples", "download", "upload"):
         wire.add_column(col)
     sizes = []
     for info in prep.infos:
@@ -70,6 +77,41 @@ def describe_method(proto: Protocol, console: Console) -> dict:
             down += len(serialize(method.answer(server_state, info, ask)))
         up = len(serialize(method.upload(model, info))) + (len(serialize(ask)) if ask is not None else 0)
         sizes.append((down, up))
-        wire.add_row(str(info.client), ",".join(info.tasks), "yes" if info.has_ocr else "no", f"{down:,}", f"{up:,}")
+        ocr = "yes" if info.has_ocr else "no"
+        wire.add_row(str(info.client), ",".join(info.tasks), ocr, f"{info.num_examples:,}", f"{down:,}", f"{up:,}")
     console.print(wire)
+    console.print(privacy_promise(method, model, tags, prep), markup=False, soft_wrap=True)
     return {"counts": counts, "groups": groups, "bytes": sizes}
+
+
+def privacy_promise(method: Method, model: ClientModel, tags: dict[str, str], prep: Prepared) -> str:
+    """What never leaves a client, and everything that does cross (``tests/test_privacy.py`` checks
+    the promise on the bytes of every registered method's messages, records and checkpoints)."""
+    params = dict(model.named_parameters())
+    local = [n for n, t in tags.items() if t == "local"]
+    n_local = sum(params[n].numel() for n in local)
+    local_bytes = sum(params[n].numel() * params[n].element_size() for n in local)
+    two = type(method).request is not Method.request
+    meta = any(k.startswith(META) for info in prep.infos for k in method.upload(model, info))
+    n_global = len(prep.table.rows(split=GLOBAL_TEST))
+    upload = "the upload above (shared tensors" + (" and meta.* message tensors" if meta else "") + ", safetensors)"
+    lines = [
+        "privacy promise:",
+        (
+            f"  never leaves a client: its training and test rows, and its {len(local)} local tensor(s) ({n_local:,} "
+            f"parameters, {local_bytes:,} bytes): no upload, request, record, metric or checkpoint the server writes "
+            "holds their values (tests/test_privacy.py searches those bytes, for every registered method)."
+            if local
+            else "  never leaves a client: its training and test rows (every trainable tensor of this method is shared)"
+        ),
+        f"  crosses, per round a client is sampled: {upload}"
+        + ("; before it, its request (the first half of a two-message download)" if two else "")
+        + "; its number of training examples ('examples' above: the aggregation weight); its training compute time"
+        + "; the method's train-record fields, if any.",
+        "  crosses at each evaluation: per example of its own test split, whether its model answered correctly; the "
+        f"same for the {n_global:,} global-test examples (the same for every client); with a router, its routing "
+        "weights on the global test set.",
+        "  the server knows of each client without asking: its id, its task families, whether it has OCR text and "
+        "its example count (the partition is part of the protocol).",
+    ]
+    return "\n".join(lines)

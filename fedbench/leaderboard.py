@@ -43,7 +43,7 @@ class UnknownRowError(ValueError):
 def _completed(df: pd.DataFrame) -> pd.DataFrame:
     """Rows of completed runs only; a run counts once its kind="run" row says completed=True."""
     runs = df[df["kind"] == "run"]
-    done = runs.loc[runs["completed"].eq(True), "run_id"]
+    done = runs.loc[runs["completed"].eq(True), "run_id"] if "completed" in runs else runs["run_id"].iloc[:0]
     if done.empty:
         raise ValueError("no completed runs in the records (no kind='run' row with completed=True)")
     return df[df["run_id"].isin(done)]
@@ -174,16 +174,47 @@ def _attrs(recs: pd.DataFrame, per_run: pd.DataFrame) -> dict:
     }
 
 
-def build_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
+def failed_rows(df: pd.DataFrame) -> dict[str, str]:
+    """Label -> "seed S: <first error line>" for every label with a run that failed (a
+    ``kind="failed"`` record) and did not complete since; the first failed seed names the error."""
+    if "kind" not in df or not df["kind"].eq("failed").any():
+        return {}
+    completed = df["completed"].eq(True) if "completed" in df else pd.Series(False, index=df.index)
+    done = set(df.loc[(df["kind"] == "run") & completed, "run_id"])
+    failed = df[(df["kind"] == "failed") & ~df["run_id"].isin(done)].sort_values(["label", "seed"])
+    return {label: f"seed {int(g['seed'].iloc[0])}: {g['error'].iloc[0]}" for label, g in failed.groupby("label")}
+
+
+def build_leaderboard(df: pd.DataFrame, with_failed: bool = False) -> pd.DataFrame:
     """One row per label (plus "majority" last), best mean_acc first; ``<col>_std`` columns, then the
     95% interval ends ``acc_<task>_lo/_hi`` and ``mean_acc_lo/_hi``, at the end.
+
+    ``with_failed``: a label with a failed run (:func:`failed_rows`) is shown as ``failed`` (its
+    ``mean_acc`` cell) with the first line of the error in a ``failed`` column, after the other
+    rows and before majority, without figures (its completed seeds alone would rank it on fewer
+    seeds); the table is made of failed rows alone when nothing completed.
 
     ``converged`` is "rising" when, averaged over seeds, mean_acc gained more than its interval's
     half-width after ``LATE`` × R rounds (else "yes"; NaN without an eval by then or an interval).
     Raises ValueError when there is no completed run, or when a label has two completed runs of one
     seed (the seed count, and so the std, would be wrong).
     """
+    failed = failed_rows(df) if with_failed else {}
+    runs = df[df["kind"] == "run"] if "kind" in df else df.iloc[:0]
+    if failed and not (runs["completed"].eq(True).any() if "completed" in runs else False):
+        out = pd.DataFrame({"method": list(failed), "mean_acc": np.nan, "failed": list(failed.values())})
+        protocols = df.groupby("protocol")["protocol_hash"].unique()
+        synthetic = df["synthetic"].eq(True) if "synthetic" in df else pd.Series(False, index=df.index)
+        out.attrs = {
+            "n_seeds": {},
+            "n_boot": N_BOOT,
+            "protocols": {name: sorted(str(h) for h in hashes) for name, hashes in protocols.items()},
+            "synthetic": bool(synthetic.any()),
+            "synthetic_suites": sorted(df.loc[synthetic, "suite"].dropna().unique().tolist()),
+        }
+        return out
     recs, per_run, tasks = _runs(df)
+    per_run = per_run[~per_run["label"].isin(failed)]
     acc_cols = [f"acc_{t}" for t in tasks]
     acc_figs = [*acc_cols, "mean_acc", "local_acc", "worst_client_acc", "p_acc", "ttp_acc"]
     num_cols = [*acc_figs, *_COST_COLS, *_PARAM_COLS]
@@ -202,6 +233,7 @@ def build_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     board = board.sort_values(["mean_acc", "method"], ascending=[False, True])
 
     rows = board.to_dict("records")
+    rows += [{"method": label, "failed": error} for label, error in failed.items()]
     majority = _majority_row(recs, tasks)
     if majority is not None:
         rows.append(majority)
@@ -212,6 +244,7 @@ def build_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
         *_COST_COLS,
         "device",
         *_PARAM_COLS,
+        *(["failed"] if failed else []),
         "federated",
         *std.columns,
         *ci_cols,
@@ -272,6 +305,8 @@ def _cell(board: pd.DataFrame, row: pd.Series, col: str) -> str:
     a versus table), else "mean ± std"; just the mean for one seed, no ± for counts that do not
     vary, and n/a for the convergence flag without evidence and for bytes of a non-federated row."""
     mean = row[col]
+    if isinstance(row.get("failed"), str) and col not in ("method", "failed"):  # a row that raised: no figures
+        return "failed" if col == "mean_acc" else ""
     if col == "converged" and pd.isna(mean):
         return "n/a"
     if not pd.api.types.is_numeric_dtype(board[col]):
@@ -318,8 +353,10 @@ def _footnotes(board: pd.DataFrame) -> list[str]:
                 f"acc_* and mean_acc: mean [{boot}]. converged: rising = mean_acc gained more than the interval's "
                 f"half-width after {LATE:g}·R of R rounds (n/a: no eval by then)."
             )
-        if board["federated"].eq(False).any():
+        if "federated" in board and board["federated"].eq(False).any():
             notes.append("Bytes n/a: a reference row that is not federated (nothing is sent).")
+        if "failed" in board:
+            notes.append("failed: a row that raised (the first line of its error); its other rows ran.")
     if attrs.get("synthetic"):
         suites = ", ".join(attrs.get("synthetic_suites", []))
         notes.append(f"Data: SYNTHETIC (procedurally generated suite: {suites}), not a real-task result.")

@@ -41,13 +41,13 @@ class ClientsConfig:
 
 @dataclass(frozen=True)
 class LocalConfig:
-    """Local training every sampled client runs, identical for all methods."""
+    """Local training every sampled client runs, identical for all methods (AdamW, the one optimiser
+    of ``ClientContext.train``)."""
 
     steps: int = 10
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
-    optimizer: str = "adamw"
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,37 @@ class ResourcesConfig:
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """``[faults]``: what goes wrong in a federated round, drawn by the server loop from seeded streams
+    (:func:`fedbench.faults.plan_faults`), the same for every method row and on every backend. The
+    defaults are the fault-free protocol (a protocol without ``[faults]`` hashes as before faults).
+
+    - ``dropout``: probability that a sampled client drops out of a round after its download was sent
+      (it never replies; nothing of it is aggregated).
+    - ``stragglers``: probability that a sampled client is a straggler, a device that runs at
+      ``straggler_steps`` of full speed (a fraction in (0, 1]).
+    - ``deadline``: how long the server waits for the replies of a round, in the time a full-speed
+      client takes for one local step (0: no deadline). Without a deadline the round ends when the
+      full-speed clients are done (``local.steps``), and a straggler sends what it finished by then:
+      ``floor(straggler_steps * local.steps)`` steps, at least one. With a deadline, a client that
+      needs longer than it for its ``local.steps`` (a straggler: ``local.steps / straggler_steps``)
+      misses it and is dropped; one that makes it sends its full update.
+
+    Faults hit the training rounds of federated rows (evaluation scores every client); a reference
+    row that is not federated (``centralized``) has no clients to fault.
+    """
+
+    dropout: float = 0.0
+    stragglers: float = 0.0
+    straggler_steps: float = 0.5
+    deadline: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self != FaultsConfig()
 
 
 @dataclass(frozen=True)
@@ -146,12 +177,17 @@ class Protocol:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     sweep: SweepConfig | None = None
 
     def as_dict(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
         if body["sweep"] is None:  # a protocol without a sweep reads (and hashes) as before sweeps
             del body["sweep"]
+        if not body["data"]["sources"]:  # likewise a protocol without real-data sources
+            del body["data"]["sources"]
+        if not self.faults.active:  # a fault-free protocol reads (and hashes) as before faults
+            del body["faults"]
         return body
 
     @property
@@ -160,10 +196,17 @@ class Protocol:
         method rows (each record carries its own seed and method), so adding a seed or a method
         row keeps the runs already made, nor the client resources of a Flower backend. A protocol
         with a sweep hashes its ``[sweep]`` table too, but runs nothing under that hash: each
-        variant's records carry the variant's own hash."""
+        variant's records carry the variant's own hash. The ``[faults]`` table changes numbers and is
+        hashed, except when it is the fault-free default: it is then left out, so every protocol
+        written before faults existed keeps its hash (and its runs). Retired fields are hashed at the
+        one value they could hold (``_RETIRED``), so results recorded before a field's removal keep
+        their run ids: resumed, skipped and swept as before."""
         body = self.as_dict()
         for key in ("name", "seeds", "methods", "resources"):
             body.pop(key)
+        for path, value in _RETIRED.items():
+            section, _, leaf = path.rpartition(".")
+            body[section][leaf] = value
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def replace(self, **changes: Any) -> Protocol:
@@ -190,7 +233,8 @@ def _variant(proto: Protocol, value: Any) -> Protocol:
     return dataclasses.replace(proto, **{section: dataclasses.replace(getattr(proto, section), **{leaf: value})})
 
 
-_NOT_SWEPT = ("name", "seeds", "tasks", "methods", "resources", "sweep")  # seeds are replicates; rows are the sweep's
+# seeds are replicates; rows are the sweep's; data.sources names where data are, not a setting
+_NOT_SWEPT = ("name", "seeds", "tasks", "methods", "resources", "sweep", "data.sources")
 
 
 def sweep_fields() -> dict[str, Any]:
@@ -203,7 +247,8 @@ def sweep_fields() -> dict[str, Any]:
             continue
         if dataclasses.is_dataclass(tp):
             inner = typing.get_type_hints(tp)
-            out.update({f"{f.name}.{g.name}": inner[g.name] for g in dataclasses.fields(tp)})
+            fields = (g.name for g in dataclasses.fields(tp) if f"{f.name}.{g.name}" not in _NOT_SWEPT)
+            out.update({f"{f.name}.{g}": inner[g] for g in fields})
         else:
             out[f.name] = tp
     return out
@@ -230,12 +275,15 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "local.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "local.lr": (lambda v: v > 0, "a number > 0"),
     "local.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "local.optimizer": (lambda v: v in ("adamw",), "one of: adamw"),
     "eval.every": (lambda v: v >= 0, "an integer >= 0"),
     "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "model.answer_side": (lambda v: v in ANSWER_SIDES, "one of: " + ", ".join(ANSWER_SIDES)),
     "resources.num_cpus": (lambda v: v > 0, "a number > 0"),
     "resources.num_gpus": (lambda v: 0 <= v <= 1, "a number in [0, 1] (a fraction of one GPU per client)"),
+    "faults.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "faults.stragglers": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "faults.straggler_steps": (lambda v: 0 < v <= 1, "a fraction of local.steps in (0, 1]"),
+    "faults.deadline": (lambda v: v >= 0, "a number >= 0 (in local steps of a full-speed client; 0 = none)"),
 }
 
 
@@ -333,9 +381,21 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ProtocolError(f"protocol field '{path}' must be {expected}, got {value!r}")
 
 
+# fields a protocol no longer has -> the one value older protocol files (e.g. the committed results'
+# protocol.toml) carry: accepted there and dropped on load; any other value is an error
+_RETIRED: dict[str, Any] = {"local.optimizer": "adamw"}
+
+
 def _build(cls: type, table: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    for key in [k for k in table if prefix + k in _RETIRED and k not in names]:
+        if table[key] != _RETIRED[prefix + key]:
+            raise ProtocolError(
+                f"protocol field '{prefix}{key}' = {table[key]!r} is invalid: the field is retired "
+                f"(only {_RETIRED[prefix + key]!r} was ever run); remove it"
+            )
+        table = {k: v for k, v in table.items() if k != key}
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise ProtocolError(

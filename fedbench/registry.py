@@ -1,18 +1,22 @@
-"""One generic registry for methods, tasks and backbones (lm-eval / fairseq style).
+"""One generic registry for methods, tasks, suites and backbones (lm-eval / fairseq style).
 
 Plug-ins register with a decorator in the repo's ``methods/`` and ``tasks/`` folders, which are
 discovered by importing every module not starting with ``_``, or through the Python entry-point
-groups ``fedbench.methods``, ``fedbench.tasks`` and ``fedbench.backbones`` for third-party packages.
+groups ``fedbench.methods``, ``fedbench.tasks``, ``fedbench.suites`` and ``fedbench.backbones`` for
+third-party packages. Either way a plug-in is checked when it registers: a method must be a subclass
+of :class:`fedbench.method.Method`, a task an instance of :class:`fedbench.task.TaskSpec`, a suite
+or a backbone loader a callable; anything else is refused with a one-line error naming it.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -25,27 +29,59 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    """Name -> plug-in map with duplicate guards, base-class checks and lazy entry points."""
+    """Name -> plug-in map with duplicate guards, base-class checks and lazy entry points.
+
+    ``base`` says what every plug-in must be: a class, or ``"module:Class"`` (imported at the first
+    check, for a base whose module imports this one), that plug-ins subclass, or with ``instance``
+    are instances of; None: any callable. Plug-ins from entry points are checked like the others.
+    """
 
     def __init__(
         self,
         kind: str,
-        base: type | None = None,
+        base: type | str | None = None,
         entry_point_group: str | None = None,
         discover: Callable[[], None] | None = None,
+        instance: bool = False,
     ) -> None:
         self.kind = kind
         self.base = base
+        self.instance = instance
         self.entry_point_group = entry_point_group
         self._discover = discover
         self._items: dict[str, T] = {}
         self._loaded = False
 
-    def register(self, name: str, obj: T) -> T:
+    def _base(self) -> type | None:
+        if isinstance(self.base, str):
+            module, _, name = self.base.partition(":")
+            self.base = getattr(importlib.import_module(module), name)
+        return self.base
+
+    def expected(self) -> str:
+        """What a plug-in must be, in words: ``a subclass of fedbench.method.Method``."""
+        base = self._base()
+        if base is None:
+            return "a callable"
+        return f"{'an instance' if self.instance else 'a subclass'} of {base.__module__}.{base.__qualname__}"
+
+    def check(self, name: str, obj: Any, origin: str = "") -> None:
+        """Raise a one-line TypeError unless ``obj`` is what this registry holds (``origin``: where it
+        came from, e.g. an entry point)."""
+        base = self._base()
+        if base is None:
+            ok = callable(obj)
+        elif self.instance:
+            ok = isinstance(obj, base)
+        else:
+            ok = isinstance(obj, type) and issubclass(obj, base)
+        if not ok:
+            raise TypeError(f"{self.kind} '{name}'{origin} must be {self.expected()}; got {_what(obj)}")
+
+    def register(self, name: str, obj: T, origin: str = "") -> T:
         if name in self._items and self._items[name] is not obj:
             raise ValueError(f"{self.kind} '{name}' is already registered")
-        if self.base is not None and isinstance(obj, type) and not issubclass(obj, self.base):
-            raise TypeError(f"{self.kind} '{name}' must subclass {self.base.__name__}, got {obj.__name__}")
+        self.check(name, obj, origin)
         self._items[name] = obj
         return obj
 
@@ -67,7 +103,7 @@ class Registry(Generic[T]):
         if self.entry_point_group:
             for ep in entry_points(group=self.entry_point_group):
                 if ep.name not in self._items:
-                    self.register(ep.name, ep.load())
+                    self.register(ep.name, ep.load(), f" (entry point '{ep.value}' in group '{ep.group}')")
 
     def names(self) -> list[str]:
         self._load()
@@ -101,14 +137,36 @@ def import_submodules(package: str) -> None:
             importlib.import_module(f"{package}.{info.name}")
 
 
+def _what(obj: Any) -> str:
+    """A plug-in as an error message names it: ``class mypkg.Thing``, ``function mypkg.load``, ``str 'x'``."""
+    if inspect.isclass(obj) or inspect.isfunction(obj):
+        return f"{'class' if inspect.isclass(obj) else 'function'} {obj.__module__}.{obj.__qualname__}"
+    text = repr(obj)
+    return f"{type(obj).__qualname__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
 METHODS: Registry = Registry(
-    "method", entry_point_group="fedbench.methods", discover=lambda: import_submodules("fedbench.methods")
+    "method",
+    base="fedbench.method:Method",
+    entry_point_group="fedbench.methods",
+    discover=lambda: import_submodules("fedbench.methods"),
 )
 TASKS: Registry = Registry(
-    "task", entry_point_group="fedbench.tasks", discover=lambda: import_submodules("fedbench.tasks")
+    "task",
+    base="fedbench.task:TaskSpec",
+    instance=True,
+    entry_point_group="fedbench.tasks",
+    discover=lambda: import_submodules("fedbench.tasks"),
 )
 SUITES: Registry = Registry(
     "suite", entry_point_group="fedbench.suites", discover=lambda: import_submodules("fedbench.tasks")
+)
+FAMILIES: Registry = Registry(
+    "task family",
+    base="fedbench.family:TaskFamily",
+    instance=True,
+    entry_point_group="fedbench.families",
+    discover=lambda: import_submodules("fedbench.tasks.families"),
 )
 BACKBONES: Registry = Registry(
     "backbone",
@@ -118,8 +176,13 @@ BACKBONES: Registry = Registry(
 
 
 def register_task(name: str):
-    """Decorator: register a task (a :class:`fedbench.tasks_api.TaskSpec` factory or instance)."""
+    """Decorator / call: register a task, a :class:`fedbench.task.TaskSpec` instance."""
     return TASKS.decorator(name)
+
+
+def register_family(name: str):
+    """Decorator / call: register a task family, a :class:`fedbench.family.TaskFamily` instance."""
+    return FAMILIES.decorator(name)
 
 
 def register_suite(name: str):
@@ -128,5 +191,5 @@ def register_suite(name: str):
 
 
 def register_backbone(name: str):
-    """Decorator: register a backbone loader ``fn(spec: str, device) -> Backbone``."""
+    """Decorator: register a backbone loader ``fn(rest: str, spec: str) -> Backbone``."""
     return BACKBONES.decorator(name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +19,18 @@ from fedbench.client import ClientRuntime, Message, State, TrainReply, build_mod
 from fedbench.context import ClientContext
 from fedbench.data import GLOBAL_CLIENT, TRAIN, ClientInfo
 from fedbench.evaluation import EvalReply, asking_every_task, eval_records
+from fedbench.faults import ERROR, NONFINITE, ClientFault, error_line, nonfinite, plan_faults
+from fedbench.integrity import IntegrityError
 from fedbench.method import Method, Reply, count_params, create_method
 from fedbench.payload import Payload, analytic_bytes, check_upload, deserialize, serialize
 from fedbench.protocol import MethodEntry, Protocol
-from fedbench.records import append_records, read_jsonl
+from fedbench.records import DirectoryLock, append_records, read_jsonl
 from fedbench.run_records import RunRecords
 from fedbench.seeding import sample_clients
 from fedbench.staging import Prepared, prepare
 from fedbench.timing import ComputeTimer, device_label
 
-__all__ = ["Backend", "CheckpointMismatch", "Federation", "Run", "run_id_for", "run_rows"]
+__all__ = ["Backend", "CheckpointMismatch", "Federation", "RowsFailed", "Run", "run_id_for", "run_rows"]
 
 
 class Backend(Interface):
@@ -93,7 +96,7 @@ class Run:
         self.run_id = run_id_for(entry, prep.seed, self.protocol)
         self.dir = Path(results_dir) / "runs" / self.run_id
         self.records_path = self.dir / "records.jsonl"
-        self.checkpoint = Checkpoint(self.dir / "checkpoint.pt")
+        self.checkpoint = Checkpoint(self.dir / "checkpoint.json")
         self.records = RunRecords(self.run_id, entry, prep.seed, self.protocol, prep.table, device_label(prep.device))
         self._make_backend = backend
         self._backend: Backend | None = None
@@ -118,12 +121,33 @@ class Run:
     def build(self):
         return build_model(self.prep, self.method)
 
-    def execute(self) -> str:
-        """Run (or resume, or skip when complete); returns the run id."""
+    def execute(self, wait: bool = True) -> str | None:
+        """Run (or resume, or skip when complete); returns the run id. The run directory is locked
+        while it runs: when another process holds it, wait for it (then skip or resume what it left),
+        or with ``wait`` False return None at once. A row that raises leaves a ``kind="failed"``
+        record (its first error line) for the leaderboard, then the error propagates."""
         if self.completed():
             self.progress("skip", {"run_id": self.run_id})
             return self.run_id
-        self.dir.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(self.dir)
+        on_wait = lambda holder: self.progress("wait", {"run_id": self.run_id, "holder": holder})  # noqa: E731
+        if not lock.acquire(wait, on_wait):
+            return None
+        try:
+            if self.completed():  # the other process finished it while this one waited
+                self.progress("skip", {"run_id": self.run_id})
+                return self.run_id
+            self._execute()
+        except FATAL:
+            raise
+        except Exception as err:
+            append_records(self.records_path, [failure_record(self.records.common(), err)])
+            raise
+        finally:
+            lock.release()
+        return self.run_id
+
+    def _execute(self) -> None:
         model = self.build()
         tags = self.method.tags(model)
         bad = {n: t for n, t in tags.items() if t not in ("shared", "local")}
@@ -151,7 +175,6 @@ class Run:
             self.checkpoint.save(r + 1, fed.server, self.backend.client_states(), fed.init)
             self.progress("round", {"run_id": self.run_id, "round": r + 1, "rounds": rounds})
         self._finish(model, tags)
-        return self.run_id
 
     def _resume(self, fed: Federation) -> int:
         """The round to start from: after the checkpoint's, with the records of later rounds dropped
@@ -166,27 +189,46 @@ class Run:
         return start
 
     # --- one round ------------------------------------------------------------------------------
-    def _exchange(self, fed: Federation, clients: Sequence[int], r: int, evaluating: bool) -> list[Message]:
+    def _exchange(
+        self,
+        fed: Federation,
+        clients: Sequence[int],
+        r: int,
+        evaluating: bool,
+        plan: dict[int, ClientFault] | None = None,
+    ) -> list[Message]:
         """The download of each client, as it crosses the wire (for a two-message download: the
-        request and the answer too), with each message's byte ledger in ``self._wire``."""
+        request and the answer too), with each message's byte ledger in ``self._wire``. A client that
+        ``plan`` drops gets its first download (counted) and is then recorded as dropped: it never
+        replies; a straggler's message carries the local steps it will run."""
         messages, self._wire = [], {}
+        plan = plan or {}
         for c in clients:
             info = fed.infos[c]
             asking = asking_every_task(info, self.prep.store.task_names) if evaluating else info
             down = self.method.download(fed.server, asking)
             blob = serialize(down)
-            messages.append(Message(c, r, blob, None, evaluating))
+            fault = plan.get(c)
+            steps = fault.steps if fault is not None and fault.steps != self.protocol.local.steps else None
+            msg = Message(c, r, blob, None, evaluating, steps)
             self._wire[c] = {
                 "up_bytes": 0,
                 "down_bytes": len(blob),
                 "up_bytes_analytic": 0,
                 "down_bytes_analytic": analytic_bytes(down),
             }
-        if self.backend_two_messages:
+            if fault is not None and fault.drop is not None:
+                self._dropped(
+                    msg, "train", fault.drop, fault.reason(self.protocol.faults), fault.record(self.protocol.faults)
+                )
+                continue
+            messages.append(msg)
+        if self.backend_two_messages and messages:
             kept = []
             for msg, ask_blob in zip(messages, self.backend.query(messages), strict=True):
                 if ask_blob is None:
-                    self._dropped(msg, "query")
+                    fault = plan.get(msg.client)
+                    self._dropped(msg, "query", extra=fault.record(self.protocol.faults) if fault else None)
                     continue
                 ask = deserialize(ask_blob)
                 check_upload(ask, fed.shared, fed.local, self.entry.name)
@@ -214,35 +256,58 @@ class Run:
             return self._pooled_round(r, model, fed)
         sampled = sample_clients(self.prep.seed, r, len(fed.infos), self.protocol.clients.sample_fraction)
         self._drops: list[dict] = []
-        messages = self._exchange(fed, sampled, r, evaluating=False)
+        faults = self.protocol.faults
+        plan = plan_faults(self.prep.seed, r, sampled, faults, self.protocol.local.steps) if faults.active else {}
+        messages = self._exchange(fed, sampled, r, evaluating=False, plan=plan)
         replies, rows = [], []
-        for msg, reply in zip(messages, self.backend.train(messages), strict=True):
+        for msg, reply in zip(messages, self.backend.train(messages) if messages else (), strict=True):
             c, info = msg.client, fed.infos[msg.client]
+            extra = plan[c].record(faults) if c in plan else {}
             if reply is None:
-                self._dropped(msg, "train")
+                self._dropped(msg, "train", extra=extra)
                 continue
             up = deserialize(reply.upload)
             check_upload(up, fed.shared, fed.local, self.entry.name)
-            replies.append(Reply(info, up, reply.n_examples))
             wire = self._wire[c]
             wire["up_bytes"] += len(reply.upload)
             wire["up_bytes_analytic"] += analytic_bytes(up)
-            rows.append(self.records.train(r, c, wire, reply.compute_s, reply.timer, reply.n_examples, reply.record))
+            record = self.records.train(r, c, wire, reply.compute_s, reply.timer, reply.n_examples, reply.record)
+            bad = nonfinite(up)
+            if bad:  # received and counted, but left out of the aggregation
+                error = (
+                    f"non-finite values (NaN or Inf) in uploaded tensor(s) {bad[:3]}{' ...' if len(bad) > 3 else ''}"
+                )
+                self._drops.append(
+                    {**record, **extra, "dropped": True, "phase": "train", "error": error, "fault": NONFINITE}
+                )
+                continue
+            replies.append(Reply(info, up, reply.n_examples))
+            rows.append({**record, **extra})
             self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
         if replies:  # a round without one valid update keeps the previous server state
             fed.server = self.method.aggregate(fed.server, replies)
         return rows + self._drops
 
-    def _dropped(self, msg: Message, phase: str) -> None:
-        """A client that sent no reply (its process died, it timed out). In training: a
-        ``kind="train"`` record with ``dropped: true`` keeps the ledger exact (its download was sent,
-        nothing came back); in evaluation: a ``kind="drop"`` record (its scores are left out)."""
+    def _dropped(
+        self, msg: Message, phase: str, fault: str = ERROR, reason: str | None = None, extra: dict | None = None
+    ) -> None:
+        """A client that sent no reply: its process died, it timed out, its step raised (``fault``
+        ``error``, with the backend's reason), or the round's faults dropped it (``dropout``,
+        ``deadline``). In training: a ``kind="train"`` record with ``dropped: true`` keeps the ledger
+        exact (its download was sent, nothing came back); in evaluation: a ``kind="drop"`` record
+        (its scores are left out)."""
+        reason = self.backend.drop_reason(msg.client) if reason is None else reason
         if msg.evaluating:
             drop = {**self.records.common(), "kind": "drop", "round": msg.round, "client": msg.client}
-            self._drops.append({**drop, "phase": phase, "error": self.backend.drop_reason(msg.client)})
+            self._drops.append({**drop, "phase": phase, "error": reason, "fault": fault})
+            self.progress("drop", {"run_id": self.run_id, "round": msg.round, "client": msg.client, "error": reason})
             return
         record = self.records.train(msg.round, msg.client, self._wire[msg.client], 0.0, "none", 0, {})
-        self._drops.append({**record, "dropped": True, "phase": phase, "error": self.backend.drop_reason(msg.client)})
+        self._drops.append(
+            {**record, **(extra or {}), "dropped": True, "phase": phase, "error": reason, "fault": fault}
+        )
+        if fault == ERROR:
+            self.progress("drop", {"run_id": self.run_id, "round": msg.round, "client": msg.client, "error": reason})
 
     def _pooled_round(self, r: int, model, fed: Federation) -> list[dict]:
         """A reference row that is not federated (``Method.federated`` False): one trainer on the
@@ -300,8 +365,77 @@ class Run:
             self.prep.plans,
             self.backend.name,
         )
+        summary = fault_summary(read_jsonl(self.records_path))
+        if summary or self.protocol.faults.active:
+            rows[-1] = {**rows[-1], "faults": summary}
         append_records(self.records_path, rows)
         self.checkpoint.remove()
+
+
+def fault_summary(rows: Iterable[dict]) -> dict[str, int]:
+    """Per fault kind, how many client rounds it hit (train records with ``dropped``, stragglers) and
+    how many evaluations dropped; empty for a run without any."""
+    out: dict[str, int] = {}
+    for row in rows:
+        if row.get("kind") == "train" and row.get("dropped"):
+            key = row.get("fault", ERROR)
+        elif row.get("kind") == "train" and row.get("straggler"):
+            key = "straggler"
+        elif row.get("kind") == "drop":
+            key = "eval_drop"
+        else:
+            continue
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def failure_record(common: dict[str, Any], err: BaseException) -> dict[str, Any]:
+    """The ``kind="failed"`` record of a row that raised: the first line of the error (what the
+    leaderboard shows), its type, and the traceback's last lines."""
+    trace = traceback.format_exception(err)
+    return {
+        **common,
+        "kind": "failed",
+        "error": error_line(err),
+        "error_type": type(err).__name__,
+        "traceback": "".join(trace[-6:])[-4000:],
+    }
+
+
+@dataclass
+class RowFailure:
+    label: str
+    seed: int
+    error: str
+
+
+class RowsFailed(RuntimeError):
+    """Some method rows raised; every other row ran. The message lists each with its first error line."""
+
+    def __init__(self, failures: list[RowFailure]) -> None:
+        self.failures = failures
+        lines = "; ".join(f"{f.label} (seed {f.seed}): {f.error}" for f in failures)
+        super().__init__(f"{len(failures)} method row(s) failed: {lines}")
+
+
+def recorded_failures(results: Path, protocol: Protocol) -> list[RowFailure]:
+    """The failed rows of ``protocol`` that the records under ``results`` hold (a run that failed and
+    did not complete since): what a ServerApp in another process left."""
+    failures = []
+    for path in sorted(Path(results).glob("runs/*/records.jsonl")):
+        rows = read_jsonl(path)
+        if any(r.get("kind") == "run" and r.get("completed") for r in rows):
+            continue
+        failures += [
+            RowFailure(r["label"], r["seed"], r["error"])
+            for r in rows
+            if r.get("kind") == "failed" and r.get("protocol_hash") == protocol.hash
+        ]
+    return failures
+
+
+# errors of the machine or of files on it, not of a method row: they stop the whole run at once
+FATAL: tuple[type[BaseException], ...] = (CheckpointMismatch, IntegrityError, OSError)
 
 
 def run_rows(
@@ -311,11 +445,33 @@ def run_rows(
     backend: Callable[[Run], Backend] | None = None,
     on_seed: Callable[[Prepared], None] | None = None,
 ) -> None:
-    """Every method row of ``protocol`` over its seeds, each seed staged once for all its rows."""
+    """Every method row of ``protocol`` over its seeds, each seed staged once for all its rows.
+
+    A row that raises is recorded (``kind="failed"``) and the other rows run; :class:`RowsFailed`
+    is raised at the end. A row whose run directory another process holds (two ``fedbench run``
+    into one results directory) is left for later and waited for once the others are done: the two
+    processes share the rows and never write one run at once."""
+    failures: list[RowFailure] = []
+
+    def attempt(prep: Prepared, entry: MethodEntry, wait: bool) -> bool:
+        try:
+            done = Run(prep, entry, results, progress, backend).execute(wait=wait) is not None
+        except FATAL:
+            raise
+        except Exception as err:
+            failures.append(RowFailure(entry.label, prep.seed, error_line(err)))
+            progress("failed", {"label": entry.label, "seed": prep.seed, "error": error_line(err)})
+            done = True
+        if done:
+            progress("row", {"label": entry.label, "seed": prep.seed})
+        return done
+
     for seed in protocol.seeds:
         prep = prepare(protocol, seed)
         if on_seed is not None:
             on_seed(prep)
-        for entry in protocol.methods:
-            Run(prep, entry, results, progress, backend).execute()
-            progress("row", {"label": entry.label, "seed": seed})
+        busy = [entry for entry in protocol.methods if not attempt(prep, entry, wait=False)]
+        for entry in busy:
+            attempt(prep, entry, wait=True)
+    if failures:
+        raise RowsFailed(failures)

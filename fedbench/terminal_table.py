@@ -158,6 +158,8 @@ def _value(board: pd.DataFrame, row: pd.Series, col: str, inline_ci: bool) -> st
     """A terminal cell: the mean (no ± std); ``mean_acc`` with its interval, on a second line unless
     ``inline_ci``; n/a for bytes of a row that is not federated and for an unsupported convergence flag."""
     mean = row[col]
+    if isinstance(row.get("failed"), str):  # a row that raised: no figures (its error is under the table)
+        return "failed" if col == "mean_acc" else ""
     if col == "converged" and pd.isna(mean):
         return "n/a"
     if not pd.api.types.is_numeric_dtype(board[col]):
@@ -182,7 +184,7 @@ def _width(board: pd.DataFrame, col: str, inline_ci: bool) -> int:
 
 def _layout(board: pd.DataFrame, width: int, columns: Sequence[str] | None) -> _Layout:
     """Which columns, how wide the labels, one- or two-line intervals, abbreviated option keys."""
-    main = [c for c in _main_columns(board) if c != "method"]
+    main = [c for c in _main_columns(board) if c not in ("method", "failed")]  # errors go under the table
     labels = [str(m) for m in board["method"]]
     full = max(map(len, labels), default=3)
     abbreviations = key_abbreviations(labels)
@@ -238,8 +240,11 @@ def _notes(board: pd.DataFrame, layout: _Layout) -> list[str]:
         notes.append("Row options: " + ", ".join(f"{s} = {k}" for k, s in layout.keys.items()) + ".")
     if "converged" in layout.columns:
         notes.append(f"converged: rising = mean_acc gained more than its interval's half-width after {LATE:g}·R.")
-    if set(_BYTES_COLS) & set(layout.columns) and board["federated"].eq(False).any():
+    if set(_BYTES_COLS) & set(layout.columns) and "federated" in board and board["federated"].eq(False).any():
         notes.append("Bytes n/a: a reference row that is not federated.")
+    if "failed" in board:
+        failed = board[board["failed"].map(lambda v: isinstance(v, str))]
+        notes += [f"failed: {label} ({error})" for label, error in zip(failed["method"], failed["failed"], strict=True)]
     if layout.hidden:
         notes.append("Not shown (a wider terminal or --columns): " + ", ".join(layout.hidden) + ".")
     if attrs.get("synthetic"):

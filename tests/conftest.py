@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 from fedbench.backbone import create_backbone
+from fedbench.backends.inprocess import InProcessBackend
+from fedbench.client import ClientRuntime, Message, TrainReply
 from fedbench.context import client_context
 from fedbench.data import PartitionConfig
+from fedbench.payload import deserialize
 from fedbench.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
+from fedbench.records import read_jsonl
+from fedbench.server import Run
 from fedbench.staging import prepare
 
 TINY = Protocol(
@@ -44,3 +51,54 @@ def train_client():
         return ctx
 
     return run_update
+
+
+class RecordingRuntime(ClientRuntime):
+    """The client step as the in-process backend runs it, noting the tensor names of every message a
+    client received (download, and the answer of a two-message one) and sent (request, upload)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.received: list[set[str]] = []
+        self.sent: list[set[str]] = []
+
+    def query(self, msg: Message) -> bytes:
+        blob = super().query(msg)
+        self.sent.append(set(deserialize(blob)))
+        return blob
+
+    def train(self, msg: Message) -> TrainReply:
+        self.received.append(set(deserialize(msg.down)) | set(deserialize(msg.more or b"")))
+        reply = super().train(msg)
+        self.sent.append(set(deserialize(reply.upload)))
+        return reply
+
+
+@dataclass
+class TinyRun:
+    """A completed run of TINY (2 rounds, evaluated after each) and what its clients exchanged."""
+
+    run: Run
+    records: list[dict]
+    runtime: RecordingRuntime
+
+    def of(self, kind: str) -> list[dict]:
+        return [r for r in self.records if r["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_prep, tmp_path_factory):
+    """``tiny_run(name)``: the registered method ``name`` with its default options, run once per
+    session on TINY (the end-to-end test over the registry and the method files' record checks share it)."""
+    done: dict[str, TinyRun] = {}
+    base = tmp_path_factory.mktemp("tiny_runs")
+
+    def get(name: str) -> TinyRun:
+        if name not in done:
+            run = Run(tiny_prep, MethodEntry(name), base / name, backend=lambda r: InProcessBackend(r.runtime))
+            run.runtime = RecordingRuntime(tiny_prep, run.method)
+            run.execute()
+            done[name] = TinyRun(run, read_jsonl(run.records_path), run.runtime)
+        return done[name]
+
+    return get

@@ -22,7 +22,10 @@ def _fails_cleanly(args, needle):
     [
         (["run", "--methods", "fedavg-lroa"], "Unknown method 'fedavg-lroa'. Did you mean: fedavg-lora? Available:"),
         (["run", "--tasks", "vqa,captioning"], "Unknown task 'captioning'"),
-        (["run", "--preset", "smok"], "Unknown preset 'smok'. Available: default, routing, routing-frozen, smoke"),
+        (
+            ["run", "--preset", "smok"],
+            "Unknown preset 'smok'. Available: default, paper, parity, routing, routing-frozen, smoke",
+        ),
         (["run", "--seeds", "0,x"], "--seeds '0,x' must be comma-separated integers"),
         (["run", "--rounds", "0"], "--rounds 0 is invalid: expected an integer >= 1"),
         (["run", "--methods", "fedavg-lora:rank=zero"], "option 'rank' of method 'fedavg-lora' = 'zero' is invalid"),

@@ -6,7 +6,7 @@ from fedbench import protocol
 from fedbench.protocol import ProtocolError
 
 
-@pytest.mark.parametrize("name", ["smoke", "default"])
+@pytest.mark.parametrize("name", ["smoke", "default", "paper"])
 def test_presets_load_and_validate(name):
     proto = protocol.load(name)
     assert proto.name == name
@@ -28,7 +28,8 @@ def test_hash_ignores_name_but_not_numbers():
         ("roundz = 3", "unknown protocol field 'roundz'. Valid fields:"),
         ("[data]\nocr_fraction = 1.5", "'data.ocr_fraction' = 1.5 is invalid: expected a number in [0, 1]"),
         ("[data]\nnum_clients = 'four'", "'data.num_clients' must be int"),
-        ("[local]\noptimizer = 'sgd'", "'local.optimizer' = 'sgd' is invalid: expected one of: adamw"),
+        ("[local]\noptimizer = 'sgd'", "'local.optimizer' = 'sgd' is invalid: the field is retired"),
+        ("[local]\nmomentum = 0.9", "unknown protocol field 'local.momentum'. Valid fields: local.steps"),
         ("rounds = [", "malformed TOML"),
         ("methods = [{name = 'fedavg-lora', colour = 1}]", "unknown protocol field 'methods[0].colour'"),
     ],
@@ -43,7 +44,8 @@ def test_bad_fields_are_named(tmp_path, toml, needle):
 
 def test_unknown_preset_lists_choices():
     with pytest.raises(
-        ProtocolError, match=r"Unknown preset 'smok'\. Available: default, routing, routing-frozen, smoke"
+        ProtocolError,
+        match=r"Unknown preset 'smok'\. Available: default, paper, parity, routing, routing-frozen, smoke",
     ):
         protocol.load("smok")
 
@@ -51,3 +53,15 @@ def test_unknown_preset_lists_choices():
 def test_method_options_make_labels():
     proto = protocol.from_dict({"methods": ["fedavg-lora", {"name": "ffa-lora", "options": {"rank": 4}}]})
     assert [m.label for m in proto.methods] == ["fedavg-lora", "ffa-lora[rank=4]"]
+
+
+def test_retired_optimizer_field_of_older_protocol_files_is_dropped(tmp_path):
+    """``local.optimizer`` was validated but never read (AdamW is the one optimiser): it is gone, and
+    the protocol.toml of results written before (``optimizer = "adamw"``) still loads, to the same
+    protocol as without the line."""
+    path = tmp_path / "p.toml"
+    path.write_text('rounds = 3\n[local]\nsteps = 4\noptimizer = "adamw"\n')
+    old = protocol.load(str(path))
+    path.write_text("rounds = 3\n[local]\nsteps = 4\n")
+    assert old == protocol.load(str(path)) and old.local.steps == 4
+    assert "optimizer" not in dataclasses.asdict(old.local)

@@ -24,6 +24,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import load_file, save_file
 
 from fedbench.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneUnavailable, normalize_images
+from fedbench.integrity import IntegrityError, read_checked, sha256_file
 from fedbench.registry import register_backbone
 
 HERE = Path(__file__).parent
@@ -114,11 +115,15 @@ def load_embedded(path: Path = WEIGHTS_PATH) -> tuple[open_clip.CLIP, WordTokeni
     """Load the committed weights; returns (model, tokenizer, metadata)."""
     if not path.is_file():
         raise BackboneUnavailable(f"embedded backbone weights '{path}' are missing: run `fedbench backbone pretrain`")
-    from safetensors import safe_open
+    check_weights(path)
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    vocab = json.loads(meta["vocab"])
+    try:  # a checkpoint without a recorded checksum is still refused in one line when unreadable
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        vocab = json.loads(meta["vocab"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+        raise IntegrityError(f"embedded backbone weights '{path}' cannot be read ({type(err).__name__})") from None
     config = _load_config()
     tokenizer = WordTokenizer(
         vocab[len(WordTokenizer.SPECIALS) + len(WordTokenizer.CHARS) : -1],
@@ -130,6 +135,23 @@ def load_embedded(path: Path = WEIGHTS_PATH) -> tuple[open_clip.CLIP, WordTokeni
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     model.load_state_dict(state)
     return model, tokenizer, {k: json.loads(v) for k, v in meta.items()}
+
+
+def checksum_path(path: Path) -> Path:
+    """The sha256 of weights ``path``, recorded beside it when written (``sha256sum -c`` reads it)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def check_weights(path: Path) -> None:
+    """One line naming the file when the weights do not hash to their recorded sha256 (the committed
+    weights must have one; another checkpoint is checked when it has one)."""
+    recorded = checksum_path(path)
+    if not recorded.is_file():
+        if path.resolve() == WEIGHTS_PATH.resolve():
+            raise IntegrityError(f"the checksum '{recorded}' of the embedded backbone weights is missing; restore it")
+        return
+    fix = "restore it (git checkout) or run `fedbench backbone pretrain`"
+    read_checked(path, recorded.read_text().split()[0], "embedded backbone weights", fix)
 
 
 @register_backbone("embedded")
@@ -213,4 +235,5 @@ def pretrain(out: Path = WEIGHTS_PATH, steps: int | None = None, log=print) -> d
     tmp = out.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
     tmp.replace(out)
+    checksum_path(out).write_text(f"{sha256_file(out)}  {out.name}\n")  # checked by every load
     return meta

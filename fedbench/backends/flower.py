@@ -36,6 +36,7 @@ import torch
 
 from fedbench.client import ClientRuntime, Message, State, TrainReply
 from fedbench.evaluation import EvalReply
+from fedbench.integrity import read_checked, sha256_bytes, write_atomic
 from fedbench.method import create_method
 from fedbench.payload import deserialize, serialize
 from fedbench.protocol import Protocol, from_dict
@@ -73,18 +74,24 @@ class DiskStates(MutableMapping[int, State]):
         return self.dir / f"client_{int(client)}.safetensors"
 
     def __getitem__(self, client: int) -> State:
+        """The stored state, checked against the sha256 recorded when it was written."""
         path = self._path(client)
         if not path.is_file():
             raise KeyError(client)
-        return deserialize(path.read_bytes())
+        recorded = path.with_name(path.name + ".sha256")
+        fix = "the node's state directory was changed; restart the run"
+        sha = recorded.read_text().strip() if recorded.is_file() else ""
+        return deserialize(read_checked(path, sha, f"stored state of client {client}", fix))
 
     def __setitem__(self, client: int, state: State) -> None:
-        tmp = self._path(client).with_suffix(".tmp")
-        tmp.write_bytes(serialize(state))
-        tmp.replace(self._path(client))
+        blob = serialize(state)
+        path = self._path(client)
+        write_atomic(path.with_name(path.name + ".sha256"), sha256_bytes(blob).encode())
+        write_atomic(path, blob)
 
     def __delitem__(self, client: int) -> None:
         self._path(client).unlink()
+        self._path(client).with_name(self._path(client).name + ".sha256").unlink(missing_ok=True)
 
     def __iter__(self) -> Iterator[int]:
         return (int(p.stem.removeprefix("client_")) for p in sorted(self.dir.glob("client_*.safetensors")))
@@ -127,7 +134,9 @@ def _message(msg: FlowerMessage, context: Context) -> tuple[ClientRuntime, Messa
         raise RuntimeError(f"message for client {cfg['client']} reached the node of partition {partition}")
     content = msg.content
     more = serialize(_tensors(content["more"])) if "more" in content.array_records else None
-    body = Message(partition, int(cfg["round"]), serialize(_tensors(content["down"])), more, bool(cfg["evaluating"]))
+    steps = int(cfg["steps"]) if "steps" in cfg else None  # a straggler's share of the local steps
+    down = serialize(_tensors(content["down"]))
+    body = Message(partition, int(cfg["round"]), down, more, bool(cfg["evaluating"]), steps)
     return _runtime(cfg, context), body
 
 
@@ -217,7 +226,8 @@ class FlowerBackend:
         """One Flower message per fedbench message; replies in message order, None where dropped."""
         out = []
         for m in messages:
-            config = ConfigRecord({**self.config, "client": m.client, "round": m.round, "evaluating": m.evaluating})
+            fields = {**self.config, "client": m.client, "round": m.round, "evaluating": m.evaluating}
+            config = ConfigRecord(fields if m.steps is None else {**fields, "steps": m.steps})
             content = {"config": config, "down": _arrays(deserialize(m.down))}
             if m.more is not None:
                 content["more"] = _arrays(deserialize(m.more))

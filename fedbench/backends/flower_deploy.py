@@ -32,7 +32,7 @@ from fedbench import protocol as protocol_mod
 from fedbench.backends import BackendError
 from fedbench.backends.flower import FlowerBackend, quiet_flower
 from fedbench.protocol import Protocol
-from fedbench.server import Progress, run_rows
+from fedbench.server import Progress, RowsFailed, recorded_failures, run_rows
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -208,5 +208,8 @@ def run_flower_deploy(
         run_id = cluster.submit(protocol_file, results)
         progress("deploy", {"run_id": run_id})
         status = cluster.wait(run_id, timeout=24 * 3600)
+        failures = recorded_failures(results, protocol) if status == "finished:failed" else []
+        if failures:  # the ServerApp ran every row and raised RowsFailed at the end
+            raise RowsFailed(failures)
         if status != "finished:completed":
             raise BackendError(f"flower-deploy run {run_id} ended {status}: {cluster.log(run_id).strip()[-1500:]}")

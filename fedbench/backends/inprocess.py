@@ -2,29 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from fedbench.client import ClientRuntime, Message, State, TrainReply
 from fedbench.evaluation import EvalReply
+from fedbench.faults import error_line
+
+T = TypeVar("T")
 
 
 class InProcessBackend:
     """Calls :class:`~fedbench.client.ClientRuntime` directly; client states stay in its memory
-    (and in the run's checkpoint)."""
+    (and in the run's checkpoint). A client step that raises is a dropped client, as an error reply
+    is on Flower: its reply is None, :meth:`drop_reason` says why, and the round goes on."""
 
     name = "inprocess"
 
     def __init__(self, runtime: ClientRuntime) -> None:
         self.runtime = runtime
+        self.errors: dict[int, str] = {}  # client -> why its last reply is missing
 
-    def query(self, messages: Sequence[Message]) -> Iterator[bytes]:
-        return (self.runtime.query(m) for m in messages)
+    def _each(self, step: Callable[[Message], T], messages: Sequence[Message]) -> Iterator[T | None]:
+        self.errors = {}
+        for m in messages:
+            try:
+                yield step(m)
+            except Exception as err:  # a KeyboardInterrupt still stops the run (and it resumes)
+                self.errors[m.client] = error_line(err)
+                yield None
 
-    def train(self, messages: Sequence[Message]) -> Iterator[TrainReply]:
-        return (self.runtime.train(m) for m in messages)
+    def query(self, messages: Sequence[Message]) -> Iterator[bytes | None]:
+        return self._each(self.runtime.query, messages)
 
-    def evaluate(self, messages: Sequence[Message]) -> Iterator[EvalReply]:
-        return (self.runtime.evaluate(m) for m in messages)
+    def train(self, messages: Sequence[Message]) -> Iterator[TrainReply | None]:
+        return self._each(self.runtime.train, messages)
+
+    def evaluate(self, messages: Sequence[Message]) -> Iterator[EvalReply | None]:
+        return self._each(self.runtime.evaluate, messages)
 
     def client_states(self) -> dict[int, State]:
         return dict(self.runtime.states)
@@ -34,4 +49,4 @@ class InProcessBackend:
         self.runtime.states.update(states)
 
     def drop_reason(self, client: int) -> str:
-        return ""  # in process, a client's error is the run's error: nothing is dropped
+        return self.errors.get(client, "")
