@@ -140,6 +140,10 @@ def truncate_records(path: Path, next_round: int) -> None:
         return
     keep = [r for r in read_jsonl(path) if r.get("round", -1) < next_round and r.get("kind") != "failed"]
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(b"")
-    append_records(tmp, keep)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(b"")
+        append_records(tmp, keep)
+        tmp.replace(path)
+    except BaseException:  # a full disk or a kill: the records stay as they were, no stray .tmp
+        tmp.unlink(missing_ok=True)
+        raise

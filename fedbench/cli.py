@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -75,6 +76,23 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except PermissionError as err:
             err_console.print(f"[bold red]error:[/] cannot write '{err.filename}': {err.strerror}", soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as err:  # e.g. a disk that fills up mid-run: the last checkpoint stays resumable
+            where = f"cannot write '{err.filename}'" if err.filename else "a write failed"
+            err_console.print(
+                f"[bold red]error:[/] {escape(where)}: {escape(err.strerror or str(err))}; completed rounds are "
+                "checkpointed: rerun the same command to resume",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print(
+                "[bold red]error:[/] interrupted; the run is resumable: rerun the same command to resume "
+                "from its last completed round",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -99,7 +117,9 @@ def resolve_protocol(
     """Load a preset or TOML and apply command-line overrides; every name is validated here."""
     proto = protocol_mod.load(preset)
     changes: dict[str, Any] = {}
-    if methods:
+    if methods is not None:
+        if not _split(methods):
+            raise UsageError(f"--methods '{methods}' names no method. Available: {', '.join(METHODS.names())}")
         entries = []
         for spec in _split(methods):
             name, options = parse_method_spec(spec)
@@ -107,6 +127,8 @@ def resolve_protocol(
         changes["methods"] = tuple(entries)
     if tasks:
         changes["tasks"] = tuple(_split(tasks))
+        if proto.data.tasks_per_client > len(changes["tasks"]):  # fewer tasks than the preset's per client
+            changes["data"] = dataclasses.replace(proto.data, tasks_per_client=len(changes["tasks"]))
     if seeds:
         changes["seeds"] = _int_list(seeds, "--seeds")
     if rounds is not None:
@@ -137,6 +159,15 @@ def _check_writable(directory: Path) -> None:
         raise UsageError(f"results path '{directory}' is not writable: {err.strerror or err}") from None
 
 
+def _check_outside_package(results: Path) -> None:
+    package = Path(__file__).resolve().parent
+    if results.resolve().is_relative_to(package):
+        raise UsageError(
+            f"results path '{results}' is inside the installed fedbench package ({package}): "
+            "choose a directory outside it"
+        )
+
+
 @app.command()
 @one_line_errors
 def run(
@@ -157,6 +188,7 @@ def run(
     directory), then ``sweep.md``, ``sweep.csv`` and ``sweep_gain.png`` are written into RESULTS."""
     proto = resolve_protocol(preset, methods, tasks, seeds, rounds)
     results = results or Path("runs") / proto.name
+    _check_outside_package(results)
     _check_writable(results)
     command = " ".join(["fedbench", *sys.argv[1:]]) + "\n"
     check_backend(backend)
@@ -242,6 +274,11 @@ def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str, bac
                 progress.update(clients_bar, completed=0)
             elif event == "client":
                 progress.update(clients_bar, advance=1)
+            elif event == "resume":
+                progress.console.print(
+                    f"resumed {info['run_id']} from round {info['round'] + 1} "
+                    f"(rounds 1-{info['round']} restored from its checkpoint)"
+                )
             elif event == "skip":
                 progress.console.print(f"[dim]skip (already complete): {info['run_id']}[/]")
             elif event == "wait":

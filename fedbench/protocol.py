@@ -295,6 +295,18 @@ def validate(proto: Protocol) -> None:
             value = getattr(value, part)
         if not check(value):
             raise ProtocolError(f"protocol field '{path}' = {value!r} is invalid: expected {allowed}")
+    if proto.data.tasks_per_client > len(proto.tasks):
+        raise ProtocolError(
+            f"protocol field 'data.tasks_per_client' = {proto.data.tasks_per_client} is invalid: expected an "
+            f"integer in [0, {len(proto.tasks)}] (the protocol has {len(proto.tasks)} task(s); 0 = every task)"
+        )
+    labels = [m.label for m in proto.methods]
+    twice = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
+    if twice is not None:
+        raise ProtocolError(
+            f"protocol field 'methods' lists the row '{twice}' twice: list each method row once "
+            f"(rows: {', '.join(labels)})"
+        )
     if proto.sweep is not None:
         _validate_sweep(proto)
 

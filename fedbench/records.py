@@ -50,7 +50,10 @@ def append_records(path: Path, rows: list[dict]) -> None:
         if size and os.pread(fd, 1, size - 1) != b"\n":
             text = "\n" + text
         data = text.encode()
-        written = os.write(fd, data)
+        try:
+            written = os.write(fd, data)
+        except OSError as err:  # name the file: "No space left on device" alone says not where
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         if written != len(data):
             raise OSError(f"short write to {path}: {written} of {len(data)} bytes (disk full?)")
         os.fsync(fd)

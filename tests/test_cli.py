@@ -1,11 +1,50 @@
 """Bad input ends with one line naming the value and the choices, exit code 2, no traceback."""
 
+import errno
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
+import fedbench
 from fedbench.cli import app
 
 runner = CliRunner()
+SMOKE = resources.files("fedbench.presets").joinpath("smoke.toml").read_text()
+# a protocol that runs in seconds: one row, two rounds, three clients
+TINY_FIELDS = {
+    "name": "tiny-cli",
+    "methods": ["fedavg-lora"],
+    "data.num_clients": 3,
+    "data.train_images": 8,
+    "data.test_images": 4,
+    "data.global_test_images": 6,
+    "local.steps": 2,
+    "local.batch_size": 8,
+    "eval.every": 1,
+}
+
+
+def _toml(path: Path, fields: dict) -> Path:
+    """The smoke preset with ``fields`` ("section.key" or "key" -> value) replaced, written to ``path``."""
+    lines, section = [], ""
+    for line in SMOKE.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]") + "."
+        key = line.partition("=")[0].strip()
+        for name in (section + key, key if not section else None):
+            if "=" in line and name in fields:
+                line = f"{key} = {json.dumps(fields[name])}"
+        lines.append(line)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _snapshot(directory: Path) -> dict:
+    return {p: p.read_bytes() for p in Path(directory).rglob("*") if p.is_file()}
 
 
 def _fails_cleanly(args, needle):
@@ -14,6 +53,8 @@ def _fails_cleanly(args, needle):
     assert result.exit_code == 2, out
     assert "Traceback" not in out
     assert needle in " ".join(out.split()), out
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:"), result.stderr
     return out
 
 
@@ -97,3 +138,173 @@ def test_leaderboard_usage_renders_the_routed_methods_matrix(tmp_path, tiny_prep
     assert lines[0] == "method,task,global,local,entropy,mutual_info,global_std,local_std,entropy_std,mutual_info_std"
     weights = [list(map(float, line.split(",")[2:4])) for line in lines[1:]]
     assert len(weights) == len(tiny_prep.store.task_names) and all(abs(sum(w) - 1) < 1e-6 for w in weights)
+
+
+def _results_with_history(tmp_path: Path) -> Path:
+    """A results directory that already holds files a bad command must leave as they are."""
+    results = tmp_path / "results"
+    (results / "runs" / "earlier").mkdir(parents=True)
+    (results / "protocol.toml").write_text("# an earlier protocol\n")
+    (results / "command.txt").write_text("fedbench run --preset smoke\n")
+    (results / "runs" / "earlier" / "records.jsonl").write_text('{"kind": "round", "round": 0}\n')
+    return results
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"rounds": -3}, "protocol field 'rounds' = -3 is invalid: expected an integer >= 1"),
+        ({"data.num_clients": 0}, "protocol field 'data.num_clients' = 0 is invalid: expected an integer >= 1"),
+        ({"data.num_clients": -2}, "protocol field 'data.num_clients' = -2 is invalid: expected an integer >= 1"),
+        ({"local.steps": 0}, "protocol field 'local.steps' = 0 is invalid: expected an integer >= 1"),
+        ({"local.steps": -1}, "protocol field 'local.steps' = -1 is invalid: expected an integer >= 1"),
+        ({"local.batch_size": 0}, "protocol field 'local.batch_size' = 0 is invalid: expected an integer >= 1"),
+        ({"local.batch_size": -16}, "protocol field 'local.batch_size' = -16 is invalid: expected an integer >= 1"),
+        (
+            {"clients.sample_fraction": 0.0},
+            "protocol field 'clients.sample_fraction' = 0.0 is invalid: expected a number in (0, 1]",
+        ),
+        (
+            {"clients.sample_fraction": 1.5},
+            "protocol field 'clients.sample_fraction' = 1.5 is invalid: expected a number in (0, 1]",
+        ),
+        (
+            {"clients.sample_fraction": -0.5},
+            "protocol field 'clients.sample_fraction' = -0.5 is invalid: expected a number in (0, 1]",
+        ),
+        # dirichlet_alpha = 0 is valid (IID labels); a negative alpha is not
+        (
+            {"data.dirichlet_alpha": -0.1},
+            "protocol field 'data.dirichlet_alpha' = -0.1 is invalid: expected a number >= 0 (0 = IID labels)",
+        ),
+        (
+            {"data.tasks_per_client": 5},
+            "protocol field 'data.tasks_per_client' = 5 is invalid: expected an integer in [0, 4] "
+            "(the protocol has 4 task(s); 0 = every task)",
+        ),
+        ({"backbone.name": "vit-huge"}, "Unknown backbone 'vit-huge'"),
+        # the backbone resizes any image to its own input side; below 16 pixels there is no scene to draw
+        ({"data.image_size": 8}, "protocol field 'data.image_size' = 8 is invalid: expected an integer >= 16"),
+        (
+            {"methods": ["fedavg-lora", "ffa-lora", "fedavg-lora"]},
+            "protocol field 'methods' lists the row 'fedavg-lora' twice: list each method row once "
+            "(rows: fedavg-lora, ffa-lora, fedavg-lora)",
+        ),
+    ],
+)
+def test_bad_protocol_field_is_one_line_exit_2_and_changes_nothing(tmp_path, fields, needle):
+    results = _results_with_history(tmp_path)
+    preset = _toml(tmp_path / "bad.toml", fields)
+    before = _snapshot(tmp_path)
+    _fails_cleanly(["run", "--preset", str(preset), "--results", str(results)], needle)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--rounds", "-1"], "--rounds -1 is invalid: expected an integer >= 1"),
+        (["--methods", "fedavg-lora,fedavg-lora"], "lists the row 'fedavg-lora' twice"),
+        (["--methods", ""], "--methods '' names no method. Available: "),
+        (["--methods", " , "], "--methods ' , ' names no method. Available: "),
+        (["--seeds", "-1"], "--seeds '-1' must list integers >= 0"),
+    ],
+)
+def test_bad_run_option_is_one_line_exit_2_and_changes_nothing(tmp_path, args, needle):
+    results = _results_with_history(tmp_path)
+    before = _snapshot(tmp_path)
+    _fails_cleanly(["run", *args, "--results", str(results)], needle)
+    assert _snapshot(tmp_path) == before
+
+
+def test_fewer_tasks_on_the_command_line_than_the_preset_holds_per_client_runs_them():
+    from fedbench.cli import resolve_protocol
+
+    assert resolve_protocol("smoke", None, "vqa", None, None).data.tasks_per_client == 1
+
+
+def test_results_inside_the_installed_package_are_refused():
+    package = Path(fedbench.__file__).resolve().parent
+    target = package / "runs-by-mistake"
+    before = _snapshot(package)
+    _fails_cleanly(["run", "--results", str(target)], f"results path '{target}' is inside the installed fedbench")
+    assert not target.exists() and _snapshot(package) == before
+
+
+def test_read_only_results_directory_is_refused(tmp_path, monkeypatch):
+    results = _results_with_history(tmp_path)
+    before = _snapshot(tmp_path)
+    results.chmod(0o555)
+    real_write = Path.write_bytes
+
+    def read_only(self, data):  # root ignores the mode bits: refuse as the kernel would for anyone else
+        if self.parent == results:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    try:
+        _fails_cleanly(
+            ["run", "--results", str(results)], f"results path '{results}' is not writable: Permission denied"
+        )
+    finally:
+        results.chmod(0o755)
+    assert _snapshot(tmp_path) == before
+
+
+def _fault_in_round_2(monkeypatch, kind):
+    """From round 2 (index 1) of the run on: ``kind`` "disk" makes every record write fail with ENOSPC,
+    "interrupt" raises KeyboardInterrupt (Ctrl-C) as the round starts."""
+    import fedbench.records as records
+    from fedbench.server import Run
+
+    real_round = Run._round
+    state = {"round": 0}
+
+    def watched_round(self, r, model, fed):
+        state["round"] = r
+        if kind == "interrupt" and r >= 1:
+            raise KeyboardInterrupt
+        return real_round(self, r, model, fed)
+
+    class FullDisk:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def write(fd, data):
+            if state["round"] >= 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return os.write(fd, data)
+
+    monkeypatch.setattr(Run, "_round", watched_round)
+    if kind == "disk":
+        monkeypatch.setattr(records, "os", FullDisk())
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        ("disk", "No space left on device; completed rounds are checkpointed: rerun the same command to resume"),
+        ("interrupt", "interrupted; the run is resumable: rerun the same command to resume from its last completed"),
+    ],
+)
+def test_a_run_cut_mid_way_exits_2_resumable_and_a_rerun_resumes(tmp_path, monkeypatch, kind, needle):
+    preset = _toml(tmp_path / "tiny.toml", TINY_FIELDS)
+    results = tmp_path / "results"
+    args = ["run", "--preset", str(preset), "--results", str(results), "--no-plots"]
+    with monkeypatch.context() as patch:
+        _fault_in_round_2(patch, kind)
+        out = _fails_cleanly(args, needle)
+        if kind == "disk":
+            assert "records.jsonl" in out
+        before = _snapshot(results)
+        _fails_cleanly(args, needle)  # cut again: what the first left (round 1, its checkpoint) stays
+        assert _snapshot(results) == before
+    assert any(p.name == "checkpoint.json" for p in before)
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    said = " ".join(rerun.output.split())
+    assert (
+        "resumed fedavg-lora__seed0__" in said and " from round 2 (rounds 1-1 restored from its checkpoint)" in said
+    ), said
