@@ -57,6 +57,7 @@ from fedbench.data import (
     ExampleTable,
     PartitionConfig,
 )
+from fedbench.integrity import IntegrityError, sha256_file, write_atomic
 from fedbench.registry import FAMILIES, register_suite, register_task
 from fedbench.task import TaskSpec
 
@@ -404,8 +405,9 @@ def decode_images(
     key = hashlib.sha256(json.dumps([spec, size]).encode()).hexdigest()[:24]
     directory = cache_root() / "images"
     path, sizes_path = directory / f"{key}.npy", directory / f"{key}.sizes.npy"
+    sums_path = directory / f"{key}.sha256.json"
     total = sum(len(rows) for *_, rows in requests)
-    if not (path.exists() and sizes_path.exists()):
+    if not (path.exists() and sizes_path.exists() and sums_path.exists()):
         directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, 3, size, size))
@@ -424,9 +426,27 @@ def decode_images(
         out.flush()
         del out
         np.save(sizes_path, sizes)
+        digests = {"images": sha256_file(tmp), "sizes": sha256_file(sizes_path)}
+        write_atomic(sums_path, json.dumps(digests).encode())
         os.replace(tmp, path)
+    _check_cache(path, sizes_path, sums_path)
     images = np.load(path, mmap_mode="c")  # copy-on-write map: pages are read as rows are indexed
     return torch.from_numpy(images), np.load(sizes_path)
+
+
+def _check_cache(path: Path, sizes_path: Path, sums_path: Path) -> None:
+    """The image cache's files against the sha256 recorded when they were written: a truncated or
+    changed cache stops with one line naming the file, never with an error deep in numpy."""
+    fix = f"delete '{path.parent}' (or just that file): the cache is rebuilt on the next run"
+    try:
+        digests = json.loads(sums_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise IntegrityError(f"image cache checksums '{sums_path}' are missing or unreadable; {fix}") from None
+    for file, key in ((path, "images"), (sizes_path, "sizes")):
+        if not file.is_file() or sha256_file(file) != digests.get(key):
+            raise IntegrityError(
+                f"image cache '{file}' is missing or damaged (sha256 differs from the one recorded); {fix}"
+            )
 
 
 def xywh_to_unit_xyxy(box: np.ndarray, sizes: np.ndarray) -> np.ndarray:

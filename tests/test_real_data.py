@@ -277,6 +277,27 @@ def test_partition_natural_domains_and_training_only_vocabulary(tmp_path):
     assert np.array_equal(cached[0], images.numpy())
 
 
+def test_a_damaged_image_cache_is_one_line_naming_the_file(tmp_path):
+    """The image cache's sha256 is recorded when it is written and checked on every read: a cache
+    file cut short (a full disk, a kill) stops with one line naming it, never deep in numpy."""
+    from fedbench.data import ClientPlan, PartitionConfig
+    from fedbench.integrity import IntegrityError
+
+    rf.cifar100(tmp_path / "c")
+    config = PartitionConfig(
+        suite="real", num_clients=2, train_images=4, test_images=2, global_test_images=4, image_size=16,
+        sources={"cifar100": str(tmp_path / "c")},
+    )  # fmt: skip
+    plans = [ClientPlan(c, ("cifar100",), 4, 2, (1.0,), None, False) for c in range(2)]
+    first = real.build_real(plans, config, ["cifar100"], seed=0).images.clone()
+    assert torch.equal(real.build_real(plans, config, ["cifar100"], seed=0).images, first)  # the checked cache
+    cache = next(f for f in (real.cache_root() / "images").glob("*.npy") if ".sizes" not in f.name)
+    cache.write_bytes(cache.read_bytes()[:-100])
+    with pytest.raises(IntegrityError, match=f"image cache '{cache}' is missing or damaged") as err:
+        real.build_real(plans, config, ["cifar100"], seed=0)
+    assert "\n" not in str(err.value) and "rebuilt on the next run" in str(err.value)
+
+
 def test_a_hub_id_reads_the_hub_cache_offline(tmp_path, monkeypatch):
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "datasets--lmms-lab--textvqa"
