@@ -89,7 +89,6 @@ class ClientRuntime:
         self.model = build_model(prep, method)
         self.init = trainable_state(self.model)
         self.states: MutableMapping[int, State] = {} if states is None else states
-        self.two_messages = type(method).request is not Method.request
 
     def context(self, info: ClientInfo, r: int, evaluating: bool = False) -> ClientContext:
         return client_context(self.prep, info, r, evaluating)

@@ -91,7 +91,7 @@ def privacy_promise(method: Method, model: ClientModel, tags: dict[str, str], pr
     local = [n for n, t in tags.items() if t == "local"]
     n_local = sum(params[n].numel() for n in local)
     local_bytes = sum(params[n].numel() * params[n].element_size() for n in local)
-    two = type(method).request is not Method.request
+    two = method.two_messages
     meta = any(k.startswith(META) for info in prep.infos for k in method.upload(model, info))
     n_global = len(prep.table.rows(split=GLOBAL_TEST))
     upload = "the upload above (shared tensors" + (" and meta.* message tensors" if meta else "") + ", safetensors)"

@@ -122,6 +122,11 @@ class Method:
         recorded in the train record's ``request``: keep it small) and :meth:`answer` replies."""
         return None
 
+    @property
+    def two_messages(self) -> bool:
+        """True when the download takes two messages: the method overrides :meth:`request`."""
+        return type(self).request is not Method.request
+
     def answer(self, server_state: Payload, client: ClientInfo, request: Payload) -> Payload:
         """The second download message, the server's reply to :meth:`request` (its bytes counted as
         downlink); the harness loads it over the first (parameters only; ``prepare_client`` is not

@@ -223,7 +223,7 @@ class Run:
                 )
                 continue
             messages.append(msg)
-        if self.backend_two_messages and messages:
+        if self.method.two_messages and messages:
             kept = []
             for msg, ask_blob in zip(messages, self.backend.query(messages), strict=True):
                 if ask_blob is None:
@@ -245,10 +245,6 @@ class Run:
                 kept.append(msg)
             messages = kept
         return messages
-
-    @property
-    def backend_two_messages(self) -> bool:
-        return type(self.method).request is not Method.request
 
     def _round(self, r: int, model, fed: Federation) -> list[dict]:
         """Sample, download, train, upload, aggregate (updates ``fed`` in place); train records."""
