@@ -20,13 +20,11 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from fedbench.family import MetricSpec, TaskFamily
-from fedbench.model import AnswerHead, AnswerOutput
+from fedbench.family import MetricSpec
 from fedbench.registry import register_family
+from fedbench.tasks.families.answer import AnswerFamily
 
 # The official VQA evaluation's tables (VQA API, vqaEval.py): contractions written without their
 # apostrophe, number words, articles and punctuation.
@@ -116,35 +114,25 @@ def majority_answer(answers: Sequence[str]) -> str:
     return Counter(norm).most_common(1)[0][0]
 
 
-class VQASoftFamily(TaskFamily):
-    """VQA accuracy over several human answers (VQAv2, TextVQA); the answer classifier's heads."""
+class VQASoftFamily(AnswerFamily):
+    """VQA accuracy over several human answers (VQAv2, TextVQA): the answer family's heads and loss
+    (cross-entropy on each row's most frequent answer), scored against every human answer."""
 
-    name = "vqa_soft"
     metric = MetricSpec("vqa_accuracy", higher_is_better=True, aggregate="mean")
-    has_answers = True
-    symbol = "VQA"
 
-    def output(self, spec, hidden):
-        return AnswerOutput(spec, hidden, self)
-
-    def head(self, spec, token_dim, embed_dim):
-        return AnswerHead(spec, token_dim, embed_dim, self)
-
-    def loss(self, out, batch):
-        return F.cross_entropy(out, batch.label)
+    def __init__(self) -> None:
+        super().__init__("vqa_soft", "VQA")
 
     def correct(self, out, batch):
         if batch.answer_ids is None:  # no human answers stored: exact match on the label
-            return (out.argmax(-1) == batch.label).float()
+            return super().correct(out, batch)
         hit = batch.answer_ids == out.argmax(-1, keepdim=True)
         return (batch.answer_scores * hit).sum(-1).clamp(max=1.0)
 
     def majority(self, spec, table, train, test):
-        labels = table.label[train]
-        answer = int(np.bincount(labels[labels >= 0], minlength=max(spec.num_answers, 1)).argmax())
         if table.answer_ids is None:
-            return float((table.label[test] == answer).mean())
-        hit = table.answer_ids[test] == answer
+            return super().majority(spec, table, train, test)
+        hit = table.answer_ids[test] == self.majority_answer(spec, table, train)
         return float(torch.as_tensor((table.answer_scores[test] * hit).sum(-1)).clamp(max=1.0).mean())
 
     def __repr__(self) -> str:
