@@ -300,10 +300,10 @@ def _main_columns(board: pd.DataFrame) -> list[str]:
     return [c for c in board.columns if not c.endswith(_HIDDEN)]
 
 
-def _cell(board: pd.DataFrame, row: pd.Series, col: str) -> str:
-    """Cell text: "mean [lo, hi]" where a 95% interval exists (signed, with * when it excludes 0, in
-    a versus table), else "mean ± std"; just the mean for one seed, no ± for counts that do not
-    vary, and n/a for the convergence flag without evidence and for bytes of a non-federated row."""
+def text_cell(board: pd.DataFrame, row: pd.Series, col: str) -> str | None:
+    """The cell where there is no number to format (every renderer's rule): a failed row shows
+    ``failed`` under mean_acc and nothing else; n/a for the convergence flag without evidence and for
+    bytes of a non-federated row; text columns as they are; blank for a missing figure. None: a number."""
     mean = row[col]
     if isinstance(row.get("failed"), str) and col not in ("method", "failed"):  # a row that raised: no figures
         return "failed" if col == "mean_acc" else ""
@@ -313,6 +313,17 @@ def _cell(board: pd.DataFrame, row: pd.Series, col: str) -> str:
         return "" if pd.isna(mean) else str(mean)
     if pd.isna(mean):
         return "n/a" if col in _BYTES_COLS and not row.get("federated", True) else ""
+    return None
+
+
+def _cell(board: pd.DataFrame, row: pd.Series, col: str) -> str:
+    """Cell text: "mean [lo, hi]" where a 95% interval exists (signed, with * when it excludes 0, in
+    a versus table), else "mean ± std"; just the mean for one seed, no ± for counts that do not
+    vary, and n/a for the convergence flag without evidence and for bytes of a non-federated row."""
+    text = text_cell(board, row, col)
+    if text is not None:
+        return text
+    mean = row[col]
     spec = ",.0f" if col in _COUNT_COLS else ".1f" if col == "compute_s" else ".3f"
     lo, hi = row.get(f"{col}_lo", np.nan), row.get(f"{col}_hi", np.nan)
     if board.attrs.get("what") == "versus":

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fedbench.leaderboard import _BYTES_COLS, _COUNT_COLS, _HIDDEN, LATE, _main_columns
+from fedbench.leaderboard import _BYTES_COLS, _COUNT_COLS, _HIDDEN, LATE, _main_columns, text_cell
 
 FIRST = ("mean_acc", "local_acc", "up_mb_per_round", "down_mb_per_round", "compute_s")  # after acc_<task>
 EXTRA = (
@@ -157,15 +157,10 @@ def _header(col: str) -> tuple[str, str]:
 def _value(board: pd.DataFrame, row: pd.Series, col: str, inline_ci: bool) -> str:
     """A terminal cell: the mean (no ± std); ``mean_acc`` with its interval, on a second line unless
     ``inline_ci``; n/a for bytes of a row that is not federated and for an unsupported convergence flag."""
+    text = text_cell(board, row, col)  # a failed row's error is listed under the table
+    if text is not None:
+        return text
     mean = row[col]
-    if isinstance(row.get("failed"), str):  # a row that raised: no figures (its error is under the table)
-        return "failed" if col == "mean_acc" else ""
-    if col == "converged" and pd.isna(mean):
-        return "n/a"
-    if not pd.api.types.is_numeric_dtype(board[col]):
-        return "" if pd.isna(mean) else str(mean)
-    if pd.isna(mean):
-        return "n/a" if col in _BYTES_COLS and not row.get("federated", True) else ""
     spec = ",.0f" if col in _COUNT_COLS else ".1f" if col in ("compute_s", "total_mb") else ".3f"
     text = format(mean, spec)
     lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
