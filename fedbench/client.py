@@ -19,7 +19,7 @@ import torch
 
 from fedbench.context import ClientContext, client_context
 from fedbench.data import GLOBAL_TEST, TEST, ClientInfo
-from fedbench.evaluation import EvalReply, asking_every_task, evaluate_rows
+from fedbench.evaluation import EvalReply, evaluate_rows
 from fedbench.faults import nonfinite
 from fedbench.method import Method
 from fedbench.model import ClientModel
@@ -137,10 +137,3 @@ class ClientRuntime:
         own_correct, _ = evaluate_rows(self.model, self.method, ctx, own, bs)
         global_correct, routing = evaluate_rows(self.model, self.method, ctx, table.rows(split=GLOBAL_TEST), bs)
         return EvalReply(own_correct, global_correct, routing)
-
-
-def asking(prep: Prepared, client: int, evaluating: bool) -> ClientInfo:
-    """The client as the server sees it when it builds the download: at evaluation, asking for
-    every task (TTP); at training, its own tasks."""
-    info = prep.infos[client]
-    return asking_every_task(info, prep.store.task_names) if evaluating else info

@@ -201,12 +201,12 @@ class Run:
         request and the answer too), with each message's byte ledger in ``self._wire``. A client that
         ``plan`` drops gets its first download (counted) and is then recorded as dropped: it never
         replies; a straggler's message carries the local steps it will run."""
-        messages, self._wire = [], {}
+        messages, self._wire, askers = [], {}, {}
         plan = plan or {}
         for c in clients:
             info = fed.infos[c]
-            asking = asking_every_task(info, self.prep.store.task_names) if evaluating else info
-            down = self.method.download(fed.server, asking)
+            askers[c] = asking_every_task(info, self.prep.store.task_names) if evaluating else info
+            down = self.method.download(fed.server, askers[c])
             blob = serialize(down)
             fault = plan.get(c)
             steps = fault.steps if fault is not None and fault.steps != self.protocol.local.steps else None
@@ -232,9 +232,7 @@ class Run:
                     continue
                 ask = deserialize(ask_blob)
                 check_upload(ask, fed.shared, fed.local, self.entry.name)
-                asking = fed.infos[msg.client]
-                asking = asking_every_task(asking, self.prep.store.task_names) if evaluating else asking
-                more = self.method.answer(fed.server, asking, ask)
+                more = self.method.answer(fed.server, askers[msg.client], ask)
                 msg.more = serialize(more)
                 wire = self._wire[msg.client]
                 wire["up_bytes"] += len(ask_blob)
