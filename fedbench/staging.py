@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -137,8 +138,9 @@ class Prepared:
     majority: dict[str, float]
     features: FeatureCache
 
-    @property
+    @cached_property
     def infos(self) -> list[ClientInfo]:
+        """What the server may know of each client; built once (the client step reads it per message)."""
         return [
             ClientInfo(
                 p.client,
