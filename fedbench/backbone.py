@@ -44,6 +44,9 @@ class Backbone(nn.Module):
         token_dim / embed_dim: width of patch tokens and of pooled embeddings.
         name: the spec it was created from.
         meta: provenance shown with results (pretraining steps, zero-shot accuracy, chance).
+        lora_backend: the registered LoRA injector for ``image_tower`` (:data:`fedbench.lora.LORA_INJECTORS`):
+            ``fedbench`` (our q/v LoRA, which also adapts fused ``in_proj`` weights) or ``peft``
+            (the transformers family), so a method's LoRA follows the library that built the tower.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class Backbone(nn.Module):
         mean: Sequence[float] = OPENAI_MEAN,
         std: Sequence[float] = OPENAI_STD,
         meta: dict | None = None,
+        lora_backend: str = "fedbench",
     ) -> None:
         super().__init__()
         self.meta = dict(meta or {})  # provenance, e.g. the embedded backbone's zero-shot accuracy
@@ -70,6 +74,7 @@ class Backbone(nn.Module):
         self.token_dim = token_dim
         self.embed_dim = embed_dim
         self.name = name
+        self.lora_backend = lora_backend
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         for p in self.parameters():

@@ -1,20 +1,36 @@
-"""LoRA on the query and value projections of a frozen attention block.
+"""LoRA on the query and value projections of a frozen attention block, per backbone family.
 
-Why not peft here: open_clip's towers (and torch's ``nn.MultiheadAttention``) hold q, k and v
-in one fused ``in_proj_weight``, and peft can only adapt that fused matrix as a whole. The
-methods' papers adapt q and v, so we add ``scale · B @ A`` to the q and v row-slices through
-``torch.nn.utils.parametrize``, which works for any module whose forward reads the weight
-(fused in_proj, or separate ``q_proj``/``v_proj`` Linear layers of Hugging Face CLIP).
+Methods call :func:`inject_lora` with their :class:`~fedbench.backbone.Backbone`; it dispatches on
+``backbone.lora_backend`` to an injector registered in :data:`LORA_INJECTORS`:
+
+- ``fedbench`` (the embedded and open_clip backbones): our own q/v LoRA below. open_clip's towers
+  (and torch's ``nn.MultiheadAttention``) hold q, k and v in one fused ``in_proj_weight``, and peft
+  can only adapt that fused matrix as a whole. The methods' papers adapt q and v, so we add
+  ``scale · B @ A`` to the q and v row-slices through ``torch.nn.utils.parametrize``, which works
+  for any module whose forward reads the weight.
+- ``peft`` (Hugging Face CLIP, registered by :mod:`fedbench.backbones.hf_clip`): ``peft.LoraConfig``
+  on the separate ``q_proj`` / ``v_proj`` Linear layers.
+
+Both name their parameters ``….lora_A.<adapter>…`` / ``….lora_B.<adapter>…`` (ours end with the
+adapter, peft's with ``.weight`` after it), so a method selects them by ``".lora_A." in name`` or
+through :func:`lora_param` whatever the family, and both expose FedDPA's per-adapter ``mix`` /
+``detached`` through :func:`lora_layers`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+if TYPE_CHECKING:
+    from fedbench.backbone import Backbone
 
 
 @dataclass(frozen=True)
@@ -127,7 +143,7 @@ def attention_qv_targets(tower: nn.Module) -> list[tuple[nn.Module, str, list[sl
     return targets
 
 
-def inject_lora(tower: nn.Module, spec: LoRASpec, adapters: tuple[str, ...] = ("default",)) -> list[LoRADelta]:
+def inject_qv_lora(tower: nn.Module, spec: LoRASpec, adapters: tuple[str, ...] = ("default",)) -> list[LoRADelta]:
     """Attach a :class:`LoRADelta` to every q/v projection of ``tower``; returns them in order."""
     deltas = []
     for module, weight_name, slices in attention_qv_targets(tower):
@@ -136,3 +152,123 @@ def inject_lora(tower: nn.Module, spec: LoRASpec, adapters: tuple[str, ...] = ("
         parametrize.register_parametrization(module, weight_name, delta, unsafe=True)
         deltas.append(delta)
     return deltas
+
+
+class LoRAInjector(Protocol):
+    """Adds LoRA (every adapter in ``adapters`` trainable, only the first active) to the q and v
+    projections of ``tower`` in place; returns the adapted layers in order."""
+
+    def __call__(self, tower: nn.Module, spec: LoRASpec, adapters: tuple[str, ...]) -> list[nn.Module]: ...
+
+
+LORA_INJECTORS: dict[str, LoRAInjector] = {"fedbench": inject_qv_lora}
+
+
+def register_lora_injector(name: str) -> Callable[[LoRAInjector], LoRAInjector]:
+    """Decorator: register a backbone family's LoRA injector under ``name`` (a ``lora_backend``)."""
+
+    def wrap(fn: LoRAInjector) -> LoRAInjector:
+        if name in LORA_INJECTORS and LORA_INJECTORS[name] is not fn:
+            raise ValueError(f"LoRA injector '{name}' is already registered")
+        LORA_INJECTORS[name] = fn
+        return fn
+
+    return wrap
+
+
+def inject_lora(
+    target: Backbone | nn.Module, spec: LoRASpec, adapters: tuple[str, ...] = ("default",)
+) -> list[nn.Module]:
+    """LoRA on the q and v projections of a backbone's image tower, by the backbone family's injector.
+
+    ``target`` is a :class:`~fedbench.backbone.Backbone` (what methods pass: its ``lora_backend``
+    picks the injector, so the transformers family goes through peft) or a bare tower, which gets
+    fedbench's own LoRA. Returns the adapted layers (:class:`LoRADelta` or peft ``LoraLayer``).
+    """
+    from fedbench.backbone import Backbone
+
+    if not isinstance(target, Backbone):
+        return list(inject_qv_lora(target, spec, adapters))
+    try:
+        injector = LORA_INJECTORS[target.lora_backend]
+    except KeyError:
+        raise ValueError(
+            f"backbone '{target.name}' asks for LoRA backend '{target.lora_backend}', which is not registered "
+            f"(available: {', '.join(sorted(LORA_INJECTORS))})"
+        ) from None
+    return injector(target.image_tower, spec, adapters)
+
+
+def lora_param(name: str) -> tuple[str, str] | None:
+    """``("A" | "B", adapter)`` for a LoRA parameter name of either family, else None.
+
+    fedbench's: ``….lora_A.<adapter>``; peft's: ``….lora_A.<adapter>.weight``.
+    """
+    parts = name.split(".")
+    if parts[-1] == "weight" and len(parts) >= 3 and parts[-3] in ("lora_A", "lora_B"):
+        return parts[-3][-1], parts[-2]
+    if len(parts) >= 2 and parts[-2] in ("lora_A", "lora_B"):
+        return parts[-2][-1], parts[-1]
+    return None
+
+
+class PeftMix:
+    """A peft ``LoraLayer`` seen through :class:`LoRADelta`'s ``mix`` / ``detached`` (FedDPA's mixing).
+
+    ``mix = {adapter: w}`` makes exactly those adapters with w != 0 active (in that order) and sets
+    each one's peft ``scaling`` to ``w · alpha / rank``, so the layer computes
+    ``W0 x + Σ w · s · B A dropout(x)``. ``detached`` adapters are frozen (``requires_grad`` False,
+    the previous flags restored when they are attached again): like :class:`LoRADelta`'s
+    ``detach()``, they contribute to the output and pass gradient to the layer's input, but receive
+    none themselves. The state lives on the layer, so any number of views agree.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def _params(self, adapter: str) -> list[nn.Parameter]:
+        return [*self.layer.lora_A[adapter].parameters(), *self.layer.lora_B[adapter].parameters()]
+
+    @property
+    def mix(self) -> dict[str, float]:
+        return dict(self.layer.__dict__.get("_fedbench_mix", {a: 1.0 for a in self.layer.active_adapters}))
+
+    @mix.setter
+    def mix(self, mix: dict[str, float]) -> None:
+        self.layer.__dict__["_fedbench_mix"] = dict(mix)
+        for adapter in self.layer.lora_A:
+            self.layer.scaling[adapter] = self.layer.lora_alpha[adapter] / self.layer.r[adapter] * mix.get(adapter, 0.0)
+        self.layer._active_adapter = [a for a, w in mix.items() if w != 0.0]  # peft's set_adapter would toggle flags
+
+    @property
+    def detached(self) -> set[str]:
+        return set(self.layer.__dict__.get("_fedbench_detached", {}))
+
+    @detached.setter
+    def detached(self, names: Iterable[str]) -> None:
+        names = set(names)
+        saved: dict[str, list[bool]] = self.layer.__dict__.setdefault("_fedbench_detached", {})
+        for adapter in [a for a in saved if a not in names]:
+            for p, flag in zip(self._params(adapter), saved.pop(adapter), strict=True):
+                p.requires_grad_(flag)
+        for adapter in names - set(saved):
+            saved[adapter] = [p.requires_grad for p in self._params(adapter)]
+            for p in self._params(adapter):
+                p.requires_grad_(False)
+
+
+def lora_layers(model: nn.Module) -> list[LoRADelta | PeftMix]:
+    """Every LoRA layer of ``model`` in module order, each with ``mix`` and ``detached`` (either family).
+
+    The order is the model's own: peft re-registers ``q_proj`` after ``v_proj``, so pair two models'
+    layers by module, not by position.
+    """
+    peft_lora = sys.modules.get("peft.tuners.lora")  # no peft layer exists unless peft was imported
+    peft_layer = peft_lora.LoraLayer if peft_lora is not None else ()
+    layers: list[LoRADelta | PeftMix] = []
+    for module in model.modules():
+        if isinstance(module, LoRADelta):
+            layers.append(module)
+        elif isinstance(module, peft_layer):
+            layers.append(PeftMix(module))
+    return layers

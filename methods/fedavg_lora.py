@@ -36,7 +36,7 @@ class FedAvgLoRA(Method):
 
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
         model = ClientModel(backbone, list(tasks), answer_side)
-        inject_lora(backbone.image_tower, self.options.lora)
+        inject_lora(backbone, self.options.lora)  # the backbone family's LoRA (peft for transformers)
         return model
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fedbench.aggregate import weighted_mean
 from fedbench.backbone import Backbone
-from fedbench.lora import LoRADelta, LoRASpec, inject_lora
+from fedbench.lora import LoRADelta, LoRASpec, PeftMix, inject_lora, lora_layers, lora_param
 from fedbench.method import Method, Reply, Tag, register_method
 from fedbench.model import Batch, ClientModel, is_answer_side
 from fedbench.payload import Payload
@@ -53,11 +53,9 @@ class FedDPAOptions(LoRASpec):
 
 
 def adapter_of(name: str) -> str | None:
-    """``global`` / ``local`` for a LoRA parameter name (``...lora_A.global``), else None."""
-    parts = name.rsplit(".", 2)
-    if len(parts) == 3 and parts[1] in ("lora_A", "lora_B") and parts[2] in (GLOBAL, LOCAL):
-        return parts[2]
-    return None
+    """``global`` / ``local`` for a LoRA parameter name (``...lora_A.global``; peft's ``...lora_A.global.weight``)."""
+    found = lora_param(name)
+    return found[1] if found is not None and found[1] in (GLOBAL, LOCAL) else None
 
 
 class FedDPAModel(ClientModel):
@@ -65,12 +63,12 @@ class FedDPAModel(ClientModel):
 
     def __init__(self, backbone: Backbone, tasks: list[TaskSpec], spec: LoRASpec, answer_side: str = "shared") -> None:
         super().__init__(backbone, tasks, answer_side)
-        inject_lora(backbone.image_tower, spec, adapters=(GLOBAL, LOCAL))
+        inject_lora(backbone, spec, adapters=(GLOBAL, LOCAL))
         self.expert_names = [GLOBAL, LOCAL]
         self.image_alpha: dict[int, float] = {}  # image id -> α of the last encode_images
 
-    def deltas(self) -> list[LoRADelta]:
-        return [m for m in self.modules() if isinstance(m, LoRADelta)]
+    def deltas(self) -> list[LoRADelta | PeftMix]:
+        return lora_layers(self)  # fedbench's LoRADelta or peft's layers, each with mix / detached
 
     @contextmanager
     def mixed(self, mix: Mapping[str, float], detached: Sequence[str] = ()) -> Iterator[None]:

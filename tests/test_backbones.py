@@ -123,3 +123,134 @@ def test_fedbench_qv_lora_and_peft_lora_agree_on_outputs_and_gradients(tmp_path)
     for delta, proj in zip(deltas, projs, strict=True):
         assert torch.allclose(delta.lora_A["default"].grad[0], proj.lora_A["default"].weight.grad, atol=1e-5)
         assert torch.allclose(delta.lora_B["default"].grad[0], proj.lora_B["default"].weight.grad, atol=1e-5)
+
+
+def test_peft_mix_and_detach_match_fedbench_lora_for_two_adapters(tmp_path):
+    """FedDPA's mixing on peft layers (``PeftMix``) computes what ``LoRADelta.mix`` / ``detached`` do:
+    same outputs, same gradients, and none for the detached adapter; flags come back afterwards."""
+    import copy
+
+    from fedbench.backbones.hf_clip import inject_peft_lora
+    from fedbench.lora import PeftMix, inject_qv_lora, lora_layers
+
+    model = _tiny_hf_clip(tmp_path / "clip")
+    spec, adapters = LoRASpec(rank=2, alpha=4.0, dropout=0.0), ("global", "local")
+    ours, theirs = copy.deepcopy(model.vision_model), copy.deepcopy(model.vision_model)
+    for tower in (ours, theirs):
+        tower.requires_grad_(False)
+    deltas = inject_qv_lora(ours, spec, adapters)
+    inject_peft_lora(theirs, spec, adapters)
+    projs = [m for layer in theirs.encoder.layers for m in (layer.self_attn.q_proj, layer.self_attn.v_proj)]
+    views = [PeftMix(proj) for proj in projs]  # in our deltas' order (peft re-inserts q_proj after v_proj)
+    assert len(deltas) == 4 and {id(v.layer) for v in lora_layers(theirs)} == {id(p) for p in projs}
+    assert all(d.mix == v.mix == {"global": 1.0} for d, v in zip(deltas, views, strict=True))
+    gen = torch.Generator().manual_seed(2)
+    for delta, view in zip(deltas, views, strict=True):
+        for name in adapters:
+            a = torch.randn(spec.rank, view.layer.in_features, generator=gen) * 0.1
+            b = torch.randn(view.layer.out_features, spec.rank, generator=gen) * 0.1
+            with torch.no_grad():
+                delta.lora_A[name].copy_(a[None])
+                delta.lora_B[name].copy_(b[None])
+                view.layer.lora_A[name].weight.copy_(a)
+                view.layer.lora_B[name].weight.copy_(b)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    for layer in (*deltas, *views):
+        layer.mix, layer.detached = {"local": 0.3, "global": 0.7}, {"global"}
+    out_ours, out_theirs = ours(pixel_values=x).last_hidden_state, theirs(pixel_values=x).last_hidden_state
+    assert torch.allclose(out_ours, out_theirs, atol=1e-5)
+    out_ours.pow(2).mean().backward()
+    out_theirs.pow(2).mean().backward()
+    for delta, view in zip(deltas, views, strict=True):
+        assert view.layer.lora_A["global"].weight.grad is None and view.layer.lora_B["global"].weight.grad is None
+        assert torch.allclose(delta.lora_A["local"].grad[0], view.layer.lora_A["local"].weight.grad, atol=1e-5)
+        assert torch.allclose(delta.lora_B["local"].grad[0], view.layer.lora_B["local"].weight.grad, atol=1e-5)
+        view.mix, view.detached = {"global": 1.0}, set()
+    assert all(p.requires_grad for n, p in theirs.named_parameters() if "lora_" in n)  # flags restored
+    with torch.no_grad():
+        for delta in deltas:
+            delta.mix, delta.detached = {"global": 1.0}, set()
+        assert torch.allclose(
+            ours(pixel_values=x).last_hidden_state, theirs(pixel_values=x).last_hidden_state, atol=1e-5
+        )
+
+
+@pytest.fixture(scope="module")
+def hf_prep(tmp_path_factory):
+    """The tiny protocol of conftest (embedded ``scenes`` suite) on a tiny random HF CLIP loaded by path."""
+    from dataclasses import replace
+
+    from conftest import TINY
+
+    from fedbench.protocol import BackboneConfig
+    from fedbench.staging import prepare
+
+    path = tmp_path_factory.mktemp("hf") / "clip"
+    _tiny_hf_clip(path)
+    spec = f"hf:{path}"
+    protocol = replace(TINY, backbone=BackboneConfig(spec))
+    return prepare(protocol, 0, backbone=create_backbone(spec), device=torch.device("cpu"))
+
+
+# method -> which LoRA matrices of which adapter are shared (travel); the others are local or frozen
+SHARED_LORA = {"fedavg-lora": {("A", "default"), ("B", "default")}, "ffa-lora": {("B", "default")},
+               "feddpa": {("A", "global"), ("B", "global")}}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_LORA))
+def test_tower_lora_methods_go_through_peft_on_the_transformers_family(name, hf_prep, tmp_path):
+    from conftest import RecordingRuntime
+    from peft.tuners.lora import LoraLayer
+
+    from fedbench.backends.inprocess import InProcessBackend
+    from fedbench.lora import LoRADelta, lora_param
+    from fedbench.payload import deserialize
+    from fedbench.protocol import MethodEntry
+    from fedbench.server import Run
+
+    class KeepingRuntime(RecordingRuntime):  # also keeps the uploads and the LoRA tensors after each update
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.uploads: list[dict[str, torch.Tensor]] = []
+            self.trained: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+        def train(self, msg):
+            reply = super().train(msg)
+            self.uploads.append(deserialize(reply.upload))
+            lora_now = {n: p.detach().clone() for n, p in self.model.named_parameters() if lora_param(n)}
+            self.trained.append((msg.round, lora_now))
+            return reply
+
+    run = Run(hf_prep, MethodEntry(name), tmp_path / name, backend=lambda r: InProcessBackend(r.runtime))
+    run.runtime = KeepingRuntime(hf_prep, run.method)
+    model = run.runtime.model
+    layers = [m for m in model.backbone.image_tower.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 4 and not any(isinstance(m, LoRADelta) for m in model.modules())  # q, v × 2 layers
+    adapters = ("global", "local") if name == "feddpa" else ("default",)
+    lora = {n: p for n, p in model.named_parameters() if lora_param(n)}
+    assert {lora_param(n) for n in lora} == {(m, a) for m in "AB" for a in adapters}
+    assert len(lora) == 4 * 2 * len(adapters)
+    tags = run.method.tags(model)
+    shared_lora = {n for n in lora if tags.get(n) == "shared"}
+    assert {lora_param(n) for n in shared_lora} == SHARED_LORA[name]
+    assert all(n.endswith(".weight") for n in shared_lora)  # peft's names
+    init = {n: p.detach().clone() for n, p in lora.items()}
+
+    run.execute()
+
+    uploads = run.runtime.uploads
+    assert len(uploads) >= 2  # at least one client in each of the 2 rounds
+    for up in uploads:  # the LoRA tensors that travel are exactly the shared ones, and all else is shared too
+        assert {n for n in up if lora_param(n)} == shared_lora
+        assert all(tags[n] == "shared" for n in up if n != "__metadata__")
+    # trained: B moved off its zero init (the gradient reached the peft layers of the client's tower copy)
+    assert all(any(not torch.equal(up[n], init[n]) for n in shared_lora) for up in uploads)
+    if name == "ffa-lora":  # A frozen: never tagged, never sent, the same after 2 rounds
+        a_names = [n for n in lora if lora_param(n)[0] == "A"]
+        assert not any(lora[n].requires_grad or n in tags for n in a_names)
+        assert all(torch.equal(lora[n], init[n]) for n in a_names)
+    if name == "feddpa":  # the local adapter is tagged local and trained (round 1's pass 1), never sent
+        local_b = [n for n in lora if lora_param(n) == ("B", "local")]
+        assert all(tags[n] == "local" for n in lora if lora_param(n)[1] == "local")
+        later = [after for r, after in run.runtime.trained if r > 0]
+        assert later and all(any(not torch.equal(after[n], init[n]) for n in local_b) for after in later)

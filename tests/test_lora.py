@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -34,3 +35,32 @@ def test_gradients_reach_only_lora_parameters():
     trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.grad is None for n, p in tower.named_parameters() if "lora_" not in n)
+
+
+def test_lora_param_reads_both_families_names():
+    from fedbench.lora import lora_param
+
+    assert lora_param("backbone.towers.visual.attn.parametrizations.in_proj_weight.0.lora_A.default") == (
+        "A",
+        "default",
+    )
+    assert lora_param("backbone.towers.vision_model.encoder.layers.0.self_attn.q_proj.lora_B.global.weight") == (
+        "B",
+        "global",
+    )
+    assert lora_param("backbone.towers.vision_model.encoder.layers.0.self_attn.q_proj.base_layer.weight") is None
+    assert lora_param("heads.vqa.out.weight") is None
+
+
+def test_a_backbone_dispatches_to_its_familys_injector(backbone):
+    import copy
+
+    from fedbench.lora import LORA_INJECTORS, LoRADelta
+
+    assert backbone.lora_backend == "fedbench" and LORA_INJECTORS["fedbench"] is not None
+    bb = copy.deepcopy(backbone)
+    layers = inject_lora(bb, LoRASpec(rank=2))
+    assert layers and all(isinstance(m, LoRADelta) for m in layers)
+    bb.lora_backend = "nope"
+    with pytest.raises(ValueError, match="LoRA backend 'nope', which is not registered"):
+        inject_lora(bb, LoRASpec(rank=2))
