@@ -181,19 +181,33 @@ def run(
     backend: str = typer.Option(
         "inprocess", help="Who moves the messages: inprocess, flower-sim (Flower's simulation engine), flower-deploy."
     ),
+    feature_cache: bool = typer.Option(
+        True,
+        "--feature-cache/--no-feature-cache",
+        help="Keep frozen-tower image features on disk under $FEDBENCH_CACHE/features (default "
+        "~/.cache/fedbench), keyed by backbone weights, images and preprocessing, so later seeds and runs "
+        "reuse them; --no-feature-cache computes them in memory once per seed. Results are identical.",
+    ),
+    device: str = typer.Option(
+        None, help="auto (CUDA when present), cpu, cuda or cuda:N; default: the protocol's [resources] device."
+    ),
 ) -> None:
     """Run every method row of a protocol over its seeds and print the leaderboard.
 
     With a ``[sweep]``, each swept value runs into ``RESULTS/<field>=<value>/`` (a complete results
     directory), then ``sweep.md``, ``sweep.csv`` and ``sweep_gain.png`` are written into RESULTS."""
     proto = resolve_protocol(preset, methods, tasks, seeds, rounds)
+    if device is not None:
+        proto = _on_device(proto, device)
     results = results or Path("runs") / proto.name
     _check_outside_package(results)
     _check_writable(results)
     command = " ".join(["fedbench", *sys.argv[1:]]) + "\n"
     check_backend(backend)
+    if feature_cache:
+        _check_cache_outside(results)
     if proto.sweep is None:
-        _exit_if_failed(_run_protocol(proto, results, plots, command, backend))
+        _exit_if_failed(_run_protocol(proto, results, plots, command, backend, feature_cache))
         return
     from fedbench.sweep import write_sweep_report
 
@@ -207,10 +221,24 @@ def run(
     failures = []
     for i, (value, variant) in enumerate(variants, start=1):
         console.rule(f"{sweep.field} = {value} ({i}/{len(variants)})")
-        failures += _run_protocol(variant, results / sweep.dir_name(value), plots, command, backend)
+        failures += _run_protocol(variant, results / sweep.dir_name(value), plots, command, backend, feature_cache)
     table, paths = write_sweep_report(proto, results, plots)
     _print_sweep(table, paths, results)
     _exit_if_failed(failures)
+
+
+def _on_device(proto: Protocol, device: str) -> Protocol:
+    """``--device``: the protocol with its ``resources.device`` replaced (out of the hash), checked here."""
+    from fedbench.protocol import DEVICES
+    from fedbench.staging import resolve_device
+
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise UsageError(f"--device '{device}' is unknown; choose one of: {', '.join(DEVICES)}, cuda:N")
+    try:
+        resolve_device(device)
+    except ValueError as err:
+        raise UsageError(f"--device '{device}': {err}") from None
+    return proto.replace(resources=dataclasses.replace(proto.resources, device=device))
 
 
 def _exit_if_failed(failures: list) -> None:
@@ -233,7 +261,9 @@ def _print_sweep(table: Any, paths: list[Path], results: Path) -> None:
     console.print(f"{', '.join(p.name for p in paths)} in {results}/")
 
 
-def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str, backend: str = "inprocess") -> list:
+def _run_protocol(
+    proto: Protocol, results: Path, plots: bool, command: str, backend: str = "inprocess", feature_cache: bool = False
+) -> list:
     """One protocol (no sweep) into ``results``: records, leaderboard, expert usage, plots. Returns
     the rows that failed (every other row ran; the leaderboard shows them as ``failed``)."""
     from fedbench.backends import run_backend
@@ -298,7 +328,11 @@ def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str, bac
             elif event == "row":
                 progress.advance(rows_bar)
 
+        staged: list[Prepared] = []  # the seed being run: where its features came from is told after it
+
         def on_seed(prep: Prepared) -> None:
+            _tell_features(progress.console, staged)
+            staged[:] = [prep]
             if prep.seed == proto.seeds[0] and "zero_shot_acc" in prep.backbone.meta:
                 meta = prep.backbone.meta
                 progress.console.print(
@@ -310,9 +344,10 @@ def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str, bac
 
         failures = []
         try:
-            run_backend(backend, proto, results, on_event, on_seed)
+            run_backend(backend, proto, results, on_event, on_seed, feature_cache)
         except RowsFailed as err:
             failures = err.failures
+        _tell_features(progress.console, staged)
     records = read_records(results)
     board = build_leaderboard(records, with_failed=True)
     console.print(_render_board(board, "table", None), markup=False, highlight=False, soft_wrap=True)
@@ -329,6 +364,32 @@ def _run_protocol(proto: Protocol, results: Path, plots: bool, command: str, bac
         plot(records, results)
     console.print(f"records, {written}{' and plots' if plots and completed else ''} in {results}/")
     return failures
+
+
+def _tell_features(out: Console, staged: list) -> None:
+    """One line on where a seed's frozen image features came from (provenance only: never in records)."""
+    if not staged or staged[0].features.origin is None:
+        return
+    prep = staged.pop()
+    where = {
+        "memory": "computed in memory (not cached on disk)",
+        "disk": f"read from the disk cache {escape(str(prep.features.entry))}",
+        "computed": f"computed and written to the disk cache {escape(str(prep.features.entry))}",
+    }[prep.features.origin]
+    out.print(f"[dim]seed {prep.seed}: frozen image features {where}[/]", soft_wrap=True, highlight=False)
+
+
+def _check_cache_outside(results: Path) -> None:
+    """The feature cache (derived data) never lands inside the package or the results directory."""
+    from fedbench.feature_cache import features_dir
+
+    cache = features_dir().resolve()
+    for what, path in (("the installed fedbench package", Path(__file__).resolve().parent), ("--results", results)):
+        if cache.is_relative_to(path.resolve()):
+            raise UsageError(
+                f"feature cache '{cache}' ($FEDBENCH_CACHE) is inside {what} ({path}): point FEDBENCH_CACHE "
+                "elsewhere, or run with --no-feature-cache"
+            )
 
 
 def protocol_to_toml(proto: Protocol) -> str:

@@ -3,8 +3,10 @@ stored state) that returns what it sends back. A backend only moves the bytes.
 
 A client keeps its stored state (every trainable tensor after its last local update, local ones
 included) in a :class:`~collections.abc.MutableMapping` keyed by client (partition) id that stays
-on the client's side: a dict in process, a directory on a Flower node. Nothing local ever leaves
-it except through :meth:`~fedbench.method.Method.upload`, which the server checks.
+on the client's side: in a run, a :class:`~fedbench.client_store.ClientStore`, one file per client
+on disk (under the run's directory in process, the node's on Flower; a dict until a run sets it).
+Nothing local ever leaves it except through :meth:`~fedbench.method.Method.upload`, which the
+server checks.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import copy
 import dataclasses
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from fedbench.context import ClientContext, client_context
 from fedbench.data import GLOBAL_TEST, TEST, ClientInfo
-from fedbench.evaluation import EvalReply, evaluate_rows
+from fedbench.evaluation import EvalReply, GlobalScores, evaluate_rows
 from fedbench.faults import nonfinite
+from fedbench.flops import FlopMeter
 from fedbench.method import Method
 from fedbench.model import ClientModel
 from fedbench.payload import META, deserialize, serialize
@@ -79,6 +82,8 @@ class TrainReply:
     compute_s: float
     timer: str
     record: dict[str, Any] = field(default_factory=dict)  # the method's train-record fields
+    flops: int = 0  # FLOPs of the local update (fedbench.flops)
+    flops_counted: int = 0  # of its training steps, how many were counted (the others predicted)
 
 
 class ClientRuntime:
@@ -88,6 +93,8 @@ class ClientRuntime:
         self.prep, self.method = prep, method
         self.model = build_model(prep, method)
         self.init = trainable_state(self.model)
+        self.flops = FlopMeter()  # its fits of step FLOPs carry over between clients and rounds
+        # client id -> stored state; a run puts a ClientStore here (on disk: memory stays O(model))
         self.states: MutableMapping[int, State] = {} if states is None else states
 
     def context(self, info: ClientInfo, r: int, evaluating: bool = False) -> ClientContext:
@@ -120,20 +127,37 @@ class ClientRuntime:
             local = dataclasses.replace(ctx.protocol.local, steps=msg.steps)
             ctx = dataclasses.replace(ctx, protocol=ctx.protocol.replace(local=local))
         info = ctx.info
-        with ComputeTimer(self.prep.device) as timer:
+        with ComputeTimer(self.prep.device) as timer, self.flops as flops:
             self.method.local_update(self.model, ctx)
         up = serialize(self.method.upload(self.model, info))
         state = trainable_state(self.model)
         if not nonfinite(state):
             self.states[info.client] = state
         extra = self.method.train_record(self.model, ctx)
-        return TrainReply(up, len(ctx.train_rows), timer.seconds, timer.kind, extra)
+        return TrainReply(up, len(ctx.train_rows), timer.seconds, timer.kind, extra, flops.total, flops.counted)
+
+    # reuse global-test scores across clients whose models are provably identical (False: never)
+    reuse_global_scores: ClassVar[bool] = True
+    _global_scores: GlobalScores | None = None
 
     def evaluate(self, msg: Message) -> EvalReply:
-        """Scores on the client's own test split and on the global test set (see :func:`eval_records`)."""
+        """Scores on the client's own test split and on the global test set (see :func:`eval_records`).
+        The global-test scores of a model identical to one already scored this round (e.g. every
+        FedAvg-LoRA client: same download, no local state) are reused (:class:`GlobalScores`), so a
+        thousand such clients cost one pass over the global test set, not a thousand."""
         ctx = self._load(msg)
         table, bs = self.prep.table, self.prep.protocol.eval.batch_size
         own = table.rows(client=msg.client, split=TEST)
         own_correct, _ = evaluate_rows(self.model, self.method, ctx, own, bs)
-        global_correct, routing = evaluate_rows(self.model, self.method, ctx, table.rows(split=GLOBAL_TEST), bs)
+        if self._global_scores is None:
+            self._global_scores = GlobalScores()
+        cache = self._global_scores
+        key = cache.key(self.model, self.method, msg.round) if self.reuse_global_scores else None
+        if key is not None and key in cache.scores:
+            cache.hits += 1
+            global_correct, routing = cache.scores[key]
+        else:
+            global_correct, routing = evaluate_rows(self.model, self.method, ctx, table.rows(split=GLOBAL_TEST), bs)
+            if key is not None:
+                cache.scores[key] = (global_correct, routing)
         return EvalReply(own_correct, global_correct, routing)

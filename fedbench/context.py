@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedbench.data import TRAIN, ClientInfo
+from fedbench.flops import active_meter, composition
 from fedbench.model import Batch, ClientModel
+from fedbench.precision import autocast
 from fedbench.protocol import Protocol
 from fedbench.seeding import derive_seed, participations
 from fedbench.staging import FeatureCache, Prepared, RowStore
@@ -30,6 +33,7 @@ class ClientContext:
     # local updates already in the client's loaded state: the rounds before ``round`` it was sampled
     # in (at training), those up to and including ``round`` (at evaluation after that round)
     participations: int = 0
+    amp: torch.dtype | None = None  # autocast dtype of forward passes (resources.amp on this device)
 
     def inputs(self, model: ClientModel, rows: np.ndarray) -> tuple[Batch, tuple[torch.Tensor, torch.Tensor] | None]:
         """A batch of ``rows`` and, when the backbone is frozen, its cached image features."""
@@ -40,6 +44,14 @@ class ClientContext:
         """``n`` training rows drawn with replacement, from a stream named by ``purpose``."""
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.info.client, purpose))
         return self.train_rows[torch.randint(len(self.train_rows), (n,), generator=gen).numpy()]
+
+    def composition(self, rows: np.ndarray) -> tuple[int, ...]:
+        """What a training step's FLOPs are linear in (:mod:`fedbench.flops`): its rows, distinct
+        images, rows per task and rows with OCR text."""
+        store = self.store
+        per_task = np.bincount(store.task_id[rows].cpu().numpy(), minlength=len(store.task_names))
+        ocr = int(store.ocr_mask[torch.as_tensor(rows, device=store.device)].any(1).sum())
+        return composition(len(rows), len(np.unique(store.image_index[rows].numpy())), per_task.tolist(), ocr)
 
     def train(
         self,
@@ -80,14 +92,19 @@ class ClientContext:
             torch.manual_seed(derive_seed(self.seed, self.round, self.info.client, phase, "dropout"))
             model.train()
             bs = min(cfg.batch_size, len(self.train_rows))
+            meter = active_meter()
+            trained = tuple(n for n, p in model.named_parameters() if id(p) in chosen)
+            key = (phase, trained, self.info.tasks, self.info.has_ocr)
             for _ in range(cfg.steps):
                 pick = self.train_rows[torch.randint(len(self.train_rows), (bs,), generator=gen).numpy()]
-                loss = model.loss(*self.inputs(model, pick))
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                with meter.step(key, self.composition(pick)) if meter is not None else nullcontext():
+                    with autocast(self.store.device, self.amp):
+                        loss = model.loss(*self.inputs(model, pick))
+                        if extra_loss is not None:
+                            loss = loss + extra_loss(model)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -113,4 +130,4 @@ def client_context(prep: Prepared, info: ClientInfo, r: int, evaluating: bool = 
     rows = prep.table.rows(client=info.client, split=TRAIN)
     fraction = prep.protocol.clients.sample_fraction
     done = participations(prep.seed, info.client, r + evaluating, len(prep.plans), fraction)
-    return ClientContext(info, r, prep.store, rows, prep.protocol, prep.seed, prep.features, done)
+    return ClientContext(info, r, prep.store, rows, prep.protocol, prep.seed, prep.features, done, prep.amp)

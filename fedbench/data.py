@@ -159,6 +159,14 @@ class PartitionConfig:
         sources: real data only: task name -> where its dataset is, a Hugging Face hub id
             (``lmms-lab/VQAv2``, read from the hub cache) or a local snapshot directory; a task not
             named here uses its adapter's hub id (``fedbench list``). Empty for the embedded suite.
+        natural_splits: real data only: task name -> the natural split whose values become clients
+            (``question_type`` for VQAv2, ``structural`` / ``semantic`` / ``detailed`` for GQA, ``domain``
+            for DomainNet, where it is the default; ``"none"`` turns a default off). Empty: the defaults.
+        partitioner: real data only: ``""`` (fedbench's own draw, weighted by ``dirichlet_alpha``), or a
+            flwr-datasets partitioner run on a local ``datasets.Dataset`` of each task's training pool:
+            ``iid``, ``dirichlet`` (label skew, ``dirichlet_alpha``), ``inner_dirichlet`` (the plans'
+            sizes, so ``quantity_skew``, with label skew) or ``pathological`` (``classes_per_client``).
+        classes_per_client: real data only: labels per client of the ``pathological`` partitioner.
     """
 
     suite: str = "scenes"
@@ -173,6 +181,9 @@ class PartitionConfig:
     domain_task_coupling: float = 0.5
     image_size: int = 64
     sources: dict[str, str] = field(default_factory=dict)
+    natural_splits: dict[str, str] = field(default_factory=dict)
+    partitioner: str = ""
+    classes_per_client: int = 0
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ scores into eval, usage and routing records (the same assembly on every backend)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +16,10 @@ from fedbench.context import ClientContext
 from fedbench.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, ClientInfo
 from fedbench.method import Method
 from fedbench.model import ClientModel, sub_batch
+from fedbench.precision import autocast
+from fedbench.protocol import EvalConfig
 from fedbench.run_records import RunRecords
+from fedbench.seeding import derive_seed
 
 
 @dataclass
@@ -41,28 +46,98 @@ def evaluate_rows(
     routing: np.ndarray | None = None
     if len(rows) == 0:
         return out, routing
-    images, position = np.unique(ctx.store.image_index[rows].numpy(), return_inverse=True)
-    image_ids = torch.as_tensor(images)
-    if model.uses_backbone_grad() or type(method).encode_images is not Method.encode_images:
-        parts = [
-            method.encode_images(model, image_ids[i : i + batch_size], ctx) for i in range(0, len(images), batch_size)
-        ]
-        tokens_all, pooled_all = torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
-    else:
-        tokens_all, pooled_all = ctx.features.get(image_ids)
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        pos = torch.as_tensor(position[i : i + batch_size], device=tokens_all.device)
-        batch = ctx.store.batch(chunk)
-        for name, (idx, head_out) in model.forward(batch, cached=(tokens_all[pos], pooled_all[pos])).items():
-            head = model.heads[name]
-            out[i + idx.cpu().numpy()] = head.correct(head_out, sub_batch(batch, idx)).cpu().numpy()
-        if model.routing is not None:
-            weights = model.routing.detach().cpu().numpy()
-            if routing is None:  # NaN marks rows of a batch that did not route, should one not
-                routing = np.full((len(rows), weights.shape[1]), np.nan)
-            routing[i : i + len(chunk)] = weights
+    with autocast(ctx.store.device, ctx.amp):  # forward passes in the run's autocast dtype, if any
+        images, position = np.unique(ctx.store.image_index[rows].numpy(), return_inverse=True)
+        image_ids = torch.as_tensor(images)
+        if model.uses_backbone_grad() or type(method).encode_images is not Method.encode_images:
+            parts = [
+                method.encode_images(model, image_ids[i : i + batch_size], ctx)
+                for i in range(0, len(images), batch_size)
+            ]
+            tokens_all, pooled_all = torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
+        else:
+            tokens_all, pooled_all = ctx.features.get(image_ids)
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            pos = torch.as_tensor(position[i : i + batch_size], device=tokens_all.device)
+            batch = ctx.store.batch(chunk)
+            for name, (idx, head_out) in model.forward(batch, cached=(tokens_all[pos], pooled_all[pos])).items():
+                head = model.heads[name]
+                out[i + idx.cpu().numpy()] = head.correct(head_out.float(), sub_batch(batch, idx)).cpu().numpy()
+            if model.routing is not None:
+                weights = model.routing.detach().float().cpu().numpy()
+                if routing is None:  # NaN marks rows of a batch that did not route, should one not
+                    routing = np.full((len(rows), weights.shape[1]), np.nan)
+                routing[i : i + len(chunk)] = weights
     return out, routing
+
+
+def state_only(method: Method) -> bool:
+    """True when a client's global-test scores are a function of its loaded parameters alone: the
+    method keeps the default per-client hooks (no ``prepare_client`` structure, no ``encode_images``
+    that reads the client's context, e.g. FedDPA's references, no two-message download). Any
+    override may make the forward depend on the client (its tasks, OCR, stage, data), so then no
+    score is ever reused."""
+    kind = type(method)
+    return (
+        kind.prepare_client is Method.prepare_client
+        and kind.encode_images is Method.encode_images
+        and not method.two_messages
+    )
+
+
+def model_digest(model: ClientModel) -> str:
+    """SHA-256 of every trainable parameter and every buffer (name, dtype, shape, bytes): what the
+    loaded state can change of the model (frozen parameters are never written by a client step)."""
+    h = hashlib.sha256()
+    tensors = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + list(model.named_buffers())
+    for name, t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class GlobalScores:
+    """The global-test scores of the distinct client models of one evaluation round (client side):
+    clients whose models are provably identical (:func:`state_only` methods, equal
+    :func:`model_digest`) are scored once; a new round starts afresh."""
+
+    round: int = -1
+    scores: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    hits: int = 0
+
+    def key(self, model: ClientModel, method: Method, r: int) -> str | None:
+        """The model's key in round ``r``, or None where reuse is not proven safe."""
+        if r != self.round:
+            self.round, self.scores = r, {}
+        return model_digest(model) if state_only(method) else None
+
+
+def eval_clients(cfg: EvalConfig, seed: int, r: int, num_clients: int, final: bool) -> list[int]:
+    """The clients the evaluation after round ``r`` scores: all at the last round or with
+    ``eval.clients = "all"``; else a seeded sample (its own stream per round, the same on every
+    backend and method row, so rows are compared on the same clients)."""
+    k = cfg.sample_size(num_clients)
+    if final or k >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(derive_seed(seed, r, "eval-sample"))
+    return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
+
+
+def coverage(cfg: EvalConfig, sampled: int, scored: int, num_clients: int) -> dict[str, Any]:
+    """Fields of an evaluated round's ``global`` records under a sampled ``eval.clients`` (none with
+    the default, so those records read as before): how many clients were sampled and scored (a
+    dropped one is not), of how many, and whether the round was a sample."""
+    if not cfg.sampled:
+        return {}
+    return {
+        "eval_sampled": sampled < num_clients,
+        "sampled_clients": sampled,
+        "scored_clients": scored,
+        "registered_clients": num_clients,
+    }
 
 
 def eval_records(
@@ -72,13 +147,15 @@ def eval_records(
     replies: Sequence[EvalReply],
     task_names: Sequence[str],
     expert_names: list[str],
+    extra: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Every client's model (its own state + what the server sends a client asking for every task),
     scored on its own test split (scope ``client``) and on the global test set of every task (scope
     ``client_global``, with ``held`` telling own tasks: P averages those, TTP all). A task's
     ``global`` score is the mean over the clients that hold it; its ``per_example`` lists, per
     global-test row in table order, that mean of the row's correctness, so rows of one seed (same
-    table) are paired example by example for the bootstrap."""
+    table) are paired example by example for the bootstrap. ``extra`` (:func:`coverage`) is added to
+    the ``global`` records."""
     table = records.table
     global_rows = table.rows(split=GLOBAL_TEST)
     rows, per_task, usage, routed = [], {}, {}, {}
@@ -104,6 +181,7 @@ def eval_records(
                 "n": len(per_client[0]),
                 "clients": len(per_client),
                 "per_example": np.mean(per_client, 0).round(6).tolist(),
+                **(extra or {}),
             }
         )
     return rows + records.usage(r, expert_names, usage, routed, table.task[global_rows])

@@ -28,10 +28,16 @@ from fedbench.statistics import N_BOOT, Examples, paired_differences, row_interv
 MAJORITY = "majority"
 FORMATS = ("table", "markdown", "csv")
 _BYTES_COLS = ["up_mb_per_round", "down_mb_per_round", "total_mb"]
-_COST_COLS = [*_BYTES_COLS, "compute_s"]
+_TIME_COLS = ("compute_s", "compute_gflop")  # one decimal
+COMPUTE_NOTE = (
+    "compute_gflop: FLOPs of the clients' local updates (matrix products, as FlopCounterMode counts), "
+    "the same on every machine: compare it across machines, compute_s only on one."
+)
+_COST_COLS = [*_BYTES_COLS, *_TIME_COLS]
 _PARAM_COLS = ["params_trainable", "params_shared", "params_local"]
 _COUNT_COLS = {*_PARAM_COLS, "seeds"}
-_HIDDEN = ("_std", "_lo", "_hi", "federated")  # CSV only: spreads and interval ends are shown in cells
+# CSV only: spreads and interval ends are shown in cells, the evaluation sample in a note
+_HIDDEN = ("_std", "_lo", "_hi", "federated", "eval_sample")
 _PER_METHOD = ("entropy", "mutual_info")  # usage-table columns that hold one figure per method
 LATE = 0.8  # a row is "rising" when mean_acc still gains after this fraction of the rounds
 
@@ -96,11 +102,44 @@ def _per_run(recs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     out["federated"] = runs["federated"].ne(False) if "federated" in runs else True
     out.loc[~out["federated"], _BYTES_COLS] = np.nan
     out["compute_s"] = train.groupby("run_id")["compute_s"].sum()
+    # FLOPs of every local update (fedbench.flops); NaN for records made before they were counted
+    flops = train["compute_flops"] if "compute_flops" in train else pd.Series(np.nan, index=train.index)
+    out["compute_gflop"] = flops.groupby(train["run_id"]).sum(min_count=1) / 1e9
 
     for col in _PARAM_COLS:
         out[col] = pd.to_numeric(runs[col])
     out["late_gain"] = _late_gain(recs, runs)
+    sampling = _eval_sampling(recs)
+    if sampling:
+        out["eval_sample"] = pd.Series(sampling)
     return out, tasks
+
+
+def _eval_sampling(recs: pd.DataFrame) -> dict[str, str]:
+    """run_id -> "k of N" for the runs whose intermediate evaluations scored a seeded sample of their
+    N clients (``eval.clients``; their ``global`` records say so); the last round scores all."""
+    glob = recs[(recs["kind"] == "eval") & (recs["scope"] == "global")]
+    if "eval_sampled" not in glob:
+        return {}
+    sampled = glob[glob["eval_sampled"].eq(True)]
+    return {
+        str(run): f"{int(g['sampled_clients'].iloc[0])} of {int(g['registered_clients'].iloc[0])}"
+        for run, g in sampled.groupby("run_id")
+    }
+
+
+def sampling_note(attrs: dict) -> str | None:
+    """The note a leaderboard carries when some row's intermediate evaluations scored a sample of its
+    clients (what ``converged`` and the per-round curves read); None when every evaluation scored all."""
+    sampling: dict[str, str] = attrs.get("eval_sampling", {})
+    if not sampling:
+        return None
+    sizes = set(sampling.values())
+    which = f"{sizes.pop()} clients" if len(sizes) == 1 else ", ".join(f"{k}: {v}" for k, v in sampling.items())
+    return (
+        f"Evaluation: intermediate rounds (converged, per-round curves) scored a seeded sample of {which} "
+        "per round (eval.clients); the last round scored all clients, so every acc column is over all of them."
+    )
 
 
 def _late_gain(recs: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
@@ -164,7 +203,11 @@ def _attrs(recs: pd.DataFrame, per_run: pd.DataFrame) -> dict:
     synthetic = recs["synthetic"].eq(True)
     protocols = recs.groupby("protocol")["protocol_hash"].unique()
     train = recs[recs["kind"] == "train"]
+    sampling = per_run.dropna(subset=["eval_sample"]) if "eval_sample" in per_run else per_run.iloc[:0]
     return {
+        "eval_sampling": {
+            str(label): ", ".join(sorted(g["eval_sample"].unique())) for label, g in sampling.groupby("label")
+        },
         "n_seeds": {label: int(n) for label, n in per_run.groupby("label").size().items()},
         "synthetic": bool(synthetic.any()),
         "synthetic_suites": sorted(recs.loc[synthetic, "suite"].dropna().unique().tolist()),
@@ -226,6 +269,8 @@ def build_leaderboard(df: pd.DataFrame, with_failed: bool = False) -> pd.DataFra
     board["method"] = board.index
     board["device"] = recs.groupby("label")["device"].agg(lambda d: ",".join(sorted(d.dropna().unique())))
     board["federated"] = grouped["federated"].all()
+    if "eval_sample" in per_run:  # which intermediate evaluation each row had ("k of N"; blank: all clients)
+        board["eval_sample"] = grouped["eval_sample"].agg(lambda s: ", ".join(sorted(s.dropna().unique())) or None)
     gain, half = grouped["late_gain"].mean(), (board["mean_acc_hi"] - board["mean_acc_lo"]) / 2
     board["converged"] = (
         pd.Series("yes", index=board.index).mask(gain > half, "rising").where(gain.notna() & half.notna())
@@ -248,6 +293,7 @@ def build_leaderboard(df: pd.DataFrame, with_failed: bool = False) -> pd.DataFra
         "federated",
         *std.columns,
         *ci_cols,
+        *(["eval_sample"] if "eval_sample" in board else []),
     ]
     out = pd.DataFrame(rows, columns=columns)
     if len(recs["protocol_hash"].dropna().unique()) > 1:
@@ -324,7 +370,7 @@ def _cell(board: pd.DataFrame, row: pd.Series, col: str) -> str:
     if text is not None:
         return text
     mean = row[col]
-    spec = ",.0f" if col in _COUNT_COLS else ".1f" if col == "compute_s" else ".3f"
+    spec = ",.0f" if col in _COUNT_COLS else ".1f" if col in _TIME_COLS else ".3f"
     lo, hi = row.get(f"{col}_lo", np.nan), row.get(f"{col}_hi", np.nan)
     if board.attrs.get("what") == "versus":
         star = " *" if lo > 0 or hi < 0 else ""
@@ -368,11 +414,15 @@ def _footnotes(board: pd.DataFrame) -> list[str]:
             notes.append("Bytes n/a: a reference row that is not federated (nothing is sent).")
         if "failed" in board:
             notes.append("failed: a row that raised (the first line of its error); its other rows ran.")
+        sampled = sampling_note(attrs)
+        if sampled:
+            notes.append(sampled)
     if attrs.get("synthetic"):
         suites = ", ".join(attrs.get("synthetic_suites", []))
         notes.append(f"Data: SYNTHETIC (procedurally generated suite: {suites}), not a real-task result.")
     protocols = "; ".join(f"{name} ({', '.join(h)})" for name, h in attrs.get("protocols", {}).items())
     notes.append(f"Timer: {', '.join(attrs.get('timers', [])) or 'unknown'}. Protocol hash: {protocols}.")
+    notes.append(COMPUTE_NOTE)
     return notes
 
 
@@ -469,7 +519,8 @@ def plot(board_df_records: pd.DataFrame, out_dir: Path) -> list[Path]:
     if not majority.empty:
         ax.axhline(majority.iloc[0], color="grey", linestyle="--", label=MAJORITY)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="round", ylabel="mean accuracy (global test)", title=f"Accuracy per round{suffix}")
+    sampled = "\n(intermediate rounds: mean over a seeded sample of clients)" if sampling_note(board.attrs) else ""
+    ax.set(xlabel="round", ylabel="mean accuracy (global test)", title=f"Accuracy per round{suffix}{sampled}")
     ax.legend(fontsize="small")
     rounds = out_dir / "acc_per_round.png"
     fig.savefig(rounds, dpi=120)

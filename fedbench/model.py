@@ -26,6 +26,7 @@ from torch import nn
 
 from fedbench.backbone import Backbone
 from fedbench.family import TaskFamily, family_of
+from fedbench.precision import device_index
 from fedbench.task import TaskSpec
 
 OCR_TOKENS = 8  # at most this many OCR tokens per row, in reading order
@@ -279,8 +280,8 @@ class ClientModel(nn.Module):
         (rows asking several questions of one image share its forward pass and its gradient)."""
         if cached is None:
             _, first, inverse = np.unique(batch.image_index.numpy(), return_index=True, return_inverse=True)
-            tokens, image = self.backbone.encode_image(batch.images[torch.as_tensor(first, device=batch.images.device)])
-            inverse = torch.as_tensor(inverse, device=tokens.device)
+            tokens, image = self.backbone.encode_image(batch.images[device_index(first, batch.images.device)])
+            inverse = device_index(inverse, tokens.device)
             # index_select, not tokens[inverse]: the backward of advanced indexing (index_put_ with
             # accumulate) sums repeated rows in a varying order on CPU, and runs stop being reproducible
             cached = tokens.index_select(0, inverse), image.index_select(0, inverse)
@@ -303,7 +304,7 @@ class ClientModel(nn.Module):
         rep = answer_input(self.trunk, feats)
         outputs = {}
         for name in dict.fromkeys(batch.task.tolist()):
-            idx = torch.from_numpy(np.flatnonzero(batch.task == name)).to(feats.image.device)
+            idx = device_index(np.flatnonzero(batch.task == name), feats.image.device)
             outputs[name] = (idx, self.heads[name](rep.select(idx)))
         return outputs
 

@@ -50,12 +50,36 @@ class LocalConfig:
     weight_decay: float = 0.01
 
 
+EVERY_CLIENT = "all"
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """When and on how much the harness evaluates."""
+    """When and on how much the harness evaluates.
+
+    ``clients``: whom an intermediate evaluation (``every``) scores: ``"all"`` (default) every
+    registered client; an integer k >= 1, a seeded sample of k clients drawn afresh each evaluated
+    round; a fraction in (0, 1), that share of the clients (at least one). The last round always
+    scores every client, so the leaderboard's figures never rest on a sample; only the per-round
+    curves and the convergence flag read the sampled rounds. With the default the table is left out of
+    the hash (protocols written before the option keep their runs)."""
 
     every: int = 0  # evaluate every N rounds (0: only after the last round)
     batch_size: int = 128
+    clients: Any = EVERY_CLIENT  # "all" | an int >= 1 | a float in (0, 1)
+
+    @property
+    def sampled(self) -> bool:
+        """True when intermediate evaluations score a sample of the clients."""
+        return self.clients != EVERY_CLIENT
+
+    def sample_size(self, num_clients: int) -> int:
+        """How many of ``num_clients`` an intermediate evaluation scores."""
+        if not self.sampled:
+            return num_clients
+        if isinstance(self.clients, float):
+            return min(num_clients, max(1, round(self.clients * num_clients)))
+        return min(num_clients, int(self.clients))
 
 
 @dataclass(frozen=True)
@@ -79,14 +103,26 @@ class ModelConfig:
     answer_side: str = "shared"
 
 
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("auto", "off", "bf16")
+
+
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """What each client may use when a Flower backend runs it (Ray's client resources: CPUs, and a
-    fraction of a GPU). It changes where and how fast clients run, never a number, so it stays out
-    of the hash."""
+    """Where clients run: the device (``auto``: CUDA when there is one, else the CPU), mixed precision
+    on it, and what each client may use when a Flower backend runs it (Ray's client resources: CPUs,
+    and a fraction of a GPU). Out of the hash: like the machine, it is recorded with every run (rows
+    on other devices agree within their CIs, not bit for bit).
+
+    ``amp``: ``auto`` runs the forward passes of training and evaluation under bfloat16 autocast on a
+    CUDA device that supports it (the frozen-feature cache, the backward pass and the optimizer stay
+    float32), and nothing on a CPU; ``off`` never; ``bf16`` asks for it (refused where unsupported).
+    """
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    device: str = "auto"
+    amp: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -184,10 +220,13 @@ class Protocol:
         body = dataclasses.asdict(self)
         if body["sweep"] is None:  # a protocol without a sweep reads (and hashes) as before sweeps
             del body["sweep"]
-        if not body["data"]["sources"]:  # likewise a protocol without real-data sources
-            del body["data"]["sources"]
+        for key in ("sources", "natural_splits", "partitioner", "classes_per_client"):
+            if not body["data"][key]:  # likewise the real-data fields at their defaults
+                del body["data"][key]
         if not self.faults.active:  # a fault-free protocol reads (and hashes) as before faults
             del body["faults"]
+        if not self.eval.sampled:  # likewise one that evaluates every client at every evaluated round
+            del body["eval"]["clients"]
         return body
 
     @property
@@ -270,6 +309,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.ocr_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "data.domain_task_coupling": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "data.image_size": (lambda v: v >= 16, "an integer >= 16"),
+    "data.classes_per_client": (lambda v: v >= 0, "an integer >= 0 (labels per client, pathological partitioner)"),
     "clients.sample_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "local.steps": (lambda v: v >= 1, "an integer >= 1"),
     "local.batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -277,9 +317,15 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "local.weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "eval.every": (lambda v: v >= 0, "an integer >= 0"),
     "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.clients": (
+        lambda v: v == EVERY_CLIENT or (type(v) is int and v >= 1) or (type(v) is float and 0 < v < 1),
+        f'"{EVERY_CLIENT}", an integer >= 1 (clients scored per intermediate evaluation) or a fraction in (0, 1)',
+    ),
     "model.answer_side": (lambda v: v in ANSWER_SIDES, "one of: " + ", ".join(ANSWER_SIDES)),
     "resources.num_cpus": (lambda v: v > 0, "a number > 0"),
     "resources.num_gpus": (lambda v: 0 <= v <= 1, "a number in [0, 1] (a fraction of one GPU per client)"),
+    "resources.device": (lambda v: v in DEVICES or v.startswith("cuda:"), "one of: " + ", ".join(DEVICES) + ", cuda:N"),
+    "resources.amp": (lambda v: v in AMP_MODES, "one of: " + ", ".join(AMP_MODES)),
     "faults.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "faults.stragglers": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "faults.straggler_steps": (lambda v: 0 < v <= 1, "a fraction of local.steps in (0, 1]"),
@@ -299,6 +345,18 @@ def validate(proto: Protocol) -> None:
         raise ProtocolError(
             f"protocol field 'data.tasks_per_client' = {proto.data.tasks_per_client} is invalid: expected an "
             f"integer in [0, {len(proto.tasks)}] (the protocol has {len(proto.tasks)} task(s); 0 = every task)"
+        )
+    clients = proto.eval.clients
+    if type(clients) is int and clients > proto.data.num_clients:
+        raise ProtocolError(
+            f"protocol field 'eval.clients' = {clients!r} is invalid: expected at most data.num_clients = "
+            f'{proto.data.num_clients} clients, "{EVERY_CLIENT}" or a fraction in (0, 1)'
+        )
+    real_only = [k for k in ("natural_splits", "partitioner", "classes_per_client") if getattr(proto.data, k)]
+    if real_only and proto.data.suite != "real":
+        raise ProtocolError(
+            f"protocol field 'data.{real_only[0]}' = {getattr(proto.data, real_only[0])!r} is invalid: it applies "
+            f"to suite 'real' only (this protocol's suite is '{proto.data.suite}'); remove it"
         )
     labels = [m.label for m in proto.methods]
     twice = next((label for i, label in enumerate(labels) if label in labels[:i]), None)

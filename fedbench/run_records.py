@@ -55,9 +55,13 @@ class RunRecords:
         timer: str,
         n_examples: int,
         extra: dict[str, Any],
+        flops: int = 0,
+        flops_counted: int = 0,
     ) -> dict:
-        """One ``kind="train"`` record: the message bytes (``wire``), the compute time, plus the
-        method's own fields (:meth:`Method.train_record`), which may not overwrite the harness's."""
+        """One ``kind="train"`` record: the message bytes (``wire``), the compute time and FLOPs
+        (with how many training steps were counted, the others predicted: :mod:`fedbench.flops`),
+        plus the method's own fields (:meth:`Method.train_record`), which may not overwrite the
+        harness's."""
         record = {
             **self.common(),
             "kind": "train",
@@ -66,6 +70,8 @@ class RunRecords:
             **wire,
             "compute_s": compute_s,
             "timer": timer,
+            "compute_flops": flops,
+            "flops_counted": flops_counted,
             "n_examples": n_examples,
         }
         clash = sorted(set(extra) & set(record))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,9 @@ from fedbench.checkpoint import Checkpoint, CheckpointMismatch, truncate_records
 from fedbench.client import ClientRuntime, Message, State, TrainReply, build_model, load_state, trainable_state
 from fedbench.context import ClientContext
 from fedbench.data import GLOBAL_CLIENT, TRAIN, ClientInfo
-from fedbench.evaluation import EvalReply, asking_every_task, eval_records
+from fedbench.evaluation import EvalReply, asking_every_task, coverage, eval_clients, eval_records
 from fedbench.faults import ERROR, NONFINITE, ClientFault, error_line, nonfinite, plan_faults
+from fedbench.flops import FlopMeter
 from fedbench.integrity import IntegrityError
 from fedbench.method import Method, Reply, count_params, create_method
 from fedbench.payload import Payload, analytic_bytes, check_upload, deserialize, serialize
@@ -45,11 +46,13 @@ class Backend(Interface):
 
     def evaluate(self, messages: Sequence[Message]) -> Iterable[EvalReply | None]: ...
 
-    def client_states(self) -> dict[int, State] | None:
-        """Every client's stored state where the backend can hand it to a checkpoint, else None
-        (then a run is not resumable mid-way and restarts)."""
+    def client_states(self) -> MutableMapping[int, State] | None:
+        """The clients' stored states where the server can checkpoint them, else None (they live on
+        the clients' nodes: a run is not resumable mid-way and restarts)."""
 
-    def restore(self, states: dict[int, State]) -> None: ...
+    def restore(self, states: Mapping[int, State]) -> None:
+        """From now on the clients' states are ``states``: a run's client store (on disk, named by
+        its checkpoints) becomes the store; the contents of any other mapping replace the stored ones."""
 
     def drop_reason(self, client: int) -> str:
         """Why ``client``'s last reply is missing (an error's text, or a timeout)."""
@@ -97,9 +100,12 @@ class Run:
         self.dir = Path(results_dir) / "runs" / self.run_id
         self.records_path = self.dir / "records.jsonl"
         self.checkpoint = Checkpoint(self.dir / "checkpoint.json")
-        self.records = RunRecords(self.run_id, entry, prep.seed, self.protocol, prep.table, device_label(prep.device))
+        self.records = RunRecords(
+            self.run_id, entry, prep.seed, self.protocol, prep.table, device_label(prep.device, prep.amp)
+        )
         self._make_backend = backend
         self._backend: Backend | None = None
+        self.pooled_flops = FlopMeter()  # a reference row that trains on the server counts here
 
     @property
     def backend(self) -> Backend:
@@ -179,12 +185,13 @@ class Run:
     def _resume(self, fed: Federation) -> int:
         """The round to start from: after the checkpoint's, with the records of later rounds dropped
         (a kill between append and checkpoint); 0 when there is none or the backend cannot resume."""
-        loaded = self.checkpoint.load(fed.init) if self.backend.client_states() is not None else None
         start = 0
-        if loaded is not None:
-            start, fed.server, states = loaded
-            self.backend.restore(states)
-            self.progress("resume", {"run_id": self.run_id, "round": start})
+        if self.backend.client_states() is not None:  # the clients' states go to the run's store, on disk
+            loaded = self.checkpoint.load(fed.init)
+            self.backend.restore(self.checkpoint.clients)
+            if loaded is not None:
+                start, fed.server = loaded
+                self.progress("resume", {"run_id": self.run_id, "round": start})
         truncate_records(self.records_path, start)
         return start
 
@@ -200,14 +207,29 @@ class Run:
         """The download of each client, as it crosses the wire (for a two-message download: the
         request and the answer too), with each message's byte ledger in ``self._wire``. A client that
         ``plan`` drops gets its first download (counted) and is then recorded as dropped: it never
-        replies; a straggler's message carries the local steps it will run."""
+        replies; a straggler's message carries the local steps it will run.
+
+        A payload made of the very tensors (same objects, views and versions) of one already sent
+        this call is serialized once and its bytes reused (e.g. the one download every FedAvg-LoRA
+        client receives at evaluation): the same bytes, the same ledger, a thousand times cheaper."""
         messages, self._wire, askers = [], {}, {}
         plan = plan or {}
+        wire_cache: dict[tuple, tuple[Payload, bytes, int]] = {}
+
+        def wire(payload: Payload) -> tuple[bytes, int]:
+            key = tuple(
+                (n, id(t), t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+                for n, t in payload.items()
+            )
+            if key not in wire_cache:  # the payload is kept, so no id in a key is reused this call
+                wire_cache[key] = (payload, serialize(payload), analytic_bytes(payload))
+            return wire_cache[key][1:]
+
         for c in clients:
             info = fed.infos[c]
             askers[c] = asking_every_task(info, self.prep.store.task_names) if evaluating else info
             down = self.method.download(fed.server, askers[c])
-            blob = serialize(down)
+            blob, down_analytic = wire(down)
             fault = plan.get(c)
             steps = fault.steps if fault is not None and fault.steps != self.protocol.local.steps else None
             msg = Message(c, r, blob, None, evaluating, steps)
@@ -215,7 +237,7 @@ class Run:
                 "up_bytes": 0,
                 "down_bytes": len(blob),
                 "up_bytes_analytic": 0,
-                "down_bytes_analytic": analytic_bytes(down),
+                "down_bytes_analytic": down_analytic,
             }
             if fault is not None and fault.drop is not None:
                 self._dropped(
@@ -233,13 +255,13 @@ class Run:
                 ask = deserialize(ask_blob)
                 check_upload(ask, fed.shared, fed.local, self.entry.name)
                 more = self.method.answer(fed.server, askers[msg.client], ask)
-                msg.more = serialize(more)
-                wire = self._wire[msg.client]
-                wire["up_bytes"] += len(ask_blob)
-                wire["down_bytes"] += len(msg.more)
-                wire["up_bytes_analytic"] += analytic_bytes(ask)
-                wire["down_bytes_analytic"] += analytic_bytes(more)
-                wire["request"] = {k: v.tolist() for k, v in ask.items()}
+                msg.more, more_analytic = wire(more)
+                ledger = self._wire[msg.client]
+                ledger["up_bytes"] += len(ask_blob)
+                ledger["down_bytes"] += len(msg.more)
+                ledger["up_bytes_analytic"] += analytic_bytes(ask)
+                ledger["down_bytes_analytic"] += more_analytic
+                ledger["request"] = {k: v.tolist() for k, v in ask.items()}
                 kept.append(msg)
             messages = kept
         return messages
@@ -265,7 +287,17 @@ class Run:
             wire = self._wire[c]
             wire["up_bytes"] += len(reply.upload)
             wire["up_bytes_analytic"] += analytic_bytes(up)
-            record = self.records.train(r, c, wire, reply.compute_s, reply.timer, reply.n_examples, reply.record)
+            record = self.records.train(
+                r,
+                c,
+                wire,
+                reply.compute_s,
+                reply.timer,
+                reply.n_examples,
+                reply.record,
+                reply.flops,
+                reply.flops_counted,
+            )
             bad = nonfinite(up)
             if bad:  # received and counted, but left out of the aggregation
                 error = (
@@ -322,32 +354,37 @@ class Run:
             len(train_rows),
         )
         pooled = proto.replace(local=dataclasses.replace(proto.local, steps=steps))
-        ctx = ClientContext(info, r, prep.store, train_rows, pooled, prep.seed, prep.features)
+        ctx = ClientContext(info, r, prep.store, train_rows, pooled, prep.seed, prep.features, amp=prep.amp)
         load_state(model, fed.init, fed.server)
         self.method.prepare_client(model, ctx)
-        with ComputeTimer(prep.device) as timer:
+        with ComputeTimer(prep.device) as timer, self.pooled_flops as flops:
             self.method.local_update(model, ctx)
         fed.server = trainable_state(model)
         for c in sampled:  # the clients whose share of steps the pooled trainer took
             self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
         nothing = {"up_bytes": 0, "down_bytes": 0, "up_bytes_analytic": 0, "down_bytes_analytic": 0}
         extra = self.method.train_record(model, ctx)
-        record = self.records.train(r, GLOBAL_CLIENT, nothing, timer.seconds, timer.kind, len(train_rows), extra)
+        record = self.records.train(
+            r, GLOBAL_CLIENT, nothing, timer.seconds, timer.kind, len(train_rows), extra, flops.total, flops.counted
+        )
         return [{**record, "federated": False, "steps": steps, "sampled": sampled}]
 
     def _evaluate(self, r: int, model, fed: Federation) -> list[dict]:
-        """Every registered client's model after round ``r``, scored by the client step (a client
-        that drops out of evaluation is left out of the round's scores and recorded)."""
+        """Every registered client's model after round ``r`` (after an intermediate round, the seeded
+        sample ``eval.clients`` asks for), scored by the client step (a client that drops out of
+        evaluation is left out of the round's scores and recorded)."""
         self._drops = []
-        messages = self._exchange(fed, [info.client for info in fed.infos], r, evaluating=True)
+        cfg, n = self.protocol.eval, len(fed.infos)
+        clients = eval_clients(cfg, self.prep.seed, r, n, final=r + 1 == self.protocol.rounds)
+        messages = self._exchange(fed, clients, r, evaluating=True)
         scored = [
             (fed.infos[msg.client], reply)
             for msg, reply in zip(messages, self.backend.evaluate(messages), strict=True)
             if reply is not None or self._dropped(msg, "evaluate")
         ]
         infos, replies = [i for i, _ in scored], [e for _, e in scored]
-        names = self.prep.store.task_names
-        return eval_records(self.records, r, infos, replies, names, model.expert_names) + self._drops
+        names, extra = self.prep.store.task_names, coverage(cfg, len(clients), len(replies), n)
+        return eval_records(self.records, r, infos, replies, names, model.expert_names, extra) + self._drops
 
     def _finish(self, model, tags: dict[str, str]) -> None:
         rows = self.records.finish(
@@ -438,8 +475,10 @@ def run_rows(
     progress: Progress = _noop,
     backend: Callable[[Run], Backend] | None = None,
     on_seed: Callable[[Prepared], None] | None = None,
+    feature_cache: bool | Path = False,
 ) -> None:
-    """Every method row of ``protocol`` over its seeds, each seed staged once for all its rows.
+    """Every method row of ``protocol`` over its seeds, each seed staged once for all its rows
+    (``feature_cache``: frozen image features on disk, see :func:`fedbench.staging.prepare`).
 
     A row that raises is recorded (``kind="failed"``) and the other rows run; :class:`RowsFailed`
     is raised at the end. A row whose run directory another process holds (two ``fedbench run``
@@ -461,7 +500,7 @@ def run_rows(
         return done
 
     for seed in protocol.seeds:
-        prep = prepare(protocol, seed)
+        prep = prepare(protocol, seed, feature_cache=feature_cache)
         if on_seed is not None:
             on_seed(prep)
         busy = [entry for entry in protocol.methods if not attempt(prep, entry, wait=False)]

@@ -12,23 +12,33 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from fedbench.backbone import Backbone, create_backbone
 from fedbench.data import GLOBAL_TEST, TRAIN, ClientInfo, ClientPlan, ExampleTable
 from fedbench.family import family_of
+from fedbench.feature_cache import DiskEntry, features_dir, key_parts
 from fedbench.model import OCR_TOKENS, Batch
 from fedbench.partition import make_plans
+from fedbench.precision import amp_dtype, device_index
 from fedbench.prompt_view import PromptViews
 from fedbench.protocol import Protocol
 from fedbench.registry import SUITES, TASKS
 from fedbench.task import TaskSpec
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str = "auto") -> torch.device:
+    """``resources.device``: ``auto`` is CUDA when there is one, else the CPU; a CUDA device that is
+    not there is refused in one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"resources.device = '{name}' but this machine has no CUDA device; use 'cpu' or 'auto'")
+    return torch.device(name)
 
 
 class RowStore:
@@ -76,9 +86,9 @@ class RowStore:
         return emb, mask
 
     def batch(self, rows: np.ndarray) -> Batch:
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        idx = device_index(rows, self.device)
         image_index = self.image_index[rows]
-        images = self.images[image_index.to(self.device)]
+        images = self.images[device_index(image_index.numpy(), self.device)]
         return Batch(
             images,
             image_index,
@@ -96,25 +106,64 @@ class RowStore:
 
 
 class FeatureCache:
-    """Frozen-backbone image features of every image, computed once per seed and shared by all
-    methods whose trainable parts sit after the towers (keyed by the backbone and the table)."""
+    """Frozen-backbone image features of every image, computed once and shared by all methods whose
+    trainable parts sit after the towers. Filled lazily, on the first :meth:`get` (only such methods
+    call it). With ``disk`` (a directory, see :mod:`fedbench.feature_cache`) they are read from the
+    entry of their key when there is one, else computed and written there, so later seeds and runs on
+    the same images and backbone skip the towers; without it they live in memory for this seed only.
+    ``origin`` says which happened: None (not filled yet), ``memory``, ``disk`` or ``computed``
+    (computed and written to disk); ``entry`` is the on-disk directory, when there is one."""
 
     def __init__(
-        self, backbone: Backbone, images: torch.Tensor, batch_size: int = 256, prompts: PromptViews | None = None
+        self,
+        backbone: Backbone,
+        images: torch.Tensor,
+        batch_size: int = 256,
+        prompts: PromptViews | None = None,
+        disk: Path | None = None,
+        amp: torch.dtype | None = None,
     ) -> None:
         self.backbone, self.images, self.batch_size = backbone, images, batch_size
+        self.amp = amp  # the towers' autocast dtype (resources.amp), whichever context the first get runs in
         self.prompts = prompts  # per-row prompt views (text drawn around the image), for routers that read them
+        self.disk = disk
+        self.origin: str | None = None
+        self.entry: Path | None = None
         self._tokens: torch.Tensor | None = None
         self._pooled: torch.Tensor | None = None
 
     @torch.no_grad()
-    def _fill(self) -> None:
+    def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The towers over every image. Staging shared by all rows, not a client's local update, so it
+        runs outside any FLOP count (``compute_flops``) that is open when the first ``get`` fills it:
+        otherwise whichever client came first would carry the whole table's tower pass, and only when
+        the features were not already on disk. Its precision is the run's (``amp``), set here, never
+        the autocast of whichever training or evaluation pass happens to call ``get`` first."""
         tokens, pooled = [], []
-        for i in range(0, len(self.images), self.batch_size):
-            t, p = self.backbone.encode_image(self.images[i : i + self.batch_size])
-            tokens.append(t)
-            pooled.append(p)
-        self._tokens, self._pooled = torch.cat(tokens), torch.cat(pooled)
+        device = self.backbone.mean.device.type
+        with (
+            _disable_current_modes(),  # suspends torch dispatch modes, FlopCounterMode among them
+            torch.autocast(device, dtype=self.amp or torch.float32, enabled=self.amp is not None),
+        ):
+            for i in range(0, len(self.images), self.batch_size):
+                t, p = self.backbone.encode_image(self.images[i : i + self.batch_size])
+                tokens.append(t)
+                pooled.append(p)
+        return torch.cat(tokens), torch.cat(pooled)
+
+    def _fill(self) -> None:
+        if self.disk is None:
+            (self._tokens, self._pooled), self.origin = self._compute(), "memory"
+            return
+        entry = DiskEntry.for_key(self.disk, key_parts(self.backbone, self.images, self.batch_size, self.amp))
+        self.entry = entry.directory
+        loaded = entry.load(self.backbone.mean.device)
+        if loaded is not None:
+            (self._tokens, self._pooled), self.origin = loaded, "disk"
+            return
+        self._tokens, self._pooled = self._compute()
+        entry.save(self._tokens, self._pooled)
+        self.origin = "computed"
 
     def get(self, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tokens is None:
@@ -139,6 +188,11 @@ class Prepared:
     features: FeatureCache
 
     @cached_property
+    def amp(self) -> torch.dtype | None:
+        """The autocast dtype of forward passes on this device (``resources.amp``), None for float32."""
+        return amp_dtype(self.device, self.protocol.resources.amp)
+
+    @cached_property
     def infos(self) -> list[ClientInfo]:
         """What the server may know of each client; built once (the client step reads it per message)."""
         return [
@@ -153,11 +207,19 @@ class Prepared:
 
 
 def prepare(
-    protocol: Protocol, seed: int, backbone: Backbone | None = None, device: torch.device | None = None
+    protocol: Protocol,
+    seed: int,
+    backbone: Backbone | None = None,
+    device: torch.device | None = None,
+    feature_cache: bool | Path = False,
 ) -> Prepared:
-    """Partition, draw the suite and encode text for one seed."""
+    """Partition, draw the suite and encode text for one seed.
 
-    device = device or default_device()
+    ``feature_cache``: keep the frozen image features on disk (True: under ``$FEDBENCH_CACHE``, or
+    this directory) so later seeds and runs reuse them; False keeps them in memory for this seed.
+    Either way the features are the same bits, so results are too."""
+
+    device = device or resolve_device(protocol.resources.device)
     specs = [TASKS.get(name) for name in protocol.tasks]
     suite = SUITES.get(protocol.data.suite)
     wrong = [s.name for s in specs if s.suite != protocol.data.suite]
@@ -174,10 +236,14 @@ def prepare(
     backbone = backbone or create_backbone(protocol.backbone.name, device)
     store = RowStore(table, specs, backbone, device)
     prompts = PromptViews(table, {s.name: family_of(s).symbol for s in specs}, backbone, protocol.eval.batch_size)
-    features = FeatureCache(backbone, store.images, protocol.eval.batch_size, prompts)
-    return Prepared(
+    disk = (features_dir() if feature_cache is True else Path(feature_cache)) if feature_cache else None
+    amp = amp_dtype(device, protocol.resources.amp)
+    features = FeatureCache(backbone, store.images, protocol.eval.batch_size, prompts, disk, amp)
+    prep = Prepared(
         protocol, seed, plans, table, specs, backbone, store, device, majority_scores(table, specs), features
     )
+    _ = prep.amp  # refuses resources.amp = "bf16" where it cannot run, before any row starts
+    return prep
 
 
 def majority_scores(table: ExampleTable, specs: Sequence[TaskSpec]) -> dict[str, float]:

@@ -22,9 +22,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fedbench.leaderboard import _BYTES_COLS, _COUNT_COLS, _HIDDEN, LATE, _main_columns, text_cell
+from fedbench.leaderboard import (
+    _BYTES_COLS,
+    _COUNT_COLS,
+    _HIDDEN,
+    COMPUTE_NOTE,
+    LATE,
+    _main_columns,
+    sampling_note,
+    text_cell,
+)
 
-FIRST = ("mean_acc", "local_acc", "up_mb_per_round", "down_mb_per_round", "compute_s")  # after acc_<task>
+FIRST = ("mean_acc", "local_acc", "up_mb_per_round", "down_mb_per_round", "compute_s", "compute_gflop")  # after acc_
 EXTRA = (
     "worst_client_acc",
     "converged",
@@ -37,7 +46,7 @@ EXTRA = (
     "device",
 )
 # when even the first columns do not fit, these go first (a group at a time), from the right
-_DROP_ORDER = (("compute_s",), ("up_mb_per_round", "down_mb_per_round"), ("local_acc",))
+_DROP_ORDER = (("compute_gflop",), ("compute_s",), ("up_mb_per_round", "down_mb_per_round"), ("local_acc",))
 MIN_LABEL = 20  # narrowest row-label column (characters) before columns are dropped
 WIDE_LABEL = 50  # extra columns and one-line intervals are added only while labels keep this much
 GAP = 1  # characters between two columns
@@ -54,6 +63,7 @@ _HEADERS = {
     "down_mb_per_round": ("down", "MB/rd"),
     "total_mb": ("total", "MB"),
     "compute_s": ("compute", "s"),
+    "compute_gflop": ("compute", "GFLOP"),
     "params_trainable": ("params", "trainable"),
     "params_shared": ("params", "shared"),
     "params_local": ("params", "local"),
@@ -161,7 +171,7 @@ def _value(board: pd.DataFrame, row: pd.Series, col: str, inline_ci: bool) -> st
     if text is not None:
         return text
     mean = row[col]
-    spec = ",.0f" if col in _COUNT_COLS else ".1f" if col in ("compute_s", "total_mb") else ".3f"
+    spec = ",.0f" if col in _COUNT_COLS else ".1f" if col in ("compute_s", "compute_gflop", "total_mb") else ".3f"
     text = format(mean, spec)
     lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
     if col == "mean_acc" and pd.notna(lo) and pd.notna(hi):
@@ -242,10 +252,14 @@ def _notes(board: pd.DataFrame, layout: _Layout) -> list[str]:
         notes += [f"failed: {label} ({error})" for label, error in zip(failed["method"], failed["failed"], strict=True)]
     if layout.hidden:
         notes.append("Not shown (a wider terminal or --columns): " + ", ".join(layout.hidden) + ".")
+    sampled = sampling_note(attrs)
+    if sampled:
+        notes.append(sampled)
     if attrs.get("synthetic"):
         notes.append(f"Data: SYNTHETIC ({', '.join(attrs.get('synthetic_suites', []))}), not a real-task result.")
     protocols = "; ".join(f"{name} ({', '.join(h)})" for name, h in attrs.get("protocols", {}).items())
     notes.append(f"Timer: {', '.join(attrs.get('timers', [])) or 'unknown'}. Protocol hash: {protocols}.")
+    notes.append(COMPUTE_NOTE)
     return notes
 
 

@@ -8,10 +8,15 @@ from types import TracebackType
 import torch
 
 
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{torch.get_num_threads()}threads"
+def device_label(device: torch.device, amp: torch.dtype | None = None) -> str:
+    """What the leaderboard's device column shows: the GPU's name or the CPU's threads, and the
+    autocast dtype of forward passes when there is one."""
+    label = (
+        f"cuda:{torch.cuda.get_device_name(device)}"
+        if device.type == "cuda"
+        else f"cpu:{torch.get_num_threads()}threads"
+    )
+    return label if amp is None else f"{label}+autocast-{str(amp).removeprefix('torch.')}"
 
 
 class ComputeTimer:

@@ -19,6 +19,7 @@ from fedbench.method import ClientInfo, Method, Reply, Tag, register_method
 from fedbench.moa import Adapter, entropy
 from fedbench.model import AnswerTrunk, Batch, ClientModel, Features, answer_input, make_heads
 from fedbench.payload import META, Payload
+from fedbench.precision import device_index
 from fedbench.task import TaskSpec
 
 SELECTION = "selection/"  # server-state prefix of the per-client expert selections
@@ -93,7 +94,7 @@ class FedMixModel(ClientModel):
         reps = [answer_input(self.trunk, replace(f, tokens=f.tokens + e.adapter(f.tokens))) for e in self.experts]
         outputs = {}
         for name in dict.fromkeys(batch.task.tolist()):
-            idx = torch.from_numpy(np.flatnonzero(batch.task == name)).to(f.image.device)
+            idx = device_index(np.flatnonzero(batch.task == name), f.image.device)
             gk = g[idx]  # [b, K]
             outs = [e.heads[name](rep.select(idx)) for e, rep in zip(self.experts, reps, strict=True)]
             if self.is_box[name]:

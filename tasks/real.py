@@ -10,15 +10,20 @@ it and the command that gets it (:class:`DatasetUnavailable`, exit 2).
 How a dataset becomes rows of the federated table (:func:`build_real`):
 
 - **Examples.** An adapter maps a dataset row to examples (question, human answers, box, OCR tokens,
-  natural domain): one per question (VQAv2, TextVQA), one per (question, answer) pair (OCR-VQA's
-  parallel lists), one per referring expression (RefCOCO/+/g: ``answer`` lists the expressions of one
-  box), one per image (CIFAR-100, DomainNet).
+  natural domain): one per question (VQAv2, TextVQA; GQA, whose questions sit in
+  ``{split}_balanced_instructions`` and are joined to ``{split}_balanced_images`` on ``imageId`` -> ``id``),
+  one per (question, answer) pair (OCR-VQA's parallel lists), one per referring expression (RefCOCO/+/g:
+  ``answer`` lists the expressions of one box), one per image (CIFAR-100, DomainNet).
 - **Partition.** The global test set comes from the dataset's evaluation split, or (VQAv2 and RefCOCO*,
   whose hub versions have answers for one split only) is held out of it by image. Each client that
   holds the task draws ``train_images + test_images`` examples without replacement from the rest,
-  weighted by its Dirichlet class weights for label-skew families, and restricted to one natural domain
-  where the dataset has them (DomainNet: domain ``k % n_domains`` for the task's ``k``-th client; the
-  domain names are read from the dataset's features, never hard-coded).
+  weighted by its Dirichlet class weights for label-skew families. Two protocol options change that
+  (:func:`natural_groups`, :func:`flwr_partition`): ``data.natural_splits`` restricts each client to
+  values of a natural split (DomainNet's domain by default: domain ``k % n_domains`` for the task's
+  ``k``-th client; VQAv2's ``question_type``, GQA's ``types.structural`` / ``semantic`` / ``detailed``
+  on request, dealt out in groups when there are more values than clients; the names are read from the
+  data, never hard-coded), and ``data.partitioner`` draws from the pool flwr-datasets' partitioner gave
+  the client (run on a local ``datasets.Dataset``, seeded from the run's seed).
 - **Answers.** VQA-style answers are normalised as the official evaluation does
   (:func:`fedbench.tasks.families.vqa_soft.normalize_answer`); the answer vocabulary is the
   ``max_answers`` most frequent training answers of the clients (never the test sets); training
@@ -57,6 +62,7 @@ from fedbench.data import (
     ExampleTable,
     PartitionConfig,
 )
+from fedbench.feature_cache import cache_root
 from fedbench.integrity import IntegrityError, sha256_file, write_atomic
 from fedbench.registry import FAMILIES, register_suite, register_task
 from fedbench.task import TaskSpec
@@ -79,6 +85,7 @@ class Examples:
     domain: np.ndarray
     domain_names: tuple[str, ...] = ("all",)
     classes: tuple[str, ...] | None = None  # classification: the dataset's class names
+    natural: dict[str, tuple[tuple[str, ...], np.ndarray]] = field(default_factory=dict)  # split -> (names, codes)
 
     def __len__(self) -> int:
         return len(self.row)
@@ -95,15 +102,26 @@ class Adapter:
     extract: Callable[[dict, tuple[str, ...] | None, dict], Examples] = field(repr=False)
     train_split: str = "train"
     test_split: str | None = None  # None: the global test set is held out of the train split by image
-    config: str | None = None  # subfolder of the snapshot holding the parquet files
+    config: str | None = None  # subfolder of the snapshot holding the parquet files ("{split}": the split's)
     image_column: str = "image"
+    image_config: str | None = None  # subfolder of the images when they sit apart (GQA), joined on image_join
+    image_join: tuple[str, str] = ("imageId", "id")  # (question column, image column) of that join
     uses_ocr: bool = False
     max_answers: int = 3129
-    natural_clients: bool = False  # each natural domain can be a client (DomainNet)
+    natural_splits: tuple[str, ...] = ()  # columns whose values can be the clients (looked up in the data)
+    natural_default: str | None = None  # the natural split used unless the protocol names another (DomainNet)
+    group_natural: bool = True  # more values than clients: a group of values per client (False: one each)
+    include: tuple[str, ...] = ()  # the snapshot's files the adapter reads, where the repo holds many more
     notes: str = ""
 
     def get_command(self) -> str:
-        return f"huggingface-cli download --repo-type dataset {self.repo} --local-dir DIR"
+        only = "".join(f' --include "{pattern}"' for pattern in self.include)
+        return f"huggingface-cli download --repo-type dataset {self.repo}{only} --local-dir DIR"
+
+    def folder(self, split: str, images: bool = False) -> str | None:
+        """The snapshot subfolder holding a split's questions (or, with ``images``, its images)."""
+        config = self.image_config if images and self.image_config else self.config
+        return config.format(split=split) if config else None
 
 
 def _obj(values: Sequence) -> np.ndarray:
@@ -116,11 +134,21 @@ def _nan_boxes(n: int) -> np.ndarray:
     return np.full((n, 4), np.nan, np.float32)
 
 
+def _codes(values: Sequence) -> tuple[tuple[str, ...], np.ndarray]:
+    """The distinct values (sorted) and each row's index into them: a natural split read from the data."""
+    names, codes = np.unique(np.asarray([str(v) for v in values], dtype=object).astype(str), return_inverse=True)
+    return tuple(str(n) for n in names), codes.astype(np.int64).reshape(-1)
+
+
 def _vqav2(cols: dict, _classes, features: dict) -> Examples:
     n = len(cols["question"])
     answers = [[a["answer"] if isinstance(a, dict) else str(a) for a in ans] for ans in cols["answers"]]
     types = [str(t) for t in cols.get("answer_type", ["other"] * n)]
     names = tuple(sorted(set(types)))
+    domain = np.asarray([names.index(t) for t in types], np.int64)
+    natural = {"answer_type": (names, domain)}
+    if "question_type" in cols:
+        natural["question_type"] = _codes(cols["question_type"])
     return Examples(
         np.arange(n),
         _obj([str(k) for k in cols.get("image_id", range(n))]),
@@ -128,8 +156,30 @@ def _vqav2(cols: dict, _classes, features: dict) -> Examples:
         answers,
         _nan_boxes(n),
         _obj([""] * n),
-        np.asarray([names.index(t) for t in types], np.int64),
+        domain,
         names,
+        natural=natural,
+    )
+
+
+GQA_TYPES = ("structural", "semantic", "detailed")  # the fields of GQA's ``types`` struct
+
+
+def _gqa(cols: dict, _classes, features: dict) -> Examples:
+    """One example per question; ``row`` is set by the join to the image config (:func:`read_examples`)."""
+    n = len(cols["question"])
+    types = [t or {} for t in cols["types"]]
+    natural = {k: _codes([t.get(k) or "" for t in types]) for k in GQA_TYPES}
+    return Examples(
+        np.arange(n),
+        _obj([str(k) for k in cols["imageId"]]),
+        _obj([str(q) for q in cols["question"]]),
+        [[str(a)] for a in cols["answer"]],
+        _nan_boxes(n),
+        _obj([""] * n),
+        natural["structural"][1],
+        natural["structural"][0],
+        natural=natural,
     )
 
 
@@ -209,10 +259,11 @@ def _classification(label_column: str, domain_column: str | None = None) -> Call
         classes = _class_names(features, label_column)
         labels = cols[label_column]
         n = len(labels)
-        domain_names, domains = ("all",), np.zeros(n, np.int64)
+        domain_names, domains, natural = ("all",), np.zeros(n, np.int64), {}
         if domain_column is not None:
             domain_names = _class_names(features, domain_column)  # looked up, never hard-coded
             domains = np.asarray(cols[domain_column], np.int64)
+            natural[domain_column] = (domain_names, domains)
         return Examples(
             np.arange(n),
             _obj([str(i) for i in range(n)]),
@@ -223,6 +274,7 @@ def _classification(label_column: str, domain_column: str | None = None) -> Call
             domains,
             domain_names,
             classes,
+            natural,
         )
 
     return extract
@@ -240,7 +292,16 @@ def register_adapter(adapter: Adapter) -> Adapter:
 register_adapter(
     Adapter(
         "vqav2", "vqa_soft", "lmms-lab/VQAv2", ("question", "image", "answers"), _vqav2,
-        train_split="validation", notes="validation split (214k rows, the only one with answers); VQA accuracy",
+        train_split="validation", natural_splits=("question_type", "answer_type"),
+        notes="validation split (214k rows, the only one with answers); VQA accuracy",
+    )
+)  # fmt: skip
+register_adapter(
+    Adapter(
+        "gqa", "vqa", "lmms-lab/GQA", ("imageId", "question", "answer", "types"), _gqa, test_split="testdev",
+        config="{split}_balanced_instructions", image_config="{split}_balanced_images", natural_splits=GQA_TYPES,
+        include=("train_balanced_*", "testdev_balanced_*"),
+        notes="train + testdev balanced; questions joined to images on imageId -> id; exact match",
     )
 )  # fmt: skip
 register_adapter(
@@ -264,7 +325,8 @@ register_adapter(
 register_adapter(
     Adapter(
         "domainnet", "classification", "wltjr1007/DomainNet", ("image", "label", "domain"),
-        _classification("label", "domain"), test_split="test", natural_clients=True,
+        _classification("label", "domain"), test_split="test", natural_splits=("domain",), natural_default="domain",
+        group_natural=False,
         notes="train + test; 345 classes; each client one domain",
     )
 )  # fmt: skip
@@ -282,10 +344,6 @@ for _task, _repo in (
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FEDBENCH_CACHE") or Path.home() / ".cache" / "fedbench")
 
 
 def _offline() -> bool:
@@ -319,13 +377,16 @@ def resolve_source(source: str, adapter: Adapter) -> Path:
         ) from None
 
 
-def split_files(root: Path, adapter: Adapter, split: str) -> list[Path]:
-    base = root / adapter.config if adapter.config else root
+def split_files(root: Path, adapter: Adapter, split: str, images: bool = False) -> list[Path]:
+    """A split's parquet files (with ``images``: those of its images, which GQA keeps in another config)."""
+    folder = adapter.folder(split, images)
+    base = root / folder if folder else root
     files = sorted(p for p in base.rglob("*.parquet") if p.name.startswith(f"{split}-") or p.parent.name == split)
     if not files:
+        where = f"{folder}/{split}" if folder else f"data/{split}"
         raise DatasetUnavailable(
             f"dataset '{adapter.repo}' for task '{adapter.task}': no '{split}' parquet files under {base} "
-            f"(expected data/{split}-NNNNN-of-NNNNN.parquet); get it with: {adapter.get_command()}"
+            f"(expected {where}-NNNNN-of-NNNNN.parquet); get it with: {adapter.get_command()}"
         )
     return files
 
@@ -333,9 +394,10 @@ def split_files(root: Path, adapter: Adapter, split: str) -> list[Path]:
 _LOADED: dict[tuple, object] = {}
 
 
-def load_split(root: Path, adapter: Adapter, split: str):
-    """The split as a memory-mapped :class:`datasets.Dataset` (loaded once per process)."""
-    files = split_files(root, adapter, split)
+def load_split(root: Path, adapter: Adapter, split: str, images: bool = False):
+    """The split (or, with ``images``, the config holding its images) as a memory-mapped
+    :class:`datasets.Dataset`, loaded once per process."""
+    files = split_files(root, adapter, split, images)
     key = tuple((str(f), f.stat().st_size) for f in files)
     if key not in _LOADED:
         import datasets
@@ -343,21 +405,24 @@ def load_split(root: Path, adapter: Adapter, split: str):
         datasets.disable_progress_bars()
         cache = os.environ.get("FEDBENCH_HF_CACHE")
         ds = datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split, cache_dir=cache)
-        missing = [c for c in adapter.columns if c not in ds.column_names]
+        separate = images and adapter.image_config
+        needed = (adapter.image_join[1], adapter.image_column) if separate else adapter.columns
+        missing = [c for c in needed if c not in ds.column_names]
         if missing:
+            name = f"{split}' ({adapter.folder(split, True)}" if separate else split
             raise DataError(
-                f"dataset '{adapter.repo}' split '{split}' ({root}) lacks column(s) {missing} that task "
+                f"dataset '{adapter.repo}' split '{name}') ({root}) lacks column(s) {missing} that task "
                 f"'{adapter.task}' reads; it has {ds.column_names}"
             )
         _LOADED[key] = ds
     return _LOADED[key]
 
 
-def _files_key(root: Path, adapter: Adapter, split: str) -> list:
-    return [[f.relative_to(root).as_posix(), f.stat().st_size] for f in split_files(root, adapter, split)]
+def _files_key(root: Path, adapter: Adapter, split: str, images: bool = False) -> list:
+    return [[f.relative_to(root).as_posix(), f.stat().st_size] for f in split_files(root, adapter, split, images)]
 
 
-OPTIONAL_COLUMNS = ("image_id", "answer_type", "file_name")  # read when present (image identity, domains)
+OPTIONAL_COLUMNS = ("image_id", "answer_type", "question_type", "file_name")  # read when present
 
 
 def _columns(ds, names: list[str]) -> dict[str, list]:
@@ -388,7 +453,26 @@ def read_examples(root: Path, adapter: Adapter, split: str) -> Examples:
     ds = load_split(root, adapter, split)
     names = [c for c in (*adapter.columns, *OPTIONAL_COLUMNS) if c in ds.column_names and c != adapter.image_column]
     cols = _columns(ds, list(dict.fromkeys(names)))  # metadata only: no image is decoded
-    return adapter.extract(cols, None, dict(ds.features))
+    examples = adapter.extract(cols, None, dict(ds.features))
+    if adapter.image_config:
+        examples.row = _join_images(root, adapter, split, examples.image_key)
+    return examples
+
+
+def _join_images(root: Path, adapter: Adapter, split: str, keys: np.ndarray) -> np.ndarray:
+    """Each question's row in the split's image config (GQA: ``imageId`` -> ``id``); a question whose image
+    is not there stops with one line naming it."""
+    column = adapter.image_join[1]
+    ids = _columns(load_split(root, adapter, split, images=True), [column])[column]
+    where = {str(k): i for i, k in enumerate(ids)}
+    missing = [k for k in keys.tolist() if k not in where]
+    if missing:
+        raise DataError(
+            f"dataset '{adapter.repo}' split '{split}': {len(missing)} question(s) name an image that "
+            f"'{adapter.folder(split, True)}' lacks (first: {adapter.image_join[0]} {missing[0]!r}); "
+            f"download both configs: {adapter.get_command()}"
+        )
+    return np.asarray([where[k] for k in keys.tolist()], np.int64)
 
 
 def decode_images(
@@ -401,7 +485,7 @@ def decode_images(
     from datasets import Image as ImageFeature
     from PIL import Image
 
-    spec = [[a.repo, a.config, split, _files_key(root, a, split), rows.tolist()] for root, a, split, rows in requests]
+    spec = [[a.repo, a.config, split, _files_key(root, a, split, True), r.tolist()] for root, a, split, r in requests]
     key = hashlib.sha256(json.dumps([spec, size]).encode()).hexdigest()[:24]
     directory = cache_root() / "images"
     path, sizes_path = directory / f"{key}.npy", directory / f"{key}.sizes.npy"
@@ -414,7 +498,7 @@ def decode_images(
         sizes = np.zeros((total, 2), np.int64)
         at = 0
         for root, adapter, split, rows in requests:
-            ds = load_split(root, adapter, split).select_columns([adapter.image_column])
+            ds = load_split(root, adapter, split, images=True).select_columns([adapter.image_column])
             ds = ds.cast_column(adapter.image_column, ImageFeature(decode=False))
             for start in range(0, len(rows), 256):  # bounded memory: 256 encoded images at a time
                 for item in ds.select(rows[start : start + 256].tolist())[adapter.image_column]:
@@ -499,6 +583,138 @@ def _vocabulary(labels: list[str], max_answers: int) -> tuple[str, ...]:
     return tuple(a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_answers])
 
 
+PARTITIONERS = ("iid", "dirichlet", "inner_dirichlet", "pathological")  # data.partitioner: flwr-datasets'
+
+
+def natural_split(config: PartitionConfig, adapter: Adapter) -> str | None:
+    """The natural split whose values the task's clients hold: the protocol's, else the adapter's default."""
+    name = config.natural_splits.get(adapter.task, adapter.natural_default)
+    return None if name in (None, "none") else name
+
+
+def check_partition_options(config: PartitionConfig, tasks: Sequence[str]) -> None:
+    """``data.natural_splits``, ``data.partitioner`` and ``data.classes_per_client`` against the tasks and
+    their adapters: one line naming the bad value and the valid ones."""
+    from fedbench.protocol import ProtocolError
+
+    for task, name in config.natural_splits.items():
+        if task not in tasks:
+            raise ProtocolError(
+                f"protocol field 'data.natural_splits' names task '{task}', which the protocol does not run "
+                f"(tasks: {', '.join(tasks)})"
+            )
+        valid = (*ADAPTERS[task].natural_splits, "none")
+        if name not in valid:
+            raise ProtocolError(
+                f"protocol field 'data.natural_splits.{task}' = {name!r} is invalid: expected one of {', '.join(valid)}"
+            )
+    if config.partitioner and config.partitioner not in PARTITIONERS:
+        raise ProtocolError(
+            f"protocol field 'data.partitioner' = {config.partitioner!r} is invalid: expected one of "
+            f"{', '.join(PARTITIONERS)} (flwr-datasets), or an empty string for fedbench's own draw"
+        )
+    if config.partitioner in ("dirichlet", "inner_dirichlet") and config.dirichlet_alpha <= 0:
+        raise ProtocolError(
+            f"protocol field 'data.dirichlet_alpha' = {config.dirichlet_alpha!r} is invalid with partitioner "
+            f"'{config.partitioner}': expected a number > 0 (or partitioner 'iid')"
+        )
+    if (config.partitioner == "pathological") != (config.classes_per_client > 0):
+        raise ProtocolError(
+            f"protocol field 'data.classes_per_client' = {config.classes_per_client!r} is invalid with partitioner "
+            f"{config.partitioner!r}: set it (an integer >= 1) with 'pathological' only"
+        )
+
+
+def _natural_codes(train: Examples, test: Examples, name: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """The natural split's names (the training split's, then any only the test split has) and both splits'
+    codes into them: the test split may lack a value or hold one the training split has not."""
+    if name not in train.natural or name not in test.natural:
+        raise DataError(f"the dataset has no '{name}' column to split clients by (it has {sorted(train.natural)})")
+    train_names, train_codes = train.natural[name]
+    test_names, test_codes = test.natural[name]
+    names = (*train_names, *(n for n in test_names if n not in train_names))
+    recode = np.asarray([names.index(n) for n in test_names], np.int64)
+    return names, train_codes, recode[test_codes] if len(test_codes) else test_codes
+
+
+def natural_groups(codes: np.ndarray, n_values: int, n_clients: int, group: bool) -> list[np.ndarray]:
+    """The natural-split values each of ``n_clients`` clients holds, from the training pool's ``codes``.
+
+    Without ``group`` (DomainNet) client ``k`` holds value ``k % n_values``. With it, when there are more
+    values present than clients, every value goes to exactly one client: largest first to the client with
+    the fewest examples so far (ties: the lower client, then the lower value), so the clients' pools stay
+    balanced; with fewer values than clients, client ``k`` holds the ``k % n``-th value present.
+    """
+    if not group:
+        return [np.asarray([k % n_values]) for k in range(n_clients)]
+    counts = np.bincount(codes, minlength=n_values)
+    present = np.flatnonzero(counts)
+    if len(present) == 0:
+        return [np.zeros(0, np.int64) for _ in range(n_clients)]
+    if len(present) <= n_clients:
+        return [present[k % len(present) : k % len(present) + 1] for k in range(n_clients)]
+    load, held = np.zeros(n_clients, np.int64), [[] for _ in range(n_clients)]
+    for value in sorted(present.tolist(), key=lambda v: (-counts[v], v)):
+        k = int(np.argmin(load))
+        held[k].append(value)
+        load[k] += counts[value]
+    return [np.asarray(sorted(v), np.int64) for v in held]
+
+
+def flwr_partition(
+    config: PartitionConfig, sizes: list[int], available: np.ndarray, labels: np.ndarray | None, seed: int
+) -> tuple[str, list[np.ndarray]]:
+    """Each client's pool (example indices) from a flwr-datasets partitioner run on a local
+    ``datasets.Dataset`` of the task's available training examples (never ``FederatedDataset``: it downloads).
+
+    The pool is shuffled with ``seed`` first (``IidPartitioner`` shards contiguously) and ``seed`` seeds the
+    partitioner. Label partitioners split by the example's label (class, or most frequent normalised answer;
+    ``pathological`` deals the first classes deterministically, so every class has a client);
+    a task without labels (grounding) is split IID. ``inner_dirichlet`` draws the plans' ``sizes`` (so
+    ``quantity_skew``), scaled down to fit the pool. Returns the partitioner's name and the pools.
+    """
+    from fedbench.protocol import ProtocolError
+
+    try:
+        from datasets import Dataset
+        from flwr_datasets import partitioner as fp
+    except ImportError:
+        raise ProtocolError(
+            f"protocol field 'data.partitioner' = {config.partitioner!r} needs flwr-datasets: "
+            "pip install 'flwr-datasets>=0.6,<0.7'"
+        ) from None
+    name = config.partitioner if labels is not None else "iid"
+    pool = np.random.default_rng(seed).permutation(np.flatnonzero(available))
+    n = len(sizes)
+    if name == "inner_dirichlet":
+        total = sum(sizes)
+        if total > len(pool):
+            sizes = [max(1, s * len(pool) // total) for s in sizes]
+        pool = pool[: sum(sizes)]
+    columns: dict = {"index": pool}
+    if labels is not None:  # as codes 0..K-1 of the labels present: InnerDirichletPartitioner needs those
+        columns["label"] = np.unique(labels[pool].astype(str), return_inverse=True)[1].reshape(-1)
+    alpha, least = config.dirichlet_alpha, min(min(sizes), len(pool) // (2 * n))
+    make = {
+        "iid": lambda: fp.IidPartitioner(n),
+        "dirichlet": lambda: fp.DirichletPartitioner(n, "label", alpha, min_partition_size=least, seed=seed),
+        "inner_dirichlet": lambda: fp.InnerDirichletPartitioner(sizes, "label", alpha, seed=seed),
+        "pathological": lambda: fp.PathologicalPartitioner(
+            n, "label", config.classes_per_client, class_assignment_mode="first-deterministic", seed=seed
+        ),
+    }
+    partitioner = make[name]()
+    partitioner.dataset = Dataset.from_dict(columns)
+    try:
+        parts = [np.asarray(partitioner.load_partition(k)["index"], np.int64) for k in range(n)]
+    except ValueError as err:
+        raise DataError(
+            f"flwr-datasets' {type(partitioner).__name__} could not split {len(pool)} examples over {n} clients: "
+            + " ".join(str(err).split())
+        ) from None
+    return name, parts
+
+
 @register_suite(SUITE)
 def build_real(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str], seed: int) -> ExampleTable:
     """Rows of the real datasets for a partition plan (see the module docstring)."""
@@ -513,19 +729,25 @@ def build_real(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str
     n_images = 0
     requests: list[tuple[Path, Adapter, str, np.ndarray]] = []
     domain_names: dict[str, list[str]] = {}
+    partitioning: dict[str, str] = {}  # task -> how its clients' examples were drawn, when not fedbench's default
+    check_partition_options(config, tasks)
     for t_index, task in enumerate(tasks):
         adapter, family = ADAPTERS[task], FAMILIES.get(ADAPTERS[task].family)
         root = resolve_source(source_of(config, task), adapter)
         sources[task] = str(root)
         rng = np.random.default_rng([seed, 7, t_index])
         train_ex = read_examples(root, adapter, adapter.train_split)
-        domain_names[task] = list(train_ex.domain_names)
         if adapter.test_split is None:
             held = _hold_out(train_ex, config.global_test_images, rng)
             test_ex, test_split, test_pool = train_ex, adapter.train_split, held
         else:
             test_ex, test_split = read_examples(root, adapter, adapter.test_split), adapter.test_split
             held, test_pool = np.zeros(len(train_ex), bool), np.ones(len(test_ex), bool)
+        natural = natural_split(config, adapter)
+        names, train_dom, test_dom = train_ex.domain_names, train_ex.domain, test_ex.domain
+        if natural is not None:
+            names, train_dom, test_dom = _natural_codes(train_ex, test_ex, natural)
+        domain_names[task] = list(names)
         global_idx = _pick(rng, test_pool.astype(float), config.global_test_images)
         # the training labels: class names, or the most frequent normalised human answer
         if family.has_answers:
@@ -533,15 +755,25 @@ def build_real(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str
         available = ~held
         blocks = []  # (client, split, examples, indices)
         holders = [p for p in plans if task in p.tasks]
-        n_dom = len(train_ex.domain_names)
+        groups = flwr = None
+        if natural is not None:
+            groups = natural_groups(train_dom[available], len(names), len(holders), adapter.group_natural)
+            partitioning[task] = f"natural:{natural}"
+        elif config.partitioner:
+            labels = label_of if family.has_answers else None
+            seed_k = int(np.random.SeedSequence([seed, 11, t_index]).generate_state(1)[0])
+            name, flwr = flwr_partition(config, [p.n_train + p.n_test for p in holders], available, labels, seed_k)
+            partitioning[task] = f"flwr:{name}"
         for k, plan in enumerate(holders):
             weights = available.astype(float)
-            if family.label_skew and plan.class_weights is not None and train_ex.classes:
+            if flwr is not None:  # the flwr-datasets partition replaces fedbench's label skew
+                weights *= np.isin(np.arange(len(weights)), flwr[k])
+            elif family.label_skew and plan.class_weights is not None and train_ex.classes:
                 cw = np.asarray(plan.class_weights)
                 classes = np.asarray([train_ex.classes.index(str(v)) for v in label_of])
                 weights *= cw[classes % len(cw)]
-            if adapter.natural_clients and n_dom > 1:
-                weights *= train_ex.domain == k % n_dom
+            if groups is not None:
+                weights *= np.isin(train_dom, groups[k])
             chosen = _pick(rng, weights, plan.n_train + plan.n_test)
             chosen = rng.permutation(chosen)
             available[chosen] = False
@@ -558,6 +790,7 @@ def build_real(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str
             index = {a: i for i, a in enumerate(vocab)}
         for client, split, has_ocr, idx in [*blocks, (GLOBAL_CLIENT, GLOBAL_TEST, True, global_idx)]:
             ex, ex_split = (test_ex, test_split) if split == GLOBAL_TEST else (train_ex, adapter.train_split)
+            domain = test_dom if split == GLOBAL_TEST else train_dom
             if family.has_answers:
                 labels = (
                     np.asarray([index.get(str(label_of[i]), -1) for i in idx], np.int64)
@@ -598,7 +831,7 @@ def build_real(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str
                     "box_xywh": box_xywh,
                     "client": np.full(len(idx), client, np.int64),
                     "split": np.full(len(idx), split, np.int8),
-                    "domain": ex.domain[idx],
+                    "domain": domain[idx],
                     "soft": soft,
                 }
             )
@@ -636,6 +869,7 @@ def build_real(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str
             "sources": sources,
             "answers": vocabularies,
             "domains": domain_names,
+            **({"partitioning": partitioning} if partitioning else {}),
             "n_domains": max((len(v) for v in domain_names.values()), default=1),
             "image_size": size,
             "global_test_ocr": True,
@@ -672,7 +906,9 @@ def check(source: str, task: str) -> dict:
         ds = load_split(root, adapter, split)
         ex = read_examples(root, adapter, split)
         keys = set(ex.image_key.tolist())
-        first = ds.select_columns([adapter.image_column]).cast_column(adapter.image_column, ImageFeature(decode=False))
+        images = load_split(root, adapter, split, images=True)
+        first = images.select_columns([adapter.image_column])
+        first = first.cast_column(adapter.image_column, ImageFeature(decode=False))
         item = first[0][adapter.image_column]
         image = Image.open(BytesIO(item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()))
         info = {
@@ -682,6 +918,11 @@ def check(source: str, task: str) -> dict:
             "first_image": f"{image.format} {image.size[0]}x{image.size[1]} {image.mode}",
             "domains": list(ex.domain_names),
         }
+        if adapter.image_config:
+            info["image_rows"] = len(images)  # the image config joined to the questions
+        for name in adapter.natural_splits:  # how many values each natural split would deal to clients
+            if name in ex.natural:
+                info[f"natural_{name}"] = len(ex.natural[name][0])
         if family.has_answers:
             labels = [a[0] if ex.classes else majority_answer(a) for a in ex.answers]
             vocab = _vocabulary(labels, 10**9)

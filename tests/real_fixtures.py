@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 VQA_ANSWERS = ["yes", "no", "2", "red", "dog"]
+QUESTION_TYPES = ["what color is the", "how many", "is the", "what is the", "are there"]  # VQAv2's question_type
 
 
 def png(rng: np.random.Generator, w: int = 24, h: int = 16) -> dict:
@@ -57,7 +58,7 @@ def vqav2(root: Path, n_images: int = 12, per_image: int = 3, seed: int = 0) -> 
             spoken = {"2": "two", "dog": "a dog", "yes": "Yes."}.get(main, main)  # normalisation must undo these
             others = [VQA_ANSWERS[(i + j + 1) % len(VQA_ANSWERS)]] * 3
             answers = [spoken] * 7 + others
-            cols["question_type"].append("what")
+            cols["question_type"].append(QUESTION_TYPES[(i * per_image + j) % len(QUESTION_TYPES)])
             cols["multiple_choice_answer"].append(main)
             cols["answers"].append(
                 [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)]
@@ -241,6 +242,88 @@ def refcoco(root: Path, n: int = 16, seed: int = 5) -> list[tuple[list[float], i
     return boxes
 
 
+def solid(color: tuple[int, int, int], w: int = 20, h: int = 14) -> dict:
+    """A PNG of one colour: after any resize its pixels still say which image it was."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": f"{color}.png"}
+
+
+GQA_STRUCTURAL = ["verify", "query", "choose", "logical", "compare"]
+GQA_SEMANTIC = ["attr", "rel", "obj", "cat", "global"]
+GQA_ANSWERS = ["yes", "no", "left", "two", "table"]  # "two" is "2" once normalised
+
+
+def gqa_color(image_id: str) -> tuple[int, int, int]:
+    k = int(image_id[1:])
+    return (k * 37 % 256, k * 91 % 256, k * 13 % 256)
+
+
+def gqa(root: Path, n_images: int = 10, per_image: int = 4, seed: int = 6) -> dict[str, dict[str, str]]:
+    """lmms-lab/GQA: ``{split}_balanced_instructions`` (questions, one ``answer`` each, ``types`` struct) and
+    ``{split}_balanced_images`` (``id``, ``image``) config folders for ``train`` and ``testdev``; each image a
+    solid colour (:func:`gqa_color` of its id). The image configs list the images in another order than the
+    questions name them, and hold one image no question names. Returns split -> question id -> imageId."""
+    from datasets import Features, Image, Value
+
+    obj = [{"objectId": Value("string"), "value": Value("string")}]
+    features = Features(
+        {
+            "id": Value("string"),
+            "imageId": Value("string"),
+            "question": Value("string"),
+            "answer": Value("string"),
+            "fullAnswer": Value("string"),
+            "isBalanced": Value("bool"),
+            "groups": {"global": Value("string"), "local": Value("string")},
+            "entailed": Value("string"),
+            "equivalent": Value("string"),
+            "types": {"structural": Value("string"), "semantic": Value("string"), "detailed": Value("string")},
+            "annotations": {"answer": obj, "question": obj, "fullAnswer": obj},
+            "semantic": [{"operation": Value("string"), "argument": Value("string"), "dependencies": [Value("int32")]}],
+            "semanticStr": Value("string"),
+        }
+    )
+    image_features = Features({"id": Value("string"), "image": Image()})
+    rng = np.random.default_rng(seed)
+    joins: dict[str, dict[str, str]] = {}
+    for split, count, first in (("train", n_images, 0), ("testdev", n_images // 2, 100)):
+        cols = {k: [] for k in features}
+        ids = [f"n{first + i}" for i in range(count)]
+        joins[split] = {}
+        for i, image_id in enumerate(ids):
+            for j in range(per_image):
+                q = i * per_image + j
+                answer = GQA_ANSWERS[q % len(GQA_ANSWERS)]
+                qid = f"{split}{q:05d}"
+                joins[split][qid] = image_id
+                cols["id"].append(qid)
+                cols["imageId"].append(image_id)
+                cols["question"].append(f"Question {j} about the picture {image_id}?")
+                cols["answer"].append(answer)
+                cols["fullAnswer"].append(f"The answer is {answer}.")
+                cols["isBalanced"].append(True)
+                cols["groups"].append({"global": None, "local": f"10q-{image_id}"})
+                cols["entailed"].append("")
+                cols["equivalent"].append(qid)
+                cols["types"].append(
+                    {
+                        "structural": GQA_STRUCTURAL[q % len(GQA_STRUCTURAL)],
+                        "semantic": GQA_SEMANTIC[(q // 2) % len(GQA_SEMANTIC)],
+                        "detailed": f"type{q % 7}",
+                    }
+                )
+                mention = [{"objectId": "1", "value": "2"}]
+                cols["annotations"].append({"answer": [], "question": mention, "fullAnswer": []})
+                cols["semantic"].append([{"operation": "select", "argument": "table (1)", "dependencies": []}])
+                cols["semanticStr"].append("select: table (1)")
+        _write(root, f"{split}_balanced_instructions/{split}-00000-of-00001.parquet", cols, features)
+        listed = [ids[k] for k in rng.permutation(count)] + [f"n{first + 99}"]  # another order, one unasked
+        images = {"id": listed, "image": [solid(gqa_color(k)) for k in listed]}
+        _write(root, f"{split}_balanced_images/{split}-00000-of-00001.parquet", images, image_features)
+    return joins
+
+
 WRITERS = {
     "vqav2": vqav2,
     "textvqa": textvqa,
@@ -248,4 +331,5 @@ WRITERS = {
     "cifar100": cifar100,
     "domainnet": domainnet,
     "refcoco": refcoco,
+    "gqa": gqa,
 }

@@ -100,13 +100,16 @@ def test_the_checkpoint_is_safetensors_with_a_checked_manifest(tiny_prep, tmp_pa
     manifest = json.loads(run.checkpoint.path.read_text())
     data = run.checkpoint.path.with_name(manifest["file"])
     assert manifest["round"] == 1 and manifest["bytes"] == data.stat().st_size and len(manifest["sha256"]) == 64
-    header = json.loads(data.read_bytes()[8 : 8 + int.from_bytes(data.read_bytes()[:8], "little")])
-    assert {k.split("/")[0] for k in header if k != "__metadata__"} == {"server", "client"}  # safetensors, no pickle
+    files = [data] + [run.dir / "clients" / name for name, _ in manifest["clients"].values()]
+    for path in files:  # safetensors, no pickle: the server state, then one file per client
+        header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
+        assert header and all(v["dtype"] for k, v in header.items() if k != "__metadata__")
     assert not list(tmp_path.rglob("*.pt"))
+    trained = sorted(r["client"] for r in read_jsonl(run.records_path) if r["kind"] == "train")
+    assert trained and sorted(int(c) for c in manifest["clients"]) == trained  # round 0's: only those trained
     loaded = run.checkpoint.load(dict.fromkeys(manifest["trainable"]))
     assert loaded is not None and loaded[0] == 1
-    _, server, clients = loaded
-    assert server and sorted(clients) == manifest["clients"]
+    assert loaded[1] and sorted(run.checkpoint.clients) == trained
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "manifest", "missing"])
@@ -172,13 +175,12 @@ def test_damaged_backbone_weights_are_one_line_naming_the_file(tmp_path, damage)
 
 
 def test_a_tampered_client_state_on_a_flower_node_is_one_line(tmp_path):
-    pytest.importorskip("flwr")
-    from fedbench.backends.flower import DiskStates
+    from fedbench.client_store import ClientStore
 
-    states = DiskStates(tmp_path)
+    states = ClientStore(tmp_path, shared=True)  # as a Flower node keeps them
     states[3] = {"w": torch.arange(8, dtype=torch.float32)}
     assert torch.equal(states[3]["w"], torch.arange(8, dtype=torch.float32))
-    path = tmp_path / "client_3.safetensors"
+    (path,) = tmp_path.glob("3-*.safetensors")
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(IntegrityError, match=f"stored state of client 3 '{path}' is damaged"):
         states[3]
@@ -200,7 +202,7 @@ def test_a_locked_run_is_left_for_later_and_waited_for(tiny_prep, tmp_path, monk
         if event == "wait":
             threading.Timer(0.2, lock.release).start()
 
-    monkeypatch.setattr("fedbench.server.prepare", lambda protocol, seed: tiny_prep)
+    monkeypatch.setattr("fedbench.server.prepare", lambda protocol, seed, **_: tiny_prep)
     run_rows(proto, tmp_path, progress)
     order = [label for event, label in events if event == "row"]
     assert order == ["ffa-lora", "fedavg-lora"] and ("wait", first.run_id) in events
@@ -272,7 +274,7 @@ def test_a_failing_row_stops_no_other_and_the_leaderboard_says_failed(tiny_prep,
     proto = tiny_prep.protocol.replace(
         methods=(MethodEntry("fedavg-lora"), MethodEntry(broken_method), MethodEntry("fedsa-lora"))
     )
-    monkeypatch.setattr("fedbench.server.prepare", lambda protocol, seed: tiny_prep)
+    monkeypatch.setattr("fedbench.server.prepare", lambda protocol, seed, **_: tiny_prep)
     with pytest.raises(RowsFailed) as err:
         run_rows(proto, tmp_path)
     (failure,) = err.value.failures

@@ -199,7 +199,7 @@ def _row(board: pd.DataFrame, method: str) -> pd.Series:
 
 def test_column_order_and_rows(board):
     accs = ["acc_ref", "acc_vqa", "mean_acc", "local_acc", "worst_client_acc", "p_acc", "ttp_acc"]
-    costs = ["up_mb_per_round", "down_mb_per_round", "total_mb", "compute_s"]
+    costs = ["up_mb_per_round", "down_mb_per_round", "total_mb", "compute_s", "compute_gflop"]
     params = ["params_trainable", "params_shared", "params_local"]
     assert list(board.columns) == [
         "method",

@@ -181,9 +181,9 @@ def test_missing_or_malformed_dataset_is_one_line_exit_2(tmp_path, monkeypatch):
 def test_list_shows_the_real_adapters():
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0
-    for name in ("vqav2", "textvqa", "ocrvqa", "cifar100", "domainnet", "refcoco", "refcoco_plus", "refcocog"):
+    for name in ("vqav2", "gqa", "textvqa", "ocrvqa", "cifar100", "domainnet", "refcoco", "refcoco_plus", "refcocog"):
         assert name in result.output
-    assert "lmms-lab/VQAv2" in result.output and "fine_label" in result.output
+    assert "lmms-lab/VQAv2" in result.output and "fine_label" in result.output and "lmms-lab/GQA" in result.output
 
 
 # ---------------------------------------------------------------------------------- smoke on all six
@@ -197,7 +197,7 @@ methods = ["fedavg-lora"]
 
 [data]
 suite = "real"
-num_clients = 6
+num_clients = 7
 train_images = 8
 test_images = 2
 global_test_images = 4
@@ -237,12 +237,13 @@ def test_smoke_run_on_every_fixture_dataset(tmp_path):
         "cifar100": "accuracy",
         "domainnet": "accuracy",
         "refcoco": "acc_iou50",
+        "gqa": "accuracy",
     }
     assert all(0.0 <= r["value"] <= 1.0 for r in glob_.values())
     majority = {r["task"] for r in records if r["kind"] == "majority"}
     assert majority == set(tasks)
     board = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert "acc_vqav2" in board and "acc_refcoco" in board
+    assert "acc_vqav2" in board and "acc_refcoco" in board and "acc_gqa" in board
     print(board)
 
 
@@ -309,3 +310,227 @@ def test_a_hub_id_reads_the_hub_cache_offline(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     out = _check("lmms-lab/textvqa", "textvqa")
     assert commit in out and "examples 24" in out
+
+
+# ------------------------------------------------------------------------------------------------- GQA
+
+
+def test_gqa_adapter_joins_questions_to_their_images(tmp_path):
+    joins = rf.gqa(tmp_path / "g")
+    out = _check(tmp_path / "g", "gqa")
+    assert "examples 40" in out and "images 10" in out and "image_rows 11" in out  # 11: one image no one asks
+    assert "examples 20" in out and "natural_structural 5" in out
+    adapter = real.ADAPTERS["gqa"]
+    for split in ("train", "testdev"):
+        ex = real.read_examples(tmp_path / "g", adapter, split)
+        ids = real.load_split(tmp_path / "g", adapter, split, images=True)["id"]
+        assert [ids[r] for r in ex.row] == list(joins[split].values())  # each question -> its image's row
+        assert ex.image_key.tolist() == list(joins[split].values())
+        assert ex.row.tolist() != list(range(len(ex)))  # the image config's order is not the questions'
+    assert {majority_answer(a) for a in ex.answers} == {"yes", "no", "left", "2", "table"}  # "two" -> "2"
+    assert ex.natural["structural"][0] == tuple(sorted(rf.GQA_STRUCTURAL))
+    assert ex.natural["detailed"][0] == tuple(f"type{k}" for k in range(7))
+
+
+def test_gqa_missing_images_are_one_line_naming_them(tmp_path):
+    from datasets import Features, Image, Value
+
+    rf.gqa(tmp_path / "g")
+    shard = tmp_path / "g" / "train_balanced_images" / "train-00000-of-00001.parquet"
+    shard.unlink()
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "g"), "--task", "gqa"])
+    assert result.exit_code == 2 and "\n" not in result.output.strip()
+    assert "no 'train' parquet files" in result.output and "train_balanced_images/train-NNNNN" in result.output
+    assert '--include "train_balanced_*" --include "testdev_balanced_*"' in result.output
+    one = {"id": ["n0"], "image": [rf.solid((1, 2, 3))]}
+    rel = "train_balanced_images/train-00000-of-00001.parquet"
+    rf._write(tmp_path / "g", rel, one, Features(id=Value("string"), image=Image()))
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "g"), "--task", "gqa"])
+    assert result.exit_code == 2 and "36 question(s) name an image that 'train_balanced_images' lacks" in result.output
+    assert "(first: imageId 'n1')" in result.output
+
+
+def test_gqa_rows_show_the_image_their_question_names(tmp_path):
+    from fedbench.data import ClientPlan, PartitionConfig
+
+    rf.gqa(tmp_path / "g")
+    config = PartitionConfig(
+        suite="real", num_clients=2, train_images=6, test_images=2, global_test_images=6, image_size=16,
+        sources={"gqa": str(tmp_path / "g")},
+    )  # fmt: skip
+    plans = [ClientPlan(c, ("gqa",), 6, 2, (1.0,), None, False) for c in range(2)]
+    table = real.build_real(plans, config, ["gqa"], seed=0)
+    assert (table.split == GLOBAL_TEST).sum() == 6 and (table.split == TRAIN).any()
+    for r in range(len(table)):
+        image_id = table.question[r].rsplit(" ", 1)[1].rstrip("?")
+        pixel = table.images[table.image_index[r], :, 0, 0].tolist()
+        assert pixel == list(rf.gqa_color(image_id)), (r, table.question[r])
+    vocab = table.meta["answers"]["gqa"]
+    assert set(vocab) <= {"yes", "no", "left", "2", "table"} and (table.label[table.split == TRAIN] >= 0).all()
+
+
+# ------------------------------------------------------------------------------------ natural splits
+
+
+def test_natural_groups_by_hand():
+    codes = np.array([0] * 5 + [1] * 3 + [2] * 3 + [3])
+    # largest first to the lighter client: 0 (5) -> c0, 1 (3) -> c1, 2 (3) -> c1, 3 (1) -> c0
+    assert [g.tolist() for g in real.natural_groups(codes, 4, 2, group=True)] == [[0, 3], [1, 2]]
+    assert [g.tolist() for g in real.natural_groups(codes, 6, 4, group=False)] == [[0], [1], [2], [3]]
+    three = np.array([1, 1, 3, 4])  # values 1, 3, 4 present: five clients share them in turn
+    assert [g.tolist() for g in real.natural_groups(three, 5, 5, group=True)] == [[1], [3], [4], [1], [3]]
+
+
+def _natural_table(tmp_path, natural_splits, tasks, n_clients, seed=0):
+    from fedbench.data import ClientPlan, PartitionConfig
+
+    config = PartitionConfig(
+        suite="real", num_clients=n_clients, train_images=8, test_images=2, global_test_images=6, image_size=16,
+        sources={t: str(tmp_path / t) for t in tasks}, natural_splits=natural_splits,
+    )  # fmt: skip
+    plans = [ClientPlan(c, (tasks[c % len(tasks)],), 8, 2, (1.0,), None, False) for c in range(n_clients)]
+    return real.build_real(plans, config, tasks, seed=seed)
+
+
+def test_vqav2_question_types_are_the_clients_data(tmp_path):
+    rf.vqav2(tmp_path / "vqav2", n_images=30)
+    table = _natural_table(tmp_path, {"vqav2": "question_type"}, ["vqav2"], 2)
+    names = table.meta["domains"]["vqav2"]
+    assert names == sorted(rf.QUESTION_TYPES) and table.meta["partitioning"] == {"vqav2": "natural:question_type"}
+    held = []
+    for client in (0, 1):
+        rows = np.flatnonzero(table.client == client)
+        assert len(rows) > 0
+        for r in rows:  # the domain column is the question's own type, looked up from the data
+            words = table.question[r].split()  # "question J about image I?"
+            i, j = int(words[4].rstrip("?")), int(words[1])
+            assert names[table.domain[r]] == rf.QUESTION_TYPES[(i * 3 + j) % 5]
+        held.append(set(table.domain[rows].tolist()))
+    assert held[0] and held[1] and not held[0] & held[1]  # each type (a group of them) is one client's
+    assert held[0] | held[1] == set(range(5))  # five types, two clients: every type dealt to one of them
+    default = _natural_table(tmp_path, {}, ["vqav2"], 2)  # without the option: answer types, as before
+    assert default.meta["domains"]["vqav2"] == ["number", "other", "yes/no"] and "partitioning" not in default.meta
+
+
+def test_gqa_structural_types_one_per_client(tmp_path):
+    rf.gqa(tmp_path / "gqa", n_images=20)
+    table = _natural_table(tmp_path, {"gqa": "structural"}, ["gqa"], 6)
+    names = table.meta["domains"]["gqa"]
+    assert names == sorted(rf.GQA_STRUCTURAL)
+    held = [set(table.domain[(table.client == c) & (table.split == TRAIN)].tolist()) for c in range(6)]
+    assert all(len(h) == 1 for h in held) and set().union(*held) == set(range(5))
+    assert held[5] == held[0]  # six clients, five types: the sixth shares the first's
+
+
+def test_bad_natural_split_or_partitioner_is_one_line_naming_the_choices(tmp_path):
+    from fedbench.protocol import ProtocolError, from_dict
+
+    rf.vqav2(tmp_path / "vqav2")
+    bad = r"'data.natural_splits.vqav2' = 'colour' .* question_type, answer_type, none"
+    with pytest.raises(ProtocolError, match=bad):
+        _natural_table(tmp_path, {"vqav2": "colour"}, ["vqav2"], 2)
+    with pytest.raises(ProtocolError, match="names task 'gqa', which the protocol does not run"):
+        _natural_table(tmp_path, {"gqa": "structural"}, ["vqav2"], 2)
+    base = {"tasks": ["vqav2"], "data": {"suite": "real", "tasks_per_client": 1}}
+    for data, message in (
+        ({"partitioner": "dirichlet-ish"}, "expected one of iid, dirichlet, inner_dirichlet, pathological"),
+        ({"partitioner": "pathological"}, "'data.classes_per_client' = 0 is invalid with partitioner 'pathological'"),
+        ({"partitioner": "dirichlet", "dirichlet_alpha": 0.0}, "'data.dirichlet_alpha' = 0.0 is invalid"),
+    ):
+        proto = from_dict({**base, "data": {**base["data"], **data}})
+        with pytest.raises(ProtocolError, match=message) as err:
+            real.check_partition_options(proto.data, ["vqav2"])
+        assert "\n" not in str(err.value)
+    with pytest.raises(ProtocolError, match=r"'data\.partitioner' = 'iid' is invalid: it applies to suite 'real' only"):
+        from_dict({"data": {"partitioner": "iid"}})  # the embedded suite keeps its own partition
+    assert {"natural_splits", "partitioner", "classes_per_client"}.isdisjoint(from_dict({}).as_dict()["data"])
+
+
+# ------------------------------------------------------------------------------ flwr-datasets partitioners
+
+
+def _flwr_table(tmp_path, partitioner, seed=0, sizes=(8, 8, 8, 8), **extra):
+    from fedbench.data import ClientPlan, PartitionConfig
+
+    rf.cifar100(tmp_path / "c", n=200)
+    config = PartitionConfig(
+        suite="real", num_clients=len(sizes), test_images=2, global_test_images=6, image_size=16,
+        sources={"cifar100": str(tmp_path / "c")}, partitioner=partitioner, **extra,
+    )  # fmt: skip
+    plans = [ClientPlan(c, ("cifar100",), n - 2, 2, (1.0,), None, False) for c, n in enumerate(sizes)]
+    return real.build_real(plans, config, ["cifar100"], seed=seed)
+
+
+def _labels(table, client):
+    return table.label[table.client == client]
+
+
+def test_flwr_pathological_partitioner_gives_each_client_its_classes(tmp_path):
+    table = _flwr_table(tmp_path, "pathological", classes_per_client=1)
+    assert table.meta["partitioning"] == {"cifar100": "flwr:pathological"}
+    held = [set(_labels(table, c).tolist()) for c in range(4)]
+    assert all(len(h) == 1 for h in held) and len(set().union(*held)) == 4  # one class each, all different
+    two = _flwr_table(tmp_path, "pathological", classes_per_client=2)
+    held = [set(_labels(two, c).tolist()) for c in range(4)]
+    assert all(1 <= len(h) <= 2 for h in held) and len(set().union(*held)) == 5
+
+
+def test_flwr_dirichlet_skews_labels_and_iid_does_not(tmp_path):
+    skewed = _flwr_table(tmp_path, "dirichlet", dirichlet_alpha=0.05)
+    iid = _flwr_table(tmp_path, "iid")
+    assert iid.meta["partitioning"] == {"cifar100": "flwr:iid"}
+
+    def top_share(table):  # mean over clients of the share of the client's most frequent label
+        return np.mean([np.bincount(_labels(table, c)).max() / len(_labels(table, c)) for c in range(4)])
+
+    def distinct(table):  # mean over clients of the number of labels a client holds
+        return np.mean([len(set(_labels(table, c).tolist())) for c in range(4)])
+
+    assert top_share(skewed) >= 0.6 and top_share(iid) <= 0.5 and distinct(skewed) < distinct(iid) - 1
+    assert all(len(_labels(iid, c)) == 8 for c in range(4))
+
+
+def test_flwr_inner_dirichlet_keeps_the_plans_sizes(tmp_path):
+    table = _flwr_table(tmp_path, "inner_dirichlet", sizes=(4, 8, 16, 30), dirichlet_alpha=0.5)
+    assert [len(_labels(table, c)) for c in range(4)] == [4, 8, 16, 30]  # the plans' quantity skew
+
+
+def test_flwr_partition_is_seeded_and_leaves_box_tasks_iid(tmp_path):
+    a, b = _flwr_table(tmp_path, "dirichlet", seed=3), _flwr_table(tmp_path, "dirichlet", seed=3)
+    c = _flwr_table(tmp_path, "dirichlet", seed=4)
+    assert np.array_equal(a.label, b.label) and np.array_equal(a.client, b.client)
+    assert torch.equal(a.images, b.images) and not np.array_equal(a.label, c.label)
+    from fedbench.data import ClientPlan, PartitionConfig
+
+    rf.refcoco(tmp_path / "r")
+    config = PartitionConfig(
+        suite="real", num_clients=2, train_images=4, test_images=2, global_test_images=4, image_size=16,
+        sources={"refcoco": str(tmp_path / "r")}, partitioner="dirichlet",
+    )  # fmt: skip
+    plans = [ClientPlan(k, ("refcoco",), 4, 2, (1.0,), None, False) for k in range(2)]
+    table = real.build_real(plans, config, ["refcoco"], seed=0)
+    assert table.meta["partitioning"] == {"refcoco": "flwr:iid"}  # no labels to skew: split IID
+
+
+NATURAL_SMOKE = SMOKE.replace("tasks_per_client = 1", 'tasks_per_client = 1\npartitioner = "dirichlet"')
+
+
+def test_smoke_run_with_question_type_clients_and_a_flwr_partitioner(tmp_path):
+    tasks = ["gqa", "vqav2", "cifar100"]
+    rf.gqa(tmp_path / "gqa", n_images=20)
+    rf.vqav2(tmp_path / "vqav2", n_images=20)
+    rf.cifar100(tmp_path / "cifar100", n=120)
+    sources = "\n".join(f'{t} = "{tmp_path / t}"' for t in tasks)
+    sources += '\n\n[data.natural_splits]\ngqa = "structural"\nvqav2 = "question_type"'
+    proto = tmp_path / "real.toml"
+    proto.write_text(NATURAL_SMOKE.format(tasks=json.dumps(tasks), sources=sources))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", "--preset", str(proto), "--results", str(out), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for f in (out / "runs").glob("*/records.jsonl") for line in f.open()]
+    last = max(r["round"] for r in records if r["kind"] == "eval")
+    evals = {r["task"]: r for r in records if r["kind"] == "eval" and r["scope"] == "global" and r["round"] == last}
+    assert set(evals) == set(tasks) and evals["gqa"]["metric"] == "accuracy"
+    assert all(0.0 <= r["value"] <= 1.0 for r in evals.values())
+    saved = (out / "protocol.toml").read_text()
+    assert 'partitioner = "dirichlet"' in saved and 'gqa = "structural"' in saved

@@ -31,13 +31,15 @@ def run_backend(
     results: Path,
     progress: Callable[[str, dict[str, Any]], None],
     on_seed: Callable[[Any], None] | None = None,
+    feature_cache: bool = False,
 ) -> None:
-    """Every row x seed of ``protocol`` into ``results`` on backend ``name``."""
+    """Every row x seed of ``protocol`` into ``results`` on backend ``name``. ``feature_cache``: frozen
+    image features on disk (:mod:`fedbench.feature_cache`); the Flower backends' nodes stage in memory."""
     check_backend(name)
     if name == "inprocess":
         from fedbench.server import run_rows
 
-        run_rows(protocol, results, progress, None, on_seed)
+        run_rows(protocol, results, progress, None, on_seed, feature_cache)
     elif name == "flower-sim":
         from fedbench.backends.flower import run_flower_sim
 

@@ -16,8 +16,9 @@ beside it as ``up_bytes_flower`` / ``down_bytes_flower``.
 Client sampling is fedbench's seeded sampler over partition ids (Flower samples node ids from the
 global ``random``); node ids are mapped to partition ids once, by asking every node. A client's
 stored state stays on its node, one safetensors file per partition id under the node's state
-directory, and never travels. A reply that is an error, or missing at the deadline, is a dropped
-client: counted and recorded, and the round goes on without it.
+directory (a shared :class:`~fedbench.client_store.ClientStore`), and never travels. A reply that
+is an error, or missing at the deadline, is a dropped client: counted and recorded, and the round
+goes on without it.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedbench.client import ClientRuntime, Message, State, TrainReply
+from fedbench.client_store import ClientStore
 from fedbench.evaluation import EvalReply
-from fedbench.integrity import read_checked, sha256_bytes, write_atomic
 from fedbench.method import create_method
 from fedbench.payload import deserialize, serialize
 from fedbench.protocol import Protocol, from_dict
@@ -63,43 +64,6 @@ def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict()) if len(record) else {}
 
 
-class DiskStates(MutableMapping[int, State]):
-    """A node's client states: one safetensors file per partition id, written when it trains."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, client: int) -> Path:
-        return self.dir / f"client_{int(client)}.safetensors"
-
-    def __getitem__(self, client: int) -> State:
-        """The stored state, checked against the sha256 recorded when it was written."""
-        path = self._path(client)
-        if not path.is_file():
-            raise KeyError(client)
-        recorded = path.with_name(path.name + ".sha256")
-        fix = "the node's state directory was changed; restart the run"
-        sha = recorded.read_text().strip() if recorded.is_file() else ""
-        return deserialize(read_checked(path, sha, f"stored state of client {client}", fix))
-
-    def __setitem__(self, client: int, state: State) -> None:
-        blob = serialize(state)
-        path = self._path(client)
-        write_atomic(path.with_name(path.name + ".sha256"), sha256_bytes(blob).encode())
-        write_atomic(path, blob)
-
-    def __delitem__(self, client: int) -> None:
-        self._path(client).unlink()
-        self._path(client).with_name(self._path(client).name + ".sha256").unlink(missing_ok=True)
-
-    def __iter__(self) -> Iterator[int]:
-        return (int(p.stem.removeprefix("client_")) for p in sorted(self.dir.glob("client_*.safetensors")))
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
 # --- the ClientApp ---------------------------------------------------------------------------------
 _PREPARED: dict[tuple[str, int], Prepared] = {}  # per worker process: staged once per (protocol, seed)
 _RUNTIMES: dict[str, ClientRuntime] = {}  # per worker process and run
@@ -123,7 +87,8 @@ def _runtime(cfg: ConfigRecord, context: Context) -> ClientRuntime:
             _PREPARED[key] = prepare(protocol, seed, device=torch.device(str(cfg["device"])))
         method = create_method(str(cfg["method"]), json.loads(str(cfg["options"])))
         _RUNTIMES.clear()
-        _RUNTIMES[run_id] = ClientRuntime(_PREPARED[key], method, DiskStates(node_state_dir(context, run_id)))
+        states = ClientStore(node_state_dir(context, run_id), shared=True)  # the node's workers share it
+        _RUNTIMES[run_id] = ClientRuntime(_PREPARED[key], method, states)
     return _RUNTIMES[run_id]
 
 
@@ -165,7 +130,14 @@ def _request(msg: FlowerMessage, context: Context) -> FlowerMessage:
 def _train(msg: FlowerMessage, context: Context) -> FlowerMessage:
     runtime, body = _message(msg, context)
     reply = runtime.train(body)
-    metrics = MetricRecord({"n_examples": reply.n_examples, "compute_s": reply.compute_s})
+    metrics = MetricRecord(
+        {
+            "n_examples": reply.n_examples,
+            "compute_s": reply.compute_s,
+            "flops": reply.flops,
+            "flops_counted": reply.flops_counted,
+        }
+    )
     info = ConfigRecord({"timer": reply.timer, "record": json.dumps(reply.record)})
     content = {"upload": _arrays(deserialize(reply.upload)), "metrics": metrics, "info": info}
     return FlowerMessage(RecordDict(content), reply_to=msg)
@@ -281,7 +253,8 @@ class FlowerBackend:
                 "down_bytes_flower": self.flower_bytes[(m.round, m.client)],
             }
             timer = str(info["timer"])
-            replies.append(TrainReply(upload, int(metrics["n_examples"]), float(metrics["compute_s"]), timer, record))
+            n, seconds, flops, counted = (metrics[k] for k in ("n_examples", "compute_s", "flops", "flops_counted"))
+            replies.append(TrainReply(upload, int(n), float(seconds), timer, record, int(flops), int(counted)))
         return replies
 
     def evaluate(self, messages: Sequence[Message]) -> list[EvalReply | None]:
@@ -299,7 +272,7 @@ class FlowerBackend:
         """The clients' states live on their nodes: a Flower run is not resumed mid-way."""
         return None
 
-    def restore(self, states: dict[int, State]) -> None:
+    def restore(self, states: Mapping[int, State]) -> None:
         raise NotImplementedError("a Flower run restarts from round 0")
 
     def drop_reason(self, client: int) -> str:

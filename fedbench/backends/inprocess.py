@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import TypeVar
 
 from fedbench.client import ClientRuntime, Message, State, TrainReply
+from fedbench.client_store import ClientStore
 from fedbench.evaluation import EvalReply
 from fedbench.faults import error_line
+from fedbench.integrity import IntegrityError
 
 T = TypeVar("T")
 
 
 class InProcessBackend:
-    """Calls :class:`~fedbench.client.ClientRuntime` directly; client states stay in its memory
-    (and in the run's checkpoint). A client step that raises is a dropped client, as an error reply
-    is on Flower: its reply is None, :meth:`drop_reason` says why, and the round goes on."""
+    """Calls :class:`~fedbench.client.ClientRuntime` directly; a run keeps the client states in its
+    client store, on disk, named by its checkpoints (:meth:`restore`). A client step that raises is
+    a dropped client, as an error reply is on Flower: its reply is None, :meth:`drop_reason` says
+    why, and the round goes on; a damaged stored state stops the run."""
 
     name = "inprocess"
 
@@ -28,6 +31,8 @@ class InProcessBackend:
         for m in messages:
             try:
                 yield step(m)
+            except IntegrityError:  # a damaged stored state stops the run with its one line
+                raise
             except Exception as err:  # a KeyboardInterrupt still stops the run (and it resumes)
                 self.errors[m.client] = error_line(err)
                 yield None
@@ -41,10 +46,16 @@ class InProcessBackend:
     def evaluate(self, messages: Sequence[Message]) -> Iterator[EvalReply | None]:
         return self._each(self.runtime.evaluate, messages)
 
-    def client_states(self) -> dict[int, State]:
-        return dict(self.runtime.states)
+    def client_states(self) -> MutableMapping[int, State]:
+        """The runtime's store itself (no copy: a run's holds thousands of clients' files)."""
+        return self.runtime.states
 
-    def restore(self, states: dict[int, State]) -> None:
+    def restore(self, states: Mapping[int, State]) -> None:
+        """A :class:`~fedbench.client_store.ClientStore` becomes the runtime's store; any other
+        mapping's states replace the stored ones (a test crafting a federation)."""
+        if isinstance(states, ClientStore):
+            self.runtime.states = states
+            return
         self.runtime.states.clear()
         self.runtime.states.update(states)
 

@@ -1,0 +1,137 @@
+"""FLOPs of a client's local update: exact, and the same on every machine (unlike its time).
+
+Counted with :class:`torch.utils.flop_counter.FlopCounterMode` (its rules: matrix products,
+convolutions and attention; element-wise work counts zero). Counting costs time: a dispatch mode
+runs Python on every operator, 1.5× a tower-LoRA step and 2.5× a post-tower one on a 2-core CPU. So
+the training steps, which are most of a local update, are counted until their cost is known:
+
+A step's FLOPs depend only on the shapes its operators see, and those follow from the batch's
+composition: its rows, its distinct images (the tower runs once per image), its rows per task (each
+task's head sees its own rows) and its rows with OCR text, given the phase and which parameters
+train. Within one key (phase, trainable parameters, the client's tasks and OCR), every operator's
+count is linear in the size
+of one of those groups, or present only when the group is non-empty. So a step's FLOPs are
+``w · x`` for ``x = [1, rows, images, then per task and for OCR: count, count > 0]``, with ``w``
+exact integers. Steps are counted until a least-squares fit of ``w`` on the counted steps predicts
+:data:`CONFIRM` further counted steps exactly; from then on the key's steps whose composition lies
+in the span of the counted ones are predicted, not counted (others are counted). A method whose
+costs do not fit never passes the check and is counted on every step.
+``tests/test_flops.py`` runs every registered method both ways and finds equal totals. Everything
+in the local update outside the steps (a selection pass, say) is counted directly.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch.utils.flop_counter import FlopCounterMode
+
+CONFIRM = 3  # counted steps a fit must predict exactly before its key's steps are predicted
+
+_METER: contextvars.ContextVar[FlopMeter | None] = contextvars.ContextVar("fedbench_flop_meter", default=None)
+
+
+def composition(rows: int, images: int, per_task: Sequence[int], ocr_rows: int) -> tuple[int, ...]:
+    """The features a step's FLOPs are linear in (see the module docstring)."""
+    x = [1, rows, images]
+    for n in (*per_task, ocr_rows):
+        x += [n, int(n > 0)]
+    return tuple(x)
+
+
+@dataclass
+class _Fit:
+    """Counted steps of one key and the least-squares weights that reproduce them. A composition is
+    predicted only inside the span of the counted ones (elsewhere the weights are not determined)."""
+
+    xs: list[tuple[int, ...]] = field(default_factory=list)
+    ys: list[int] = field(default_factory=list)
+    confirmed: int = 0
+    weights: np.ndarray | None = None
+    rank: int = 0
+
+    def predict(self, x: tuple[int, ...]) -> int | None:
+        """The fit's FLOPs for ``x``, or None where the counted steps do not determine them."""
+        if self.weights is None or np.linalg.matrix_rank(np.asarray([*self.xs, x], dtype=np.float64)) > self.rank:
+            return None
+        return round(float(np.dot(self.weights, x)))
+
+    def add(self, x: tuple[int, ...], flops: int) -> None:
+        guess = self.predict(x)
+        if guess is not None:  # a prediction the count can refute
+            self.confirmed = self.confirmed + 1 if guess == flops else 0
+        self.xs.append(x)
+        self.ys.append(flops)
+        a, b = np.asarray(self.xs, dtype=np.float64), np.asarray(self.ys, dtype=np.float64)
+        self.weights = np.linalg.lstsq(a, b, rcond=None)[0]
+        self.rank = int(np.linalg.matrix_rank(a))
+        if not np.array_equal(np.rint(a @ self.weights), b):  # what was counted is not linear in x
+            self.confirmed = 0
+
+    def known(self, x: tuple[int, ...]) -> int | None:
+        """The predicted FLOPs of ``x`` once the fit is confirmed, else None (count the step)."""
+        return self.predict(x) if self.confirmed >= CONFIRM else None
+
+
+class FlopMeter:
+    """FLOPs of the work done while it is entered (one client's local update). ``fits`` persist for
+    the meter's owner (a client runtime, across rounds and clients); ``total`` and the step
+    counters restart at each ``with``."""
+
+    def __init__(self, every_step: bool = False) -> None:
+        self.every_step = every_step  # count every step (what the tests compare predictions with)
+        self.fits: dict[tuple, _Fit] = {}
+        self.total = self.counted = self.predicted = 0
+        self._mode: FlopCounterMode | None = None
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> FlopMeter:
+        self.total = self.counted = self.predicted = 0
+        self._token = _METER.set(self)
+        self._open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+        _METER.reset(self._token)
+
+    def _open(self) -> None:
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+
+    def _close(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self.total += self._mode.get_total_flops()
+            self._mode = None
+
+    @contextmanager
+    def step(self, key: tuple, x: tuple[int, ...]) -> Iterator[None]:
+        """One training step with batch composition ``x``: predicted when its key's fit is
+        confirmed, else counted (and the count refines the fit)."""
+        self._close()
+        fit = self.fits.setdefault(key, _Fit())
+        known = None if self.every_step else fit.known(x)
+        try:
+            if known is not None:
+                yield
+                self.total += known
+                self.predicted += 1
+            else:
+                with FlopCounterMode(display=False) as mode:
+                    yield
+                flops = mode.get_total_flops()
+                fit.add(x, flops)
+                self.total += flops
+                self.counted += 1
+        finally:
+            self._open()
+
+
+def active_meter() -> FlopMeter | None:
+    """The meter of the local update running now, if any (training outside a meter is not counted)."""
+    return _METER.get()

@@ -1,0 +1,103 @@
+"""GPU path check (issue 10, deliverable 7): host syncs inside a training step, and the step's time
+with and without bfloat16 autocast, for a tower-LoRA row and rows after the frozen towers.
+
+Run on a CUDA machine from the repository root: ``python scripts/gpu_check.py OUT.json``. Times come
+from CUDA events (median of timed steps after warm-up); host syncs are counted with
+``torch.cuda.set_sync_debug_mode("warn")``, which warns once per synchronizing call. On a machine
+without CUDA it runs on the CPU and says so (no syncs to count, process-free wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+from fedbench.context import client_context
+from fedbench.data import TRAIN
+from fedbench.precision import autocast
+from fedbench.protocol import MethodEntry, load
+from fedbench.server import Run
+from fedbench.staging import prepare
+
+METHODS = ("fedavg-lora", "feddpa", "pilot-ctmoa", "mmrouter-moa", "fedmix")
+TIMED = 20
+
+
+def step_fn(prep, name: str, amp: torch.dtype | None):
+    run = Run(prep, MethodEntry(name), "/tmp/gpu_check_unused")
+    model = run.build().train()
+    ctx = client_context(prep, prep.infos[0], 0)
+    run.method.prepare_client(model, ctx)
+    rows = prep.table.rows(client=0, split=TRAIN)
+    gen = torch.Generator().manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def step() -> None:
+        pick = rows[torch.randint(len(rows), (prep.protocol.local.batch_size,), generator=gen).numpy()]
+        with autocast(prep.device, amp):
+            loss = model.loss(*ctx.inputs(model, pick))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def timed(step, cuda: bool) -> float:
+    for _ in range(5):
+        step()
+    times = []
+    for _ in range(TIMED):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def syncs_per_step(step) -> float:
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        for _ in range(5):
+            step()
+        torch.cuda.set_sync_debug_mode("default")
+    return len([w for w in caught if "synchroniz" in str(w.message)]) / 5
+
+
+def main(out: str) -> None:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    prep = prepare(load("default"), 0, device=device, feature_cache=False)
+    report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "timer": "cuda_events" if cuda else "wall"}
+    for name in METHODS:
+        row = {}
+        for label, amp in (("fp32", None), ("bf16", torch.bfloat16 if cuda else None)):
+            if label == "bf16" and not cuda:
+                continue
+            step = step_fn(prep, name, amp)
+            row[f"step_ms_{label}"] = round(timed(step, cuda) * 1000, 2)
+            if cuda:
+                row[f"syncs_per_step_{label}"] = syncs_per_step(step)
+        report[name] = row
+        print(name, row, flush=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "gpu_check.json")

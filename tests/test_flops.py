@@ -1,0 +1,105 @@
+"""FLOPs of local updates: predicted steps equal counted ones, for every registered method."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedbench.context import client_context
+from fedbench.flops import CONFIRM, FlopMeter, _Fit, composition
+from fedbench.protocol import LocalConfig, MethodEntry
+from fedbench.registry import METHODS
+from fedbench.server import Run
+from fedbench.staging import prepare
+
+STEPS = 16  # enough steps per update for fits to confirm and predict
+
+
+@pytest.fixture(scope="module")
+def many_steps_prep(backbone):
+    proto = TINY.replace(local=LocalConfig(steps=STEPS, batch_size=6))
+    return prepare(proto, 0, backbone=backbone, device=torch.device("cpu"))
+
+
+def _updates(run: Run, model, meter: FlopMeter) -> list[tuple[int, int]]:
+    """(FLOPs, counted steps) of each client's update over two rounds, one model and meter throughout."""
+    out = []
+    for r in range(2):
+        for info in run.prep.infos[:2]:
+            ctx = client_context(run.prep, info, r)
+            run.method.prepare_client(model, ctx)
+            with meter:
+                run.method.local_update(model, ctx)
+            out.append((meter.total, meter.counted))
+    return out
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_predicted_flops_equal_counting_every_step(name, many_steps_prep, tmp_path):
+    run = Run(many_steps_prep, MethodEntry(name), tmp_path)
+    model = run.build()
+    twin = copy.deepcopy(model)
+    torch.manual_seed(0)
+    predicted = _updates(run, model, FlopMeter())
+    torch.manual_seed(0)
+    every = _updates(run, twin, FlopMeter(every_step=True))
+    assert [f for f, _ in predicted] == [f for f, _ in every]
+    assert all(f > 0 for f, _ in every), "a local update does matrix products"
+    assert all(c == 0 or c >= 1 for _, c in every)
+
+
+def test_predictions_save_counting_on_a_tower_row(many_steps_prep, tmp_path):
+    run = Run(many_steps_prep, MethodEntry("fedavg-lora"), tmp_path)
+    updates = _updates(run, run.build(), FlopMeter())
+    steps = STEPS * len(updates)
+    counted = sum(c for _, c in updates)
+    assert counted < steps / 2, f"{counted} of {steps} steps counted"
+
+
+def test_every_step_meter_counts_what_flop_counter_mode_counts(many_steps_prep, tmp_path):
+    run = Run(many_steps_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    model = run.build()
+    twin = copy.deepcopy(model)
+    info = many_steps_prep.infos[0]
+    torch.manual_seed(0)
+    with FlopMeter(every_step=True) as meter:
+        run.method.local_update(model, client_context(many_steps_prep, info, 0))
+    torch.manual_seed(0)
+    with FlopCounterMode(display=False) as mode:
+        run.method.local_update(twin, client_context(many_steps_prep, info, 0))
+    assert meter.total == mode.get_total_flops() > 0
+
+
+def test_a_linear_cost_is_predicted_after_confirmation():
+    fit = _Fit()
+    cost = lambda x: 7 + 3 * x[1] + 11 * x[2] + 5 * x[4]  # noqa: E731
+    xs = [composition(8, i % 5 + 1, [i % 3, 8 - i % 3], 0) for i in range(12)]
+    for x in xs:
+        if fit.known(x) is None:
+            fit.add(x, cost(x))
+    assert fit.confirmed >= CONFIRM
+    x = composition(8, 4, [2, 6], 0)
+    assert fit.known(x) == cost(x)
+
+
+def test_a_nonlinear_cost_is_never_predicted():
+    fit = _Fit()
+    cost = lambda x: x[2] ** 2  # noqa: E731  (pairwise work between images)
+    for i in range(30):
+        x = composition(8, i % 7 + 1, [4, 4], 0)
+        assert fit.known(x) is None
+        fit.add(x, cost(x))
+
+
+def test_a_composition_outside_the_counted_span_is_counted():
+    fit = _Fit()
+    cost = lambda x: 2 * x[1] + 9 * x[4]  # noqa: E731
+    for i in range(10):  # task 1 always present
+        x = composition(8, i % 4 + 1, [8 - i % 3, i % 3 + 1], 0)
+        fit.add(x, cost(x))
+    assert fit.confirmed >= CONFIRM
+    assert fit.known(composition(8, 3, [8, 0], 0)) is None  # task 1 absent: its weight is not determined
