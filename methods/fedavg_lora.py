@@ -28,7 +28,8 @@ class FedAvgLoRA(Method):
 
     Simplification: the papers tune an LLM; here LoRA sits in the frozen CLIP image tower (no
     LLM runs on a 2-core CPU), with the same shared/local placement. LoRA dropout is applied to
-    A's input columns, once per forward (the weight-space form of input dropout).
+    A's input columns, once per forward (the weight-space form of input dropout); on a Hugging Face
+    CLIP tower the LoRA is peft's, which drops the layer input element by element.
     """
 
     Options = LoRASpec  # rank, alpha, dropout (FedIT's defaults: 8, 16, 0.05), validated

@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -28,7 +29,7 @@ METHODS = ("fedavg-lora", "feddpa", "pilot-ctmoa", "mmrouter-moa", "fedmix")
 TIMED = 20
 
 
-def step_fn(prep, name: str, amp: torch.dtype | None):
+def step_fn(prep, name: str):
     run = Run(prep, MethodEntry(name), "/tmp/gpu_check_unused")
     model = run.build().train()
     ctx = client_context(prep, prep.infos[0], 0)
@@ -40,7 +41,7 @@ def step_fn(prep, name: str, amp: torch.dtype | None):
 
     def step() -> None:
         pick = rows[torch.randint(len(rows), (prep.protocol.local.batch_size,), generator=gen).numpy()]
-        with autocast(prep.device, amp):
+        with autocast(prep.device, prep.amp):  # as ctx.train runs it: the run's resources.amp
             loss = model.loss(*ctx.inputs(model, pick))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -82,14 +83,17 @@ def syncs_per_step(step) -> float:
 def main(out: str) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    prep = prepare(load("default"), 0, device=device, feature_cache=False)
+    proto = load("default")
+    modes = ("off", "auto") if cuda else ("off",)  # auto: bfloat16 autocast on a CUDA device that has it
+    preps = {
+        mode: prepare(proto.replace(resources=replace(proto.resources, amp=mode)), 0, device=device) for mode in modes
+    }
     report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "timer": "cuda_events" if cuda else "wall"}
     for name in METHODS:
         row = {}
-        for label, amp in (("fp32", None), ("bf16", torch.bfloat16 if cuda else None)):
-            if label == "bf16" and not cuda:
-                continue
-            step = step_fn(prep, name, amp)
+        for prep in preps.values():
+            label = "bf16" if prep.amp is not None else "fp32"
+            step = step_fn(prep, name)
             row[f"step_ms_{label}"] = round(timed(step, cuda) * 1000, 2)
             if cuda:
                 row[f"syncs_per_step_{label}"] = syncs_per_step(step)
