@@ -10,7 +10,7 @@ from conftest import TINY
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedbench.context import client_context
-from fedbench.flops import CONFIRM, FlopMeter, _Fit, composition
+from fedbench.flops import CONFIRM, FlopMeter, _Fit, composition, counter
 from fedbench.protocol import LocalConfig, MethodEntry
 from fedbench.registry import METHODS
 from fedbench.server import Run
@@ -69,9 +69,27 @@ def test_every_step_meter_counts_what_flop_counter_mode_counts(many_steps_prep, 
     with FlopMeter(every_step=True) as meter:
         run.method.local_update(model, client_context(many_steps_prep, info, 0))
     torch.manual_seed(0)
-    with FlopCounterMode(display=False) as mode:
+    with counter() as mode:
         run.method.local_update(twin, client_context(many_steps_prep, info, 0))
     assert meter.total == mode.get_total_flops() > 0
+
+
+def test_attention_counts_on_the_cpu_as_its_cuda_formula():
+    """FlopCounterMode alone counts the CPU's attention kernel as zero; fedbench's counter uses the
+    flash-attention formula: 4·b·h·s·s·d forward (QK^T and PV), 2.5 times that backward."""
+    b, h, s, d = 2, 4, 16, 8
+    q = torch.randn(b, h, s, d, requires_grad=True)
+
+    def attend() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+
+    with FlopCounterMode(display=False) as plain:
+        attend()
+    with counter() as ours:
+        attend()
+    assert plain.get_total_flops() == 0
+    forward = 4 * b * h * s * s * d
+    assert ours.get_total_flops() == forward + 5 * forward // 2
 
 
 def test_a_linear_cost_is_predicted_after_confirmation():
