@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from best_time import best_seconds
 
 from fedbench import protocol as protocol_mod
 from fedbench.data import PartitionConfig
@@ -40,15 +41,6 @@ SHORT = Protocol(  # --benchmark-disable (CI): checks that it runs, in seconds
 
 def _protocol(short: bool) -> Protocol:
     return SHORT if short else protocol_mod.load("smoke").replace(methods=METHOD)
-
-
-def _best(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def test_pilot_ctmoa_run_warm_feature_cache_vs_none(benchmark, tmp_path, monkeypatch):
@@ -88,7 +80,7 @@ def test_pilot_ctmoa_run_warm_feature_cache_vs_none(benchmark, tmp_path, monkeyp
     def stage(where: Path | None) -> None:
         FeatureCache(prep.backbone, prep.store.images, proto.eval.batch_size, disk=where).get(every)
 
-    compute_s, load_s = _best(lambda: stage(None), repeat + 1), _best(lambda: stage(disk), repeat + 1)
+    compute_s, load_s = best_seconds(lambda: stage(None), repeat + 1), best_seconds(lambda: stage(disk), repeat + 1)
     info = {
         "images": len(prep.store.images),
         "no_cache_run_s": baseline,

@@ -7,11 +7,11 @@ each benchmark's ``extra_info`` (and in ``--benchmark-json``).
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
 import torch
+from best_time import best_seconds
 
 from fedbench.context import client_context
 from fedbench.data import GLOBAL_TEST, TRAIN, PartitionConfig
@@ -33,15 +33,6 @@ def prep():
     return prepare(PROTO, 0, device=torch.device("cpu"))
 
 
-def _seconds(fn, repeat: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _measured(benchmark) -> float:
     """The benchmark's best time; NaN under ``--benchmark-disable`` (it ran once, untimed)."""
     return benchmark.stats.stats.min if benchmark.stats else float("nan")
@@ -59,7 +50,7 @@ def test_eval_encodes_each_image_once(benchmark, prep, tmp_path):
                 batch = prep.store.batch(rows[i : i + 128])
                 model(batch, cached=model.backbone.encode_image(batch.images))  # the tower once per row
 
-    baseline = _seconds(per_row_baseline, 3)
+    baseline = best_seconds(per_row_baseline, 3)
     ctx = client_context(run.prep, prep.infos[0], 0)
     benchmark(evaluate_rows, model, run.method, ctx, rows, 128)
     benchmark.extra_info["baseline_s"] = baseline
@@ -79,7 +70,7 @@ def test_train_step_runs_the_tower_once_per_distinct_image(benchmark, prep, tmp_
         model.zero_grad(set_to_none=True)
         model.loss(batch, cached).backward()
 
-    baseline = _seconds(lambda: step(model.backbone.encode_image(batch.images)), 3)
+    baseline = best_seconds(lambda: step(model.backbone.encode_image(batch.images)), 3)
     benchmark(step)
     benchmark.extra_info["distinct_images_per_batch"] = len(np.unique(batch.image_index.numpy()))
     benchmark.extra_info["baseline_s"] = baseline
@@ -96,7 +87,7 @@ def test_safetensors_payload_vs_torch_save(benchmark, prep, tmp_path):
         torch.save(payload, buf)
         return buf.getvalue()
 
-    baseline = _seconds(torch_save)
+    baseline = best_seconds(torch_save)
     blob = benchmark(serialize, payload)
     benchmark.extra_info["baseline_s"] = baseline
     benchmark.extra_info["speed_ratio_vs_torch_save"] = baseline / _measured(benchmark)

@@ -10,9 +10,8 @@ it runs a tiny protocol once each way, only to check that it executes. Nothing a
 
 from __future__ import annotations
 
-import time
-
 import torch
+from best_time import best_seconds
 
 from fedbench.client import build_model, trainable_state
 from fedbench.data import TRAIN, PartitionConfig
@@ -31,15 +30,6 @@ SHORT = Protocol(
     local=LocalConfig(steps=2, batch_size=4),
     eval=EvalConfig(every=0, batch_size=64),
 )
-
-
-def _best(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _fedbench_round(run: Run):
@@ -103,8 +93,8 @@ def test_one_fedavg_lora_round_vs_a_bare_loop(benchmark, tmp_path):
     run = Run(prep, MethodEntry("fedavg-lora"), tmp_path / "bare")
     model = build_model(prep, run.method)
     init = trainable_state(model)
-    bare = _best(lambda: _bare_round(prep, model, init), repeat)
-    harness = _best(through_fedbench, repeat)
+    bare = best_seconds(lambda: _bare_round(prep, model, init), repeat)
+    harness = best_seconds(through_fedbench, repeat)
     benchmark.pedantic(through_fedbench, rounds=1, iterations=1)
     ratio = harness / bare
     benchmark.extra_info.update({"bare_s": bare, "fedbench_s": harness, "ratio": ratio, "target": 1.10})
