@@ -49,8 +49,8 @@ class ClientContext:
         """What a training step's FLOPs are linear in (:mod:`fedbench.flops`): its rows, distinct
         images, rows per task and rows with OCR text."""
         store = self.store
-        per_task = np.bincount(store.task_id[rows].cpu().numpy(), minlength=len(store.task_names))
-        ocr = int(store.ocr_mask[torch.as_tensor(rows, device=store.device)].any(1).sum())
+        per_task = np.bincount(store.task_index[rows], minlength=len(store.task_names))
+        ocr = int(store.ocr_rows[rows].sum())
         return composition(len(rows), len(np.unique(store.image_index[rows].numpy())), per_task.tolist(), ocr)
 
     def train(
@@ -93,8 +93,9 @@ class ClientContext:
             model.train()
             bs = min(cfg.batch_size, len(self.train_rows))
             meter = active_meter()
-            trained = tuple(n for n, p in model.named_parameters() if id(p) in chosen)
-            key = (phase, trained, self.info.tasks, self.info.has_ocr)
+            if meter is not None:  # the step's FLOP key: what its cost depends on besides the batch
+                trained = tuple(n for n, p in model.named_parameters() if id(p) in chosen)
+                key = (phase, trained, self.info.tasks, self.info.has_ocr)
             for _ in range(cfg.steps):
                 pick = self.train_rows[torch.randint(len(self.train_rows), (bs,), generator=gen).numpy()]
                 with meter.step(key, self.composition(pick)) if meter is not None else nullcontext():

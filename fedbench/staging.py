@@ -52,9 +52,12 @@ class RowStore:
         self.task_names = [s.name for s in specs]
         self.images = table.images.to(device)
         self.image_index = torch.as_tensor(table.image_index, dtype=torch.long)
-        self.task_id = torch.as_tensor([self.task_names.index(t) for t in table.task], dtype=torch.long, device=device)
+        # host copies of what each training step's FLOP key reads (fedbench.flops): no device round trip per step
+        self.task_index = np.asarray([self.task_names.index(t) for t in table.task], dtype=np.int64)
+        self.task_id = torch.as_tensor(self.task_index, device=device)
         self.question = self._encode(backbone, table.question)
         self.ocr, self.ocr_mask = self._encode_tokens(backbone, table.ocr_text)
+        self.ocr_rows = self.ocr_mask.any(1).cpu().numpy()
         self.label = torch.as_tensor(table.label, dtype=torch.long, device=device)
         self.box = torch.as_tensor(table.box, dtype=torch.float32, device=device)
         self.answer_ids = self.answer_scores = None
