@@ -189,12 +189,12 @@ def run(
         "reuse them; --no-feature-cache computes them in memory once per seed. Results are identical.",
     ),
     device: str = typer.Option(
-        None, help="auto (CUDA when present), cpu, cuda or cuda:N; default: the protocol's [resources] device."
+        None, help="auto (CUDA when present), cpu, cuda or cuda:N; default: the protocol's \\[resources] device."
     ),
 ) -> None:
     """Run every method row of a protocol over its seeds and print the leaderboard.
 
-    With a ``[sweep]``, each swept value runs into ``RESULTS/<field>=<value>/`` (a complete results
+    With a ``\\[sweep]`` table, each swept value runs into ``RESULTS/<field>=<value>/`` (a complete results
     directory), then ``sweep.md``, ``sweep.csv`` and ``sweep_gain.png`` are written into RESULTS."""
     proto = resolve_protocol(preset, methods, tasks, seeds, rounds)
     if device is not None:
@@ -367,23 +367,41 @@ def _run_protocol(
 
 
 def _tell_features(out: Console, staged: list) -> None:
-    """One line on where a seed's frozen image features came from (provenance only: never in records)."""
-    if not staged or staged[0].features.origin is None:
+    """One line on where a seed's frozen image features and text embeddings came from (provenance
+    only: never in records)."""
+    if not staged:
         return
     prep = staged.pop()
-    where = {
-        "memory": "computed in memory (not cached on disk)",
-        "disk": f"read from the disk cache {escape(str(prep.features.entry))}",
-        "computed": f"computed and written to the disk cache {escape(str(prep.features.entry))}",
-    }[prep.features.origin]
-    out.print(f"[dim]seed {prep.seed}: frozen image features {where}[/]", soft_wrap=True, highlight=False)
+    said = []
+    if prep.features.origin is not None:
+        entry = escape(str(prep.features.entry))
+        said.append(
+            "image features "
+            + {
+                "memory": "computed in memory (not cached on disk)",
+                "disk": f"read from the disk cache {entry}",
+                "computed": f"computed and written to the disk cache {entry}",
+            }[prep.features.origin]
+        )
+    text = set(prep.store.text.origins)
+    if text:
+        said.append(
+            "text embeddings "
+            + {
+                frozenset({"memory"}): "computed in memory",
+                frozenset({"disk"}): "read from the disk cache",
+                frozenset({"computed"}): "computed and written to the disk cache",
+            }.get(frozenset(text), "partly read from the disk cache")
+        )
+    if said:
+        out.print(f"[dim]seed {prep.seed}: frozen {'; '.join(said)}[/]", soft_wrap=True, highlight=False)
 
 
 def _check_cache_outside(results: Path) -> None:
     """The feature cache (derived data) never lands inside the package or the results directory."""
-    from fedbench.feature_cache import features_dir
+    from fedbench.feature_cache import cache_root
 
-    cache = features_dir().resolve()
+    cache = cache_root().resolve()
     for what, path in (("the installed fedbench package", Path(__file__).resolve().parent), ("--results", results)):
         if cache.is_relative_to(path.resolve()):
             raise UsageError(

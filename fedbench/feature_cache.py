@@ -1,9 +1,11 @@
-"""Frozen-tower image features on disk, reused across rounds, rows, seeds and later runs (DESIGN §4).
+"""Frozen-tower features on disk, reused across rounds, rows, seeds and later runs (DESIGN §4).
 
 Methods whose trainable parts sit after the frozen towers read the towers' output, never their
 weights, so those features are computed once per **key** and kept under
-``cache_root()/features/<key>/`` (``$FEDBENCH_CACHE``, default ``~/.cache/fedbench``). The key is the
-SHA-256 of:
+``cache_root()/features/<key>/`` (``$FEDBENCH_CACHE``, default ``~/.cache/fedbench``). The text
+tower's embeddings of the questions and OCR words, which every method reads, are kept the same way
+under ``cache_root()/text/<key>/`` (:func:`text_key_parts`: the backbone, the exact strings, the batch
+size, device type and torch version). The image key is the SHA-256 of:
 
 - the backbone: every weight and buffer of its towers (name, dtype, shape, bytes), its class, and
   its output widths;
@@ -16,13 +18,14 @@ SHA-256 of:
   the torch version (any of them could change the last bit of a float, and loaded features must equal
   recomputed ones exactly).
 
-An entry is two ``.npy`` files (``tokens``, ``pooled``, in the dtype the tower produced, so the round
-trip is bit-exact) and ``entry.json`` with their SHA-256 and the key's parts (readable, for a human
-asking what an entry is). Files are written under temporary names and renamed; ``entry.json`` comes
-last, so an entry without it was never finished and is recomputed. On read every file is checked
-against its recorded SHA-256. **A damaged or half-written entry is recomputed and rewritten**, with
-one warning naming the file: the cache holds only derived data, so a damaged entry costs time, never
-a result (unlike checkpoints and records, which stop the run, see :mod:`fedbench.integrity`).
+An image entry is two ``.npy`` files (``tokens``, ``pooled``; a text entry one, ``embeddings``), in
+the dtype the tower produced, so the round trip is bit-exact, and ``entry.json`` with their SHA-256
+and the key's parts (readable, for a human asking what an entry is). Files are written under
+temporary names and renamed; ``entry.json`` comes last, so an entry without it was never finished
+and is recomputed. On read every file is checked against its recorded SHA-256. **A damaged or
+half-written entry is recomputed and rewritten**, with one warning naming the file: the cache holds
+only derived data, so a damaged entry costs time, never a result (unlike checkpoints and records, which
+stop the run, see :mod:`fedbench.integrity`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from fedbench.integrity import sha256_file
 
 FORMAT = 1  # bump when the entry layout or the key's meaning changes: old entries are then never read
 FILES = ("tokens", "pooled")
+TEXT_FILES = ("embeddings",)
 ENTRY = "entry.json"
+TEXT_BATCH = 256  # strings per text-tower pass (Backbone.encode_text's default), part of the text key
 
 
 def cache_root() -> Path:
@@ -51,8 +56,13 @@ def cache_root() -> Path:
 
 
 def features_dir() -> Path:
-    """The feature cache's directory under :func:`cache_root`."""
+    """The image-feature cache's directory under :func:`cache_root`."""
     return cache_root() / "features"
+
+
+def text_dir() -> Path:
+    """The text-embedding cache's directory under :func:`cache_root`."""
+    return cache_root() / "text"
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -79,11 +89,18 @@ def images_digest(images: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def key_parts(backbone: Backbone, images: torch.Tensor, batch_size: int, amp: torch.dtype | None = None) -> dict:
-    """Everything the features depend on (see the module docstring)."""
+def key_parts(
+    backbone: Backbone,
+    images: torch.Tensor,
+    batch_size: int,
+    amp: torch.dtype | None = None,
+    digest: str | None = None,
+) -> dict:
+    """Everything the features depend on (see the module docstring); ``digest``: the backbone's
+    :func:`backbone_digest` when the caller already has it (hashing a large backbone takes seconds)."""
     return {
         "format": FORMAT,
-        "backbone": backbone_digest(backbone),
+        "backbone": digest or backbone_digest(backbone),
         "images": images_digest(images),
         "preprocess": {
             "image_size": backbone.image_size,
@@ -92,6 +109,30 @@ def key_parts(backbone: Backbone, images: torch.Tensor, batch_size: int, amp: to
         },
         "batch_size": batch_size,
         "autocast": None if amp is None else str(amp),
+        "device": backbone.mean.device.type,
+        "torch": torch.__version__,
+    }
+
+
+def strings_digest(texts: list[str]) -> str:
+    """SHA-256 of the strings, in order (each one length-prefixed, so no two lists collide)."""
+    digest = hashlib.sha256(f"{len(texts)}|".encode())
+    for text in texts:
+        raw = text.encode()
+        digest.update(f"{len(raw)}:".encode() + raw)
+    return digest.hexdigest()
+
+
+def text_key_parts(backbone: Backbone, texts: list[str], digest: str | None = None) -> dict:
+    """Everything the text tower's embeddings of ``texts`` depend on: the backbone's weights and name
+    (the name fixes its tokenizer), the strings, the batching, the device type and torch version."""
+    return {
+        "format": FORMAT,
+        "kind": "text",
+        "backbone": digest or backbone_digest(backbone),
+        "backbone_name": backbone.name,
+        "texts": strings_digest(texts),
+        "batch_size": TEXT_BATCH,
         "device": backbone.mean.device.type,
         "torch": torch.__version__,
     }
@@ -113,18 +154,20 @@ def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 @dataclass
 class DiskEntry:
-    """One key's directory; :meth:`load` gives the features or None, :meth:`save` writes them."""
+    """One key's directory; :meth:`load` gives the arrays or None, :meth:`save` writes them.
+    ``files`` names them: (tokens, pooled) for image features, (embeddings,) for text."""
 
     directory: Path
     parts: dict
+    files: tuple[str, ...] = FILES
 
     @classmethod
-    def for_key(cls, root: Path, parts: dict) -> DiskEntry:
-        return cls(Path(root) / entry_key(parts), parts)
+    def for_key(cls, root: Path, parts: dict, files: tuple[str, ...] = FILES) -> DiskEntry:
+        return cls(Path(root) / entry_key(parts), parts, files)
 
-    def load(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The stored (tokens, pooled) on ``device``, or None when the entry is absent; a damaged or
-        unfinished entry warns (naming the file) and gives None, so the caller recomputes it."""
+    def load(self, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        """The stored arrays (in ``files`` order) on ``device``, or None when the entry is absent; a
+        damaged or unfinished entry warns (naming the file) and gives None, so the caller recomputes it."""
         meta_path = self.directory / ENTRY
         if not meta_path.is_file():
             if self.directory.is_dir() and any(self.directory.iterdir()):
@@ -140,7 +183,7 @@ class DiskEntry:
             self._damaged(meta_path, "records another key")
             return None
         out = []
-        for name in FILES:
+        for name in self.files:
             path = self.directory / f"{name}.npy"
             if not path.is_file() or sha256_file(path) != sums.get(name):
                 self._damaged(path, "is missing or damaged (its sha256 differs from the one recorded)")
@@ -148,13 +191,13 @@ class DiskEntry:
             array = np.load(path, mmap_mode="c")  # copy-on-write map: rows are paged in as they are indexed
             tensor = _from_numpy(array, dtypes[name])
             out.append(tensor if device.type == "cpu" else tensor.to(device))
-        return out[0], out[1]
+        return tuple(out)
 
-    def save(self, tokens: torch.Tensor, pooled: torch.Tensor) -> None:
+    def save(self, *tensors: torch.Tensor) -> None:
         """Write the entry: each file under a temporary name, renamed, then ``entry.json`` last."""
         self.directory.mkdir(parents=True, exist_ok=True)
         sums, dtypes = {}, {}
-        for name, tensor in zip(FILES, (tokens, pooled), strict=True):
+        for name, tensor in zip(self.files, tensors, strict=True):
             path = self.directory / f"{name}.npy"
             tmp = path.with_name(f"{name}.{os.getpid()}.tmp.npy")
             with open(tmp, "wb") as f:

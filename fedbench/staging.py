@@ -21,7 +21,16 @@ from torch.utils._python_dispatch import _disable_current_modes
 from fedbench.backbone import Backbone, create_backbone
 from fedbench.data import GLOBAL_TEST, TRAIN, ClientInfo, ClientPlan, ExampleTable
 from fedbench.family import family_of
-from fedbench.feature_cache import DiskEntry, features_dir, key_parts
+from fedbench.feature_cache import (
+    TEXT_BATCH,
+    TEXT_FILES,
+    DiskEntry,
+    backbone_digest,
+    features_dir,
+    key_parts,
+    text_dir,
+    text_key_parts,
+)
 from fedbench.model import OCR_TOKENS, Batch
 from fedbench.partition import make_plans
 from fedbench.precision import amp_dtype, device_index
@@ -41,11 +50,42 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+class TextEncoder:
+    """The frozen text tower over lists of strings, each list encoded in one call. With ``disk`` (see
+    :mod:`fedbench.feature_cache`) a list's embeddings are read from its entry when there is one, else
+    computed and written there. ``origins`` lists, per call, ``memory``, ``disk`` or ``computed``.
+    ``digest``: the backbone's :func:`~fedbench.feature_cache.backbone_digest`, when known."""
+
+    def __init__(self, backbone: Backbone, disk: Path | None = None, digest: str | None = None) -> None:
+        self.backbone, self.disk, self.digest = backbone, disk, digest
+        self.origins: list[str] = []
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.disk is None:
+            self.origins.append("memory")
+            return self.backbone.encode_text(texts, TEXT_BATCH)
+        entry = DiskEntry.for_key(self.disk, text_key_parts(self.backbone, texts, self.digest), TEXT_FILES)
+        loaded = entry.load(self.backbone.mean.device)
+        if loaded is not None:
+            self.origins.append("disk")
+            return loaded[0]
+        embeddings = self.backbone.encode_text(texts, TEXT_BATCH)
+        entry.save(embeddings)
+        self.origins.append("computed")
+        return embeddings
+
+
 class RowStore:
-    """Every row of a table as tensors; text is encoded once by the frozen text tower."""
+    """Every row of a table as tensors; text is encoded once by the frozen text tower (``text``: a
+    :class:`TextEncoder`, by default one without a disk cache)."""
 
     def __init__(
-        self, table: ExampleTable, specs: Sequence[TaskSpec], backbone: Backbone, device: torch.device
+        self,
+        table: ExampleTable,
+        specs: Sequence[TaskSpec],
+        backbone: Backbone,
+        device: torch.device,
+        text: TextEncoder | None = None,
     ) -> None:
         self.table = table
         self.device = device
@@ -55,8 +95,10 @@ class RowStore:
         # host copies of what each training step's FLOP key reads (fedbench.flops): no device round trip per step
         self.task_index = np.asarray([self.task_names.index(t) for t in table.task], dtype=np.int64)
         self.task_id = torch.as_tensor(self.task_index, device=device)
-        self.question = self._encode(backbone, table.question)
-        self.ocr, self.ocr_mask = self._encode_tokens(backbone, table.ocr_text)
+        self.text = text or TextEncoder(backbone)
+        on = backbone.mean.device  # the text embeddings live with the backbone, as the tower gives them
+        self.question = self._encode(self.text, table.question, on)
+        self.ocr, self.ocr_mask = self._encode_tokens(self.text, table.ocr_text, backbone.embed_dim, on)
         self.ocr_rows = self.ocr_mask.any(1).cpu().numpy()
         self.label = torch.as_tensor(table.label, dtype=torch.long, device=device)
         self.box = torch.as_tensor(table.box, dtype=torch.float32, device=device)
@@ -66,21 +108,22 @@ class RowStore:
             self.answer_scores = torch.as_tensor(table.answer_scores, dtype=torch.float32, device=device)
 
     @staticmethod
-    def _encode(backbone: Backbone, texts: np.ndarray) -> torch.Tensor:
+    def _encode(encode: TextEncoder, texts: np.ndarray, device: torch.device) -> torch.Tensor:
         unique, inverse = np.unique(texts.astype(str), return_inverse=True)
-        return backbone.encode_text(list(unique))[torch.as_tensor(inverse, device=backbone.mean.device)]
+        return encode(unique.tolist())[torch.as_tensor(inverse, device=device)]
 
     @staticmethod
-    def _encode_tokens(backbone: Backbone, texts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_tokens(
+        encode: TextEncoder, texts: np.ndarray, width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """OCR text -> one embedding per whitespace token (reading order), at most OCR_TOKENS."""
         tokens = [str(t).split()[:OCR_TOKENS] for t in texts]
         vocab = sorted({w for ts in tokens for w in ts})
-        device = backbone.mean.device
         k = max((len(ts) for ts in tokens), default=0) or 1
-        emb = torch.zeros(len(texts), k, backbone.embed_dim, device=device)
+        emb = torch.zeros(len(texts), k, width, device=device)
         mask = torch.zeros(len(texts), k, dtype=torch.bool, device=device)
         if vocab:
-            table = backbone.encode_text(vocab)
+            table = encode(vocab)
             index = {w: i for i, w in enumerate(vocab)}
             for row, ts in enumerate(tokens):
                 if ts:
@@ -125,8 +168,10 @@ class FeatureCache:
         prompts: PromptViews | None = None,
         disk: Path | None = None,
         amp: torch.dtype | None = None,
+        digest: str | None = None,
     ) -> None:
         self.backbone, self.images, self.batch_size = backbone, images, batch_size
+        self.digest = digest  # the backbone's digest (part of the disk key) when the caller has it
         self.amp = amp  # the towers' autocast dtype (resources.amp), whichever context the first get runs in
         self.prompts = prompts  # per-row prompt views (text drawn around the image), for routers that read them
         self.disk = disk
@@ -158,7 +203,8 @@ class FeatureCache:
         if self.disk is None:
             (self._tokens, self._pooled), self.origin = self._compute(), "memory"
             return
-        entry = DiskEntry.for_key(self.disk, key_parts(self.backbone, self.images, self.batch_size, self.amp))
+        parts = key_parts(self.backbone, self.images, self.batch_size, self.amp, self.digest)
+        entry = DiskEntry.for_key(self.disk, parts)
         self.entry = entry.directory
         loaded = entry.load(self.backbone.mean.device)
         if loaded is not None:
@@ -237,11 +283,13 @@ def prepare(
     vocab = table.meta.get("answers", {})
     specs = [dataclasses.replace(s, answers=tuple(vocab[s.name])) if s.name in vocab else s for s in specs]
     backbone = backbone or create_backbone(protocol.backbone.name, device)
-    store = RowStore(table, specs, backbone, device)
-    prompts = PromptViews(table, {s.name: family_of(s).symbol for s in specs}, backbone, protocol.eval.batch_size)
     disk = (features_dir() if feature_cache is True else Path(feature_cache)) if feature_cache else None
+    text_disk = (text_dir() if feature_cache is True else Path(feature_cache) / "text") if feature_cache else None
+    digest = backbone_digest(backbone) if disk else None  # one hash of the weights for both disk keys
+    store = RowStore(table, specs, backbone, device, TextEncoder(backbone, text_disk, digest))
+    prompts = PromptViews(table, {s.name: family_of(s).symbol for s in specs}, backbone, protocol.eval.batch_size)
     amp = amp_dtype(device, protocol.resources.amp)
-    features = FeatureCache(backbone, store.images, protocol.eval.batch_size, prompts, disk, amp)
+    features = FeatureCache(backbone, store.images, protocol.eval.batch_size, prompts, disk, amp, digest)
     prep = Prepared(
         protocol, seed, plans, table, specs, backbone, store, device, majority_scores(table, specs), features
     )

@@ -222,3 +222,73 @@ def test_features_keep_their_precision_whoever_fills_them_first(backbone, tiny_p
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = under_autocast.get(every)
     assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(got, plain, strict=True))
+
+
+@pytest.fixture
+def text_calls(monkeypatch) -> list[int]:
+    """The number of strings of every text-tower call, on any backbone."""
+    calls: list[int] = []
+    original = Backbone.encode_text
+
+    def counting(self, texts, batch_size=256):
+        calls.append(len(texts))
+        return original(self, texts, batch_size)
+
+    monkeypatch.setattr(Backbone, "encode_text", counting)
+    return calls
+
+
+def test_text_embeddings_are_read_back_bit_for_bit_and_a_warm_prepare_skips_the_text_tower(backbone, cache, text_calls):
+    computed = prepare(TINY, 0, backbone=backbone, device=CPU)
+    assert computed.store.text.origins == ["memory", "memory"] and not cache.exists()  # questions, OCR words
+    cold = prepare(TINY, 0, backbone=backbone, device=CPU, feature_cache=True)
+    assert cold.store.text.origins == ["computed", "computed"]
+    assert len([p for p in (cache / "text").glob("*") if (p / "entry.json").is_file()]) == 2
+    text_calls.clear()
+    warm = prepare(TINY, 0, backbone=backbone, device=CPU, feature_cache=True)
+    assert warm.store.text.origins == ["disk", "disk"] and text_calls == []
+    for prep in (cold, warm):
+        for name in ("question", "ocr", "ocr_mask"):
+            got, want = getattr(prep.store, name), getattr(computed.store, name)
+            assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+def test_every_text_key_part_changes_the_entry(backbone):
+    from fedbench.feature_cache import text_key_parts
+
+    texts = ["what color is the ball", "how many cars"]
+    base = entry_key(text_key_parts(backbone, texts))
+    assert base == entry_key(text_key_parts(backbone, list(texts)))
+    other_weights = copy.deepcopy(backbone)
+    with torch.no_grad():
+        next(other_weights.towers.transformer.parameters()).view(-1)[0] += 1e-3  # the text tower's
+    other_name = copy.deepcopy(backbone)
+    other_name.name = "another-tokenizer"
+    variants = {
+        "order": text_key_parts(backbone, texts[::-1]),
+        "one character": text_key_parts(backbone, ["what color is the balls", "how many cars"]),
+        "split differently": text_key_parts(backbone, ["what color is the ballhow", " many cars"]),
+        "one string fewer": text_key_parts(backbone, texts[:1]),
+        "text-tower weights": text_key_parts(other_weights, texts),
+        "backbone name": text_key_parts(other_name, texts),
+    }
+    keys = {what: entry_key(parts) for what, parts in variants.items()}
+    assert base not in keys.values() and len(set(keys.values())) == len(keys), keys
+
+
+def test_a_damaged_text_entry_is_recomputed_with_one_warning_naming_it(backbone, cache, text_calls):
+    from fedbench.staging import TextEncoder
+
+    texts = ["what color is the ball", "how many cars"]
+    want = TextEncoder(backbone, cache / "text")(texts)
+    (entry,) = [p for p in (cache / "text").glob("*") if (p / "entry.json").is_file()]
+    damaged = entry / "embeddings.npy"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    again = TextEncoder(backbone, cache / "text")
+    text_calls.clear()
+    with pytest.warns(RuntimeWarning, match="feature cache") as caught:
+        got = again(texts)
+    assert len(caught) == 1 and str(damaged) in str(caught[0].message)
+    assert again.origins == ["computed"] and text_calls == [2] and torch.equal(got, want)
