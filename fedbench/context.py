@@ -98,13 +98,17 @@ class ClientContext:
                 key = (phase, trained, self.info.tasks, self.info.has_ocr)
             for _ in range(cfg.steps):
                 pick = self.train_rows[torch.randint(len(self.train_rows), (bs,), generator=gen).numpy()]
-                with meter.step(key, self.composition(pick)) if meter is not None else nullcontext():
+
+                def forward_backward(pick: np.ndarray = pick) -> None:
                     with autocast(self.store.device, self.amp):
                         loss = model.loss(*self.inputs(model, pick))
                         if extra_loss is not None:
                             loss = loss + extra_loss(model)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+
+                with meter.step(key, self.composition(pick), forward_backward) if meter is not None else nullcontext():
+                    forward_backward()
                     opt.step()
         finally:
             for p, flag in flags:

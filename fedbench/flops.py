@@ -17,8 +17,10 @@ exact integers. Steps are counted until a least-squares fit of ``w`` on the coun
 :data:`CONFIRM` further counted steps exactly; from then on the key's steps whose composition lies
 in the span of the counted ones are predicted, not counted (others are counted). A method whose
 costs do not fit never passes the check and is counted on every step.
-``tests/test_flops.py`` runs every registered method both ways and finds equal totals. Everything
-in the local update outside the steps (a selection pass, say) is counted directly.
+``tests/test_flops.py`` runs every registered method both ways and finds equal totals. A step that
+must be counted is counted on a dry run of its forward and backward, off the compute clock, before
+it runs uncounted, so ``compute_s`` carries no counting overhead for the steps. Everything in the
+local update outside the steps (a selection pass, say) is counted directly, under the clock.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from fedbench.timing import off_the_clock
 
 CONFIRM = 3  # counted steps a fit must predict exactly before its key's steps are predicted
 
@@ -144,24 +148,28 @@ class FlopMeter:
             self._mode = None
 
     @contextmanager
-    def step(self, key: tuple, x: tuple[int, ...]) -> Iterator[None]:
-        """One training step with batch composition ``x``: predicted when its key's fit is
-        confirmed, else counted (and the count refines the fit)."""
+    def step(self, key: tuple, x: tuple[int, ...], dry_run: Callable[[], object]) -> Iterator[None]:
+        """One training step with batch composition ``x``, which runs inside, uncounted. Its FLOPs
+        are the key's fit's prediction once the fit is confirmed; otherwise ``dry_run`` (the step's
+        forward and backward, no optimiser update) runs first under the counter, off the compute
+        clock (:func:`~fedbench.timing.off_the_clock`) and with the RNG state restored after it, and
+        its count refines the fit. The step itself then runs, and is timed, as an uncounted one:
+        ``compute_s`` holds no counting overhead for the steps."""
         self._close()
         fit = self.fits.setdefault(key, _Fit())
         known = None if self.every_step else fit.known(x)
         try:
-            if known is not None:
-                yield
-                self.total += known
-                self.predicted += 1
-            else:
-                with counter() as mode:
-                    yield
-                flops = mode.get_total_flops()
-                fit.add(x, flops)
-                self.total += flops
+            if known is None:
+                cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+                with off_the_clock(), torch.random.fork_rng(devices=cuda), counter() as mode:
+                    dry_run()
+                known = mode.get_total_flops()
+                fit.add(x, known)
                 self.counted += 1
+            else:
+                self.predicted += 1
+            self.total += known
+            yield
         finally:
             self._open()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 from conftest import TINY
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedbench import timing
+from fedbench.client import trainable_state
 from fedbench.context import client_context
 from fedbench.flops import CONFIRM, FlopMeter, _Fit, composition, counter
 from fedbench.protocol import LocalConfig, MethodEntry
@@ -121,3 +124,35 @@ def test_a_composition_outside_the_counted_span_is_counted():
         fit.add(x, cost(x))
     assert fit.confirmed >= CONFIRM
     assert fit.known(composition(8, 3, [8, 0], 0)) is None  # task 1 absent: its weight is not determined
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_counting_a_step_changes_nothing_the_step_computes(name, many_steps_prep, tmp_path):
+    """A counted step is measured on a dry run of its forward and backward (RNG restored) before it
+    runs: a local update with every step counted ends in the very state of one with no meter."""
+    run = Run(many_steps_prep, MethodEntry(name), tmp_path)
+    model = run.build()
+    twin = copy.deepcopy(model)
+    info = many_steps_prep.infos[0]
+    for r in range(2):  # round 1 too: FedDPA's local pass, Pilot's later stages
+        for m, meter in ((model, FlopMeter(every_step=True)), (twin, None)):
+            ctx = client_context(many_steps_prep, info, r)
+            run.method.prepare_client(m, ctx)
+            torch.manual_seed(r)
+            with meter if meter is not None else contextlib.nullcontext():
+                run.method.local_update(m, ctx)
+    counted, plain = trainable_state(model), trainable_state(twin)
+    assert counted.keys() == plain.keys()
+    assert all(torch.equal(counted[n], plain[n]) for n in counted), name
+
+
+def test_the_compute_clock_leaves_out_what_runs_off_it(monkeypatch):
+    """ComputeTimer subtracts the time spent in :func:`off_the_clock` (the FLOP counter's dry runs)."""
+    ticks = iter([10.0, 11.0, 15.0, 16.5])  # enter, pause, resume, exit
+    monkeypatch.setattr(timing.time, "process_time", lambda: next(ticks))
+    with timing.ComputeTimer(torch.device("cpu")) as timer:
+        with timing.off_the_clock():
+            pass
+    assert timer.seconds == 6.5 - 4.0
+    with timing.off_the_clock():  # no clock running: nothing to pause
+        pass
