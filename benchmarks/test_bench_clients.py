@@ -49,6 +49,7 @@ torch.set_num_threads(1)
 from fedbench import protocol as protocol_mod
 from fedbench.checkpoint import Checkpoint
 from fedbench.protocol import ClientsConfig, EvalConfig, MethodEntry
+from fedbench.records import read_jsonl
 from fedbench.server import Run
 from fedbench.staging import prepare
 
@@ -103,8 +104,7 @@ out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 # number registered, so round time per GFLOP separates the harness's cost from the sample's
 flops = {}
 for path in Path(config["results"]).glob("runs/*/records.jsonl"):
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_jsonl(path):
         if record.get("kind") == "train":
             flops[record["round"]] = flops.get(record["round"], 0) + (record.get("compute_flops") or 0)
 out["round_gflop"] = [flops.get(r, 0) / 1e9 for r in range(len(out["round_s"]))]
