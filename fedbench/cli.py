@@ -131,6 +131,8 @@ def resolve_protocol(
             changes["data"] = dataclasses.replace(proto.data, tasks_per_client=len(changes["tasks"]))
     if seeds:
         changes["seeds"] = _int_list(seeds, "--seeds")
+        if proto.sweep is not None and proto.sweep.seeds is not None:  # every value runs --seeds
+            changes["sweep"] = dataclasses.replace(proto.sweep, seeds=None)
     if rounds is not None:
         if rounds < 1:
             raise UsageError(f"--rounds {rounds} is invalid: expected an integer >= 1")
@@ -174,7 +176,9 @@ def run(
     preset: str = typer.Option("smoke", help="Preset name (smoke, default) or path to a protocol .toml."),
     methods: str = typer.Option(None, help="Comma-separated methods, each NAME or NAME:key=value:key=value."),
     tasks: str = typer.Option(None, help="Comma-separated task names (see `fedbench list`)."),
-    seeds: str = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2."),
+    seeds: str = typer.Option(
+        None, help="Comma-separated seeds, e.g. 0,1,2; in a sweep every value runs them (replacing sweep.seeds)."
+    ),
     rounds: int = typer.Option(None, help="Override the number of rounds."),
     results: Path = typer.Option(None, help="Results directory (default: runs/<protocol name>)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots next to the leaderboard."),
@@ -195,7 +199,8 @@ def run(
     """Run every method row of a protocol over its seeds and print the leaderboard.
 
     With a ``\\[sweep]`` table, each swept value runs into ``RESULTS/<field>=<value>/`` (a complete results
-    directory), then ``sweep.md``, ``sweep.csv`` and ``sweep_gain.png`` are written into RESULTS."""
+    directory; over its own seeds where the table gives ``seeds``, one list per value, unless --seeds),
+    then ``sweep.md``, ``sweep.csv`` and ``sweep_gain.png`` are written into RESULTS."""
     proto = resolve_protocol(preset, methods, tasks, seeds, rounds)
     if device is not None:
         proto = _on_device(proto, device)
@@ -457,7 +462,10 @@ def leaderboard(
     plots: Path = typer.Option(None, help="Also write PNG plots into this directory."),
     usage: bool = typer.Option(False, "--usage", help="Render the expert-usage matrix (task × expert) instead."),
     versus: str = typer.Option(
-        None, "--versus", metavar="ROW", help="Render each row's paired difference to ROW (95% CI; * excludes 0)."
+        None,
+        "--versus",
+        metavar="ROW",
+        help="Render each row's paired difference to ROW (95% t-interval over seeds; * excludes 0, † after Holm).",
     ),
     steps: bool = typer.Option(
         False, "--steps", help="Render each row minus the row above it in the protocol's row order (a ladder)."
@@ -469,7 +477,7 @@ def leaderboard(
         "what fits its width, markdown and csv every column).",
     ),
 ) -> None:
-    """Render the leaderboard (mean with 95% CI, ± std over seeds) of a results directory.
+    """Render the leaderboard (mean with its 95% t-interval over seeds, ± std) of a results directory.
 
     In a terminal (``--format table``) it shows the columns a reader needs first and as many more as
     the width allows (``COLUMNS``, else the terminal's, else 100); ``--columns`` picks any set."""

@@ -3,8 +3,9 @@
 Only completed runs count, and only each run's last eval round, so a crashed or still-running run
 never mixes into the comparison. Every figure is computed per run first and then aggregated over
 the runs (seeds) of a label, so the stds are seed-to-seed spreads. Accuracies are higher-is-better.
-Global-test accuracies also get a 95% interval from a paired bootstrap over seeds and test examples
-(:mod:`fedbench.statistics`), and :func:`build_versus` the paired difference of every row to one.
+Global-test accuracies also get a 95% t-interval over seeds, the seed being the unit
+(:mod:`fedbench.statistics`), and :func:`build_versus` the paired difference of every row to one,
+with a Holm adjustment over the table's comparisons.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fedbench.statistics import N_BOOT, Examples, paired_differences, row_intervals
+from fedbench.statistics import INTERVAL, LEVEL, PAIRED_INTERVAL, Values, holm, paired_differences, row_intervals
+
+Examples = dict[str, dict[int, dict[str, np.ndarray]]]  # label -> seed -> task -> per-example scores
 
 MAJORITY = "majority"
 FORMATS = ("table", "markdown", "csv")
@@ -38,6 +41,7 @@ _PARAM_COLS = ["params_trainable", "params_shared", "params_local"]
 _COUNT_COLS = {*_PARAM_COLS, "seeds"}
 # CSV only: spreads and interval ends are shown in cells, the evaluation sample in a note
 _HIDDEN = ("_std", "_lo", "_hi", "federated", "eval_sample")
+_P_COLS = ("p", "p_holm")  # CSV only: a comparison's t-test p-value, raw and Holm-adjusted (marks * and †)
 _PER_METHOD = ("entropy", "mutual_info")  # usage-table columns that hold one figure per method
 LATE = 0.8  # a row is "rising" when mean_acc still gains after this fraction of the rounds
 
@@ -152,9 +156,20 @@ def _late_gain(recs: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
     return curve.groupby("run_id")["value"].last() - early.groupby("run_id")["value"].last()
 
 
-def _examples(recs: pd.DataFrame, tasks: list[str]) -> Examples:
+def seed_values(per_run: pd.DataFrame, tasks: list[str]) -> Values:
+    """label -> per-seed figures (index: seed; columns ``acc_<task>``, ``mean_acc``) of the completed
+    runs in ``per_run`` (:func:`_per_run`): the units every interval is computed over."""
+    figures = [*(f"acc_{t}" for t in tasks), "mean_acc"]
+    return {
+        str(label): run.set_index(run["seed"].astype(int))[figures].sort_index()
+        for label, run in per_run.groupby("label", sort=False)
+    }
+
+
+def per_example_scores(recs: pd.DataFrame, tasks: list[str]) -> Examples:
     """label -> seed -> task -> per-example global-test scores of the last eval round, for the runs
-    that recorded them for every task (records older than ``per_example`` have none: no interval)."""
+    that recorded them for every task (records older than ``per_example`` have none). No interval
+    reads them (the seed is the unit); ``scripts/power.py`` splits a difference's variance with them."""
     glob = _last_round_evals(recs)
     glob = glob[glob["scope"] == "global"]
     if "per_example" not in glob:
@@ -250,7 +265,6 @@ def build_leaderboard(df: pd.DataFrame, with_failed: bool = False) -> pd.DataFra
         synthetic = df["synthetic"].eq(True) if "synthetic" in df else pd.Series(False, index=df.index)
         out.attrs = {
             "n_seeds": {},
-            "n_boot": N_BOOT,
             "protocols": {name: sorted(str(h) for h in hashes) for name, hashes in protocols.items()},
             "synthetic": bool(synthetic.any()),
             "synthetic_suites": sorted(df.loc[synthetic, "suite"].dropna().unique().tolist()),
@@ -265,7 +279,7 @@ def build_leaderboard(df: pd.DataFrame, with_failed: bool = False) -> pd.DataFra
     board = grouped[num_cols].mean()
     std = grouped[num_cols].std(ddof=1).add_suffix("_std")  # NaN for a single seed: no spread to report
     ci_cols = [f"{c}_{end}" for c in [*acc_cols, "mean_acc"] for end in ("lo", "hi")]
-    board = board.join(std).join(row_intervals(_examples(recs, tasks)).reindex(columns=ci_cols))
+    board = board.join(std).join(row_intervals(seed_values(per_run, tasks)).reindex(columns=ci_cols))
     board["method"] = board.index
     board["device"] = recs.groupby("label")["device"].agg(lambda d: ",".join(sorted(d.dropna().unique())))
     board["federated"] = grouped["federated"].all()
@@ -298,52 +312,64 @@ def build_leaderboard(df: pd.DataFrame, with_failed: bool = False) -> pd.DataFra
     out = pd.DataFrame(rows, columns=columns)
     if len(recs["protocol_hash"].dropna().unique()) > 1:
         warnings.warn("the leaderboard mixes runs of several protocol hashes", RuntimeWarning, stacklevel=2)
-    out.attrs = {**_attrs(recs, per_run), "n_boot": N_BOOT}
+    out.attrs = _attrs(recs, per_run)
     return out
+
+
+def build_seed_values(df: pd.DataFrame) -> Values:
+    """Per-seed figures of every completed row of the records (:func:`seed_values`)."""
+    _, per_run, tasks = _runs(df)
+    return seed_values(per_run, tasks)
 
 
 def build_versus(df: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Every other row minus ``reference``: per task and in mean_acc, the paired difference with its
-    95% interval (``<figure>_lo/_hi``), and ``seeds``, how many seeds both rows ran (only those
-    count). Largest mean_acc difference first. Raises UnknownRowError for a label without
-    per-example scores in the records."""
+    95% t-interval over seeds (``<figure>_lo/_hi``), ``seeds``, how many seeds both rows ran (only
+    those count), and the mean_acc difference's t-test ``p`` with ``p_holm``, Holm-adjusted over the
+    table's comparisons (``attrs["comparisons"]`` of them). Largest mean_acc difference first.
+    Raises UnknownRowError for a label that is not a completed row of the records."""
     recs, per_run, tasks = _runs(df)
-    examples = _examples(recs, tasks)
-    if reference not in examples:
-        valid = ", ".join(sorted(examples)) or "none (records written before per-example scores were kept)"
-        known = reference in set(per_run["label"])
-        why = "has no per-example scores in these records" if known else "is not a row of these records"
-        raise UnknownRowError(f"row '{reference}' {why}; rows to compare against: {valid}")
-    out = paired_differences(examples, reference).sort_values("mean_acc", ascending=False, na_position="last")
-    out = out.rename_axis("method").reset_index()
-    out["seeds"] = out["seeds"].astype(int)
-    out.attrs = {**_attrs(recs, per_run), "what": "versus", "reference": reference, "n_boot": N_BOOT}
+    values = seed_values(per_run, tasks)
+    if reference not in values:
+        rows = ", ".join(sorted(values))
+        raise UnknownRowError(f"row '{reference}' is not a completed row of these records; rows: {rows}")
+    out = paired_differences(values, reference).sort_values("mean_acc", ascending=False, na_position="last")
+    out = _with_holm(out.rename_axis("method").reset_index())
+    out.attrs = {**_attrs(recs, per_run), "what": "versus", "reference": reference, **out.attrs}
     return out
 
 
 def build_steps(df: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
     """An ablation ladder read step by step: each row of ``order`` (labels, e.g. the protocol's
-    method rows) minus the row above it, paired as in :func:`build_versus` (``above`` names it).
-    Labels without per-example scores are skipped, so a step spans the nearest row above that has
-    them."""
+    method rows) minus the row above it, paired as in :func:`build_versus` (``above`` names it),
+    Holm-adjusted over the steps. Labels that are not completed rows are skipped, so a step spans
+    the nearest row above that is."""
     recs, per_run, tasks = _runs(df)
-    examples = _examples(recs, tasks)
-    rows = [label for label in order if label in examples]
+    values = seed_values(per_run, tasks)
+    rows = [label for label in order if label in values]
     if len(rows) < 2:
-        raise UnknownRowError(f"steps need two rows with per-example scores among: {', '.join(order) or 'none'}")
+        raise UnknownRowError(f"steps need two completed rows among: {', '.join(order) or 'none'}")
     frames = []
     for above, row in itertools.pairwise(rows):
-        step = paired_differences({above: examples[above], row: examples[row]}, above)
+        step = paired_differences({above: values[above], row: values[row]}, above)
         frames.append(step.rename_axis("method").reset_index().assign(above=above))
-    out = pd.concat(frames, ignore_index=True)
-    out["seeds"] = out["seeds"].astype(int)
+    out = _with_holm(pd.concat(frames, ignore_index=True))
     out = out[["method", "above", *[c for c in out.columns if c not in ("method", "above")]]]
-    out.attrs = {**_attrs(recs, per_run), "what": "versus", "reference": "the row above", "n_boot": N_BOOT}
+    out.attrs = {**_attrs(recs, per_run), "what": "versus", "reference": "the row above", **out.attrs}
     return out
 
 
+def _with_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """``seeds`` as integers, ``p_holm`` beside ``p`` (Holm over the rows that are comparisons, i.e.
+    have a p-value), and ``attrs["comparisons"]``, how many there are."""
+    table["seeds"] = table["seeds"].astype(int)
+    table["p_holm"] = holm(table["p"].to_numpy())
+    table.attrs["comparisons"] = int(table["p"].notna().sum())
+    return table
+
+
 def _main_columns(board: pd.DataFrame) -> list[str]:
-    return [c for c in board.columns if not c.endswith(_HIDDEN)]
+    return [c for c in board.columns if not c.endswith(_HIDDEN) and c not in _P_COLS]
 
 
 def text_cell(board: pd.DataFrame, row: pd.Series, col: str) -> str | None:
@@ -372,9 +398,8 @@ def _cell(board: pd.DataFrame, row: pd.Series, col: str) -> str:
     mean = row[col]
     spec = ",.0f" if col in _COUNT_COLS else ".1f" if col in _TIME_COLS else ".3f"
     lo, hi = row.get(f"{col}_lo", np.nan), row.get(f"{col}_hi", np.nan)
-    if board.attrs.get("what") == "versus":
-        star = " *" if lo > 0 or hi < 0 else ""
-        return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}" if pd.notna(lo) else format(mean, spec)
+    if board.attrs.get("what") == "versus" and pd.notna(lo):
+        return gain_text(mean, lo, hi, row.get("p_holm", np.nan) if col == "mean_acc" else np.nan)
     if pd.notna(lo):
         return f"{format(mean, spec)} [{format(lo, spec)}, {format(hi, spec)}]"
     std = row.get(f"{col}_std", np.nan)
@@ -383,11 +408,28 @@ def _cell(board: pd.DataFrame, row: pd.Series, col: str) -> str:
     return f"{format(mean, spec)} ± {format(std, spec)}"
 
 
+def gain_text(mean: float, lo: float, hi: float, p_holm: float = np.nan) -> str:
+    """A difference's cell: ``+0.012 [+0.002, +0.022] *†``: * when its 95% interval excludes 0, †
+    when it also survives Holm's adjustment over its table's comparisons (``p_holm`` < 0.05)."""
+    if pd.isna(lo):
+        return f"{mean:+.3f}"
+    star = " *" if lo > 0 or hi < 0 else ""
+    dagger = "†" if star and p_holm < 1 - LEVEL else ""
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}{dagger}"
+
+
+def marks_note(comparisons: int) -> str:
+    """What * and † mean, and over how many comparisons the Holm adjustment runs."""
+    return (
+        "* = the 95% interval excludes 0 (unadjusted); † = the mean_acc difference also survives Holm's "
+        f"adjustment for the {comparisons} mean_acc comparisons of this table (family-wise 5%)"
+    )
+
+
 def _footnotes(board: pd.DataFrame) -> list[str]:
     attrs = board.attrs
     what = attrs.get("what")
     seeds = ", ".join(f"{label}={n}" for label, n in attrs.get("n_seeds", {}).items())
-    boot = f"95% paired bootstrap interval over seeds and global-test examples (B={attrs.get('n_boot')})"
     if what == "usage":
         notes = [
             "Mean routing weight per task family (row) and expert (column) on the global test set; mean ± std "
@@ -400,15 +442,15 @@ def _footnotes(board: pd.DataFrame) -> list[str]:
             )
     elif what == "versus":
         notes = [
-            f"Paired difference row − {attrs['reference']} [{boot}]; * = the interval excludes 0; only the seeds "
-            "both rows ran count (seeds); last eval round of completed runs.",
+            f"Paired difference row − {attrs['reference']} [{PAIRED_INTERVAL}]; {marks_note(attrs['comparisons'])}; "
+            "only the seeds both rows ran count (seeds; no interval with one); last eval round of completed runs.",
         ]
     else:
         notes = [f"Higher acc is better; ± = std over seeds ({seeds}); last eval round of completed runs."]
         if board.filter(regex="_lo$").notna().any().any():
             notes.append(
-                f"acc_* and mean_acc: mean [{boot}]. converged: rising = mean_acc gained more than the interval's "
-                f"half-width after {LATE:g}·R of R rounds (n/a: no eval by then)."
+                f"acc_* and mean_acc: mean [{INTERVAL}; none with one seed]. converged: rising = mean_acc gained "
+                f"more than the interval's half-width after {LATE:g}·R of R rounds (n/a: no eval by then, or one seed)."
             )
         if "federated" in board and board["federated"].eq(False).any():
             notes.append("Bytes n/a: a reference row that is not federated (nothing is sent).")
@@ -644,7 +686,7 @@ def plot_sweep_gain(table: pd.DataFrame, path: Path) -> Path:
     fig.suptitle(
         f"Paired gain in mean_acc over {attrs['reference']} vs {attrs['field']}"
         + (" (SYNTHETIC data)" if attrs.get("synthetic") else "")
-        + "\nerror bars: 95% paired bootstrap interval over seeds and global-test examples"
+        + f"\nerror bars: {PAIRED_INTERVAL}"
     )
     ax.grid(axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", fontsize="small", title="method row", ncols=1)

@@ -160,8 +160,8 @@ def register_method(name: str):
     """Class decorator: register a :class:`Method` subclass under ``name`` (what users type)."""
 
     def wrap(cls: type[Method]) -> type[Method]:
-        METHODS.register(name, cls)  # refuses anything but a Method subclass, one line naming it
-        cls.name = name
+        # refuses anything but a Method subclass, one line naming it; sets ``cls.name`` (as for an entry point)
+        METHODS.register(name, cls)
         return cls
 
     return wrap

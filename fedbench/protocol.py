@@ -6,7 +6,8 @@ hash goes into every results record.
 
 An optional ``[sweep]`` table runs the same method rows at several values of one field: each
 value gives a *variant* (the protocol with that value substituted and no sweep), validated like
-any protocol, with its own hash; :meth:`Protocol.variants` lists them.
+any protocol, with its own hash; :meth:`Protocol.variants` lists them. The sweep may give each
+value its own seeds (``sweep.seeds``, one list per value), so that values run on disjoint seeds.
 """
 
 from __future__ import annotations
@@ -175,11 +176,26 @@ class MethodEntry:
 class SweepConfig:
     """``[sweep]``: every method row runs at each of ``values`` of the protocol field ``field`` (a
     dotted path such as ``data.domain_task_coupling``); gains are paired differences to the row
-    labelled ``reference``."""
+    labelled ``reference``.
+
+    ``seeds`` (optional): one list of seeds per value, in the order of ``values``; value i then runs
+    ``seeds[i]`` instead of the protocol's ``seeds`` (e.g. disjoint seeds per value, so that the seed
+    is the unit when pooling across values); a protocol file that gives them may leave out its
+    top-level ``seeds``, which then lists every seed the sweep runs (a top-level list written beside
+    them is not run). ``fedbench run --seeds`` replaces them: every value runs the given seeds. Left
+    out (``None``), every value runs the protocol's ``seeds``, and the table reads, writes and hashes
+    as before the option. Seeds are replicates, so like the protocol's ``seeds`` they stay out of
+    every hash: a variant hashes the same with or without per-value seeds, and so does the sweep
+    protocol itself."""
 
     field: str
     values: tuple[Any, ...]
     reference: str
+    seeds: tuple[tuple[int, ...], ...] | None = None
+
+    def seeds_of(self, index: int, default: tuple[int, ...]) -> tuple[int, ...]:
+        """The seeds value ``index`` runs: its own list, or ``default`` (the protocol's seeds)."""
+        return default if self.seeds is None else self.seeds[index]
 
     @property
     def short(self) -> str:
@@ -220,6 +236,8 @@ class Protocol:
         body = dataclasses.asdict(self)
         if body["sweep"] is None:  # a protocol without a sweep reads (and hashes) as before sweeps
             del body["sweep"]
+        elif body["sweep"]["seeds"] is None:  # likewise a sweep without per-value seeds
+            del body["sweep"]["seeds"]
         for key in ("sources", "natural_splits", "partitioner", "classes_per_client"):
             if not body["data"][key]:  # likewise the real-data fields at their defaults
                 del body["data"][key]
@@ -239,10 +257,13 @@ class Protocol:
         hashed, except when it is the fault-free default: it is then left out, so every protocol
         written before faults existed keeps its hash (and its runs). Retired fields are hashed at the
         one value they could hold (``_RETIRED``), so results recorded before a field's removal keep
-        their run ids: resumed, skipped and swept as before."""
+        their run ids: resumed, skipped and swept as before. A sweep's per-value seeds
+        (``sweep.seeds``) are left out like ``seeds``: adding or moving seeds keeps the hash."""
         body = self.as_dict()
         for key in ("name", "seeds", "methods", "resources"):
             body.pop(key)
+        if "sweep" in body:
+            body["sweep"].pop("seeds", None)
         for path, value in _RETIRED.items():
             section, _, leaf = path.rpartition(".")
             body[section][leaf] = value
@@ -255,17 +276,19 @@ class Protocol:
 
     def variants(self) -> list[tuple[Any, Protocol]]:
         """(value, variant) per swept value, in the sweep's order; empty without a sweep. A variant is
-        this protocol with the value substituted and no sweep (so its hash is that of the same
-        protocol written without a ``[sweep]`` table), named ``<name>[<field>=<value>]``."""
+        this protocol with the value substituted, the value's seeds (``sweep.seeds``, when given) as
+        its ``seeds`` and no sweep (so its hash is that of the same protocol written without a
+        ``[sweep]`` table), named ``<name>[<field>=<value>]``."""
         if self.sweep is None:
             return []
-        return [(value, _variant(self, value)) for value in self.sweep.values]
+        return [(value, _variant(self, value, i)) for i, value in enumerate(self.sweep.values)]
 
 
-def _variant(proto: Protocol, value: Any) -> Protocol:
+def _variant(proto: Protocol, value: Any, index: int) -> Protocol:
     sweep = proto.sweep
     assert sweep is not None
-    proto = dataclasses.replace(proto, name=f"{proto.name}[{sweep.short}={_fmt(value)}]", sweep=None)
+    name = f"{proto.name}[{sweep.short}={_fmt(value)}]"
+    proto = dataclasses.replace(proto, name=name, seeds=sweep.seeds_of(index, proto.seeds), sweep=None)
     section, _, leaf = sweep.field.rpartition(".")
     if not section:
         return dataclasses.replace(proto, **{leaf: value})
@@ -392,19 +415,49 @@ def _sweep_value(index: int, value: Any, name: str, tp: Any) -> Any:
         ) from None
 
 
+_SWEEP_SEEDS = "a non-empty list of distinct integers >= 0"
+
+
+def _valid_seed_list(seeds: Any) -> bool:
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        return False
+    return all(type(s) is int and s >= 0 for s in seeds) and len(set(seeds)) == len(seeds)
+
+
+def _validate_sweep_seeds(sweep: SweepConfig) -> None:
+    """``sweep.seeds``: one list per value, each a non-empty list of distinct integers >= 0. Lists of
+    different values may overlap or not (disjoint lists are what the option is for)."""
+    if sweep.seeds is None:
+        return
+    if len(sweep.seeds) != len(sweep.values):
+        raise ProtocolError(
+            f"protocol field 'sweep.seeds' has {len(sweep.seeds)} list(s) for {len(sweep.values)} value(s): "
+            "expected one list of seeds per entry of sweep.values, in the same order"
+        )
+    for i, seeds in enumerate(sweep.seeds):
+        if not _valid_seed_list(seeds):
+            shown = list(seeds) if isinstance(seeds, tuple) else seeds
+            raise ProtocolError(
+                f"protocol field 'sweep.seeds[{i}]' = {shown!r} is invalid: expected {_SWEEP_SEEDS} "
+                f"(the seeds of sweep.values[{i}])"
+            )
+
+
 def _validate_sweep(proto: Protocol) -> None:
     """The field exists and can vary, every value builds a variant that validates (``_RANGES``), no
-    value (or results directory) twice, and the reference is one of the method rows."""
+    value (or results directory) twice, per-value seeds (if any) one valid list per value, and the
+    reference is one of the method rows."""
     sweep = proto.sweep
     assert sweep is not None
     tp = _sweep_field_type(sweep.field)
     if not sweep.values:
         raise ProtocolError("protocol field 'sweep.values' = [] is invalid: expected a non-empty list of values")
+    _validate_sweep_seeds(sweep)
     seen: dict[str, int] = {}
     for i, value in enumerate(sweep.values):
         _sweep_value(i, value, sweep.field, tp)
         try:
-            validate(_variant(proto, value))
+            validate(_variant(proto, value, i))
         except ProtocolError:
             allowed = _RANGES[sweep.field][1] if sweep.field in _RANGES else "a valid value"
             raise ProtocolError(
@@ -486,14 +539,16 @@ def _method_entry(item: Any, index: int) -> MethodEntry:
 
 
 def _sweep_config(table: Any) -> SweepConfig:
-    """``[sweep]`` with its three keys; values converted to the swept field's type."""
+    """``[sweep]`` with its three keys and the optional ``seeds``; values converted to the swept
+    field's type, per-value seeds to tuples (checked by :func:`_validate_sweep`)."""
     if not isinstance(table, dict):
         raise ProtocolError(f"protocol field 'sweep' must be a table (field, values, reference), got {table!r}")
     keys = ("field", "values", "reference")
-    unknown = sorted(set(table) - set(keys))
+    unknown = sorted(set(table) - {*keys, "seeds"})
     if unknown:
         raise ProtocolError(
-            f"unknown protocol field 'sweep.{unknown[0]}'. Valid fields: sweep.field, sweep.values, sweep.reference"
+            f"unknown protocol field 'sweep.{unknown[0]}'. Valid fields: sweep.field, sweep.values, sweep.reference, "
+            "sweep.seeds"
         )
     missing = [k for k in keys if k not in table]
     if missing:
@@ -505,7 +560,20 @@ def _sweep_config(table: Any) -> SweepConfig:
         raise ProtocolError(f"protocol field 'sweep.values' must be a list, got {table['values']!r}")
     tp = _sweep_field_type(table["field"])
     values = tuple(_sweep_value(i, v, table["field"], tp) for i, v in enumerate(table["values"]))
-    return SweepConfig(table["field"], values, table["reference"])
+    seeds = table.get("seeds")
+    if seeds is None:
+        return SweepConfig(table["field"], values, table["reference"])
+    if not isinstance(seeds, list):
+        raise ProtocolError(
+            f"protocol field 'sweep.seeds' must be a list of seed lists (one per entry of sweep.values), got {seeds!r}"
+        )
+    for i, item in enumerate(seeds):
+        if not _valid_seed_list(item):
+            raise ProtocolError(
+                f"protocol field 'sweep.seeds[{i}]' = {item!r} is invalid: expected {_SWEEP_SEEDS} "
+                f"(the seeds of sweep.values[{i}])"
+            )
+    return SweepConfig(table["field"], values, table["reference"], tuple(tuple(s) for s in seeds))
 
 
 def from_dict(table: dict[str, Any]) -> Protocol:
@@ -520,6 +588,9 @@ def from_dict(table: dict[str, Any]) -> Protocol:
         proto = dataclasses.replace(proto, methods=tuple(_method_entry(m, i) for i, m in enumerate(methods)))
     if sweep is not None:
         proto = dataclasses.replace(proto, sweep=_sweep_config(sweep))
+        if proto.sweep is not None and proto.sweep.seeds and "seeds" not in table:
+            # left out beside per-value seeds: every seed the sweep runs (so a written protocol.toml names them)
+            proto = dataclasses.replace(proto, seeds=tuple(sorted({s for ss in proto.sweep.seeds for s in ss})))
     validate(proto)
     return proto
 

@@ -34,6 +34,8 @@ class Registry(Generic[T]):
     ``base`` says what every plug-in must be: a class, or ``"module:Class"`` (imported at the first
     check, for a base whose module imports this one), that plug-ins subclass, or with ``instance``
     are instances of; None: any callable. Plug-ins from entry points are checked like the others.
+    ``on_register(name, obj)`` runs when a plug-in not yet held under another name passes that check,
+    from a decorator or an entry point alike (methods: the class takes the name it is registered under).
     """
 
     def __init__(
@@ -43,12 +45,14 @@ class Registry(Generic[T]):
         entry_point_group: str | None = None,
         discover: Callable[[], None] | None = None,
         instance: bool = False,
+        on_register: Callable[[str, Any], None] | None = None,
     ) -> None:
         self.kind = kind
         self.base = base
         self.instance = instance
         self.entry_point_group = entry_point_group
         self._discover = discover
+        self._on_register = on_register
         self._items: dict[str, T] = {}
         self._loaded = False
 
@@ -82,6 +86,8 @@ class Registry(Generic[T]):
         if name in self._items and self._items[name] is not obj:
             raise ValueError(f"{self.kind} '{name}' is already registered")
         self.check(name, obj, origin)
+        if self._on_register is not None and not any(held is obj for held in self._items.values()):
+            self._on_register(name, obj)
         self._items[name] = obj
         return obj
 
@@ -145,11 +151,19 @@ def _what(obj: Any) -> str:
     return f"{type(obj).__qualname__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
+def _name_method(name: str, cls: Any) -> None:
+    """A method class carries the name it is registered under (``cls.name``: its option errors, records
+    and ``describe``), through an entry point as through :func:`fedbench.method.register_method`, not its
+    parent's or ``""`` (a second name for a class already registered leaves its first one)."""
+    cls.name = name
+
+
 METHODS: Registry = Registry(
     "method",
     base="fedbench.method:Method",
     entry_point_group="fedbench.methods",
     discover=lambda: import_submodules("fedbench.methods"),
+    on_register=_name_method,
 )
 TASKS: Registry = Registry(
     "task",

@@ -47,6 +47,7 @@ from fedbench.leaderboard import (
     build_usage,
 )
 from fedbench.records import read_records
+from fedbench.statistics import INTERVAL
 from fedbench.terminal_table import wrap_label
 
 PLOTS = ("acc_vs_comm", "acc_per_round", "bytes_per_round", "client_acc", "expert_usage")
@@ -56,7 +57,7 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<")  # 8 markers against 20 colo
 _LEGEND_WIDTH = 46  # characters per legend line before a label wraps at its options
 # column meanings, shown as header tooltips (README "What is measured")
 _MEANINGS = {
-    "mean_acc": "mean of the acc_<task> columns: global test set, 95% paired bootstrap CI",
+    "mean_acc": f"mean of the acc_<task> columns: global test set, {INTERVAL}",
     "local_acc": "each client's model on its own test split, mean over its tasks, then over clients",
     "worst_client_acc": "lowest client mean over its own tasks on its own test split",
     "p_acc": "FedDPA's P: each client's model on the global test set, its own tasks",
@@ -216,7 +217,7 @@ def plot_acc_vs_comm(board: pd.DataFrame, styles: dict[str, _Style], suffix: str
             labels.append(f"{MAJORITY} answer")
         ax.grid(alpha=0.3)
         ax.set_xlabel("total communication per run (MB, uplink + downlink)")
-        ax.set_ylabel("mean accuracy, global test (95% CI)")
+        ax.set_ylabel("mean accuracy, global test (95% t-interval over seeds)")
         if panel == 0:
             handles.append((step[0],))
             labels.append("Pareto front (fewer MB, higher mean accuracy)")
@@ -235,7 +236,9 @@ def plot_acc_vs_comm(board: pd.DataFrame, styles: dict[str, _Style], suffix: str
                     (lo_x - pad, lo_y), hi_x - lo_x + 2 * pad, hi_y - lo_y, fill=False, edgecolor="grey", linestyle="--"
                 )
             )
-    fig.suptitle("Accuracy vs communication: one point per row; error bars: 95% CI (y), ± std over seeds (x)")
+    fig.suptitle(
+        "Accuracy vs communication: one point per row; error bars: 95% t-interval over seeds (y), ± std over seeds (x)"
+    )
     _figure_legend(fig, handles, labels, ncols)
     rings = list(zip(front["total_mb"], front["mean_acc"], strict=True))
     fig.draw_without_rendering()  # the constrained layout, once: final axes positions for the labels
@@ -658,7 +661,7 @@ def _leaderboard_html(board: pd.DataFrame, styles: dict[str, _Style], front: set
     heads = ['<th class="sticky num" title="row number, as in the plots">#</th>']
     for col in cols:
         cls = "text sticky second" if col == "method" else ("" if numeric[col] else "text")
-        meaning = _MEANINGS.get(col, "global test set, 95% paired bootstrap CI" if col.startswith("acc_") else "")
+        meaning = _MEANINGS.get(col, f"global test set, {INTERVAL}" if col.startswith("acc_") else "")
         name = "row" if col == "method" else col.replace("_", "_<wbr>")
         heads.append(f'<th class="{cls}" title="{_e(meaning)}">{name}</th>')
     body, foot = [], []
@@ -822,7 +825,7 @@ def write_report(results: Path, out: Path) -> list[Path]:
             "leaderboard",
             "Leaderboard",
             f"<p>One row per method and option set, {seeds}; best mean_acc first (here {_e(best)}). "
-            "Accuracies: mean [95% paired bootstrap interval over seeds and global-test examples]; other "
+            f"Accuracies: mean [{INTERVAL}; none with one seed]; other "
             "figures: mean ± std over seeds.</p>" + _leaderboard_html(board, styles, set(front)),
         ),
         (
@@ -831,8 +834,9 @@ def write_report(results: Path, out: Path) -> list[Path]:
             _figure_html(
                 pngs["acc_vs_comm"],
                 "mean accuracy against total communication per row",
-                "Each row's mean accuracy on the global test set (error bars: 95% CI) against its total uplink + "
-                "downlink MB over the run (± std over seeds). The staircase and rings mark the Pareto front "
+                "Each row's mean accuracy on the global test set (error bars: 95% t-interval over seeds) against its "
+                "total uplink + downlink MB over the run (± std over seeds). The staircase and rings mark the "
+                "Pareto front "
                 f"(no other row has both fewer MB and a higher mean): {_e(front_text)}."
                 + (
                     f" Rows that are not federated send nothing and appear as dotted lines: {_e(', '.join(no_bytes))}."

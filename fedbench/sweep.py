@@ -3,9 +3,12 @@ gain over a reference row at every value.
 
 A protocol with a ``[sweep]`` table runs each variant (:meth:`fedbench.protocol.Protocol.variants`)
 into ``<results>/<field>=<value>/``, a complete results directory of its own. The sweep report reads
-those directories back: per value, :func:`fedbench.leaderboard.build_versus` (the paired bootstrap
-of :func:`fedbench.statistics.paired_differences`) of every row against the reference row, written
-as ``sweep.md`` (mean_acc), ``sweep.csv`` (every figure, with interval ends) and ``sweep_gain.png``.
+those directories back: per value, :func:`fedbench.leaderboard.build_versus` (the paired t-interval
+over seeds of :func:`fedbench.statistics.paired_differences`) of every row against the reference
+row, written as ``sweep.md`` (mean_acc), ``sweep.csv`` (every figure, with interval ends) and
+``sweep_gain.png``. A last column pools the values with the seed as the unit
+(:func:`fedbench.statistics.pooled_difference`): a seed run at several values counts once, with the
+mean of its differences there. The Holm adjustment runs over every mean_acc comparison of the table.
 """
 
 from __future__ import annotations
@@ -15,10 +18,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedbench.leaderboard import UnknownRowError, build_leaderboard, build_versus, plot_sweep_gain
+from fedbench.leaderboard import (
+    UnknownRowError,
+    build_leaderboard,
+    build_seed_values,
+    build_versus,
+    gain_text,
+    marks_note,
+    plot_sweep_gain,
+)
 from fedbench.protocol import Protocol
 from fedbench.records import read_records
-from fedbench.statistics import N_BOOT
+from fedbench.statistics import INTERVAL, PAIRED_INTERVAL, holm, pooled_difference
 
 
 def build_sweep(proto: Protocol, results: Path) -> pd.DataFrame:
@@ -26,8 +37,11 @@ def build_sweep(proto: Protocol, results: Path) -> pd.DataFrame:
     the field's short name), ``method``, ``seeds`` (how many both rows ran), per figure
     (``acc_<task>``, ``mean_acc``) the paired difference to the reference with ``_lo``/``_hi``
     95% interval ends, the reference's own ``reference_mean_acc`` with its interval, and the
-    variant's ``protocol_hash``. Rows follow the protocol's method order (then any other label the
-    records hold), values the sweep's order.
+    variant's ``protocol_hash``, and the mean_acc difference's t-test ``p`` and ``p_holm``. Rows
+    follow the protocol's method order (then any other label the records hold), values the sweep's
+    order. ``attrs["pooled"]`` holds each row's difference pooled over the values with the seed as
+    the unit (:func:`fedbench.statistics.pooled_difference`); the Holm adjustment runs over every
+    mean_acc comparison, per value and pooled (``attrs["comparisons"]``).
 
     Only records carrying the variant's protocol hash count (a directory may also hold runs of an
     earlier protocol). A value whose directory holds no completed run of the reference is left out
@@ -39,6 +53,8 @@ def build_sweep(proto: Protocol, results: Path) -> pd.DataFrame:
     results = Path(results)
     order = [m.label for m in proto.methods]
     frames, incomplete, synthetic_suites, synthetic, hashes, own = [], [], set(), False, {}, {}
+    per_seed: dict[str, list[dict[int, float]]] = {}  # label -> per value: seed -> mean_acc difference
+    seeds_at: dict[str, list[int]] = {}
     for value, variant in proto.variants():
         sub = results / sweep.dir_name(value)
         try:
@@ -54,6 +70,13 @@ def build_sweep(proto: Protocol, results: Path) -> pd.DataFrame:
             incomplete.append(sweep.dir_name(value))
             continue
         board = build_leaderboard(records).set_index("method")
+        values = build_seed_values(records)
+        ref_seeds = values[sweep.reference]["mean_acc"]
+        seeds_at[sweep.dir_name(value)] = sorted(int(s) for s in ref_seeds.index)
+        for label, row_values in values.items():
+            if label != sweep.reference:
+                diff = (row_values["mean_acc"] - ref_seeds).dropna()
+                per_seed.setdefault(label, []).append({int(s): float(d) for s, d in diff.items()})
         ref = board.loc[sweep.reference]
         versus.insert(0, sweep.short, value)
         ref_acc = (ref["mean_acc"], ref.get("mean_acc_lo", np.nan), ref.get("mean_acc_hi", np.nan))
@@ -71,6 +94,15 @@ def build_sweep(proto: Protocol, results: Path) -> pd.DataFrame:
             f"({', '.join(incomplete)}); run `fedbench run` first"
         )
     out = pd.concat(frames, ignore_index=True)
+    labels = list(pd.unique(out["method"]))
+    pooled = pd.DataFrame(
+        [pooled_difference(per_seed.get(label, [])) for label in labels],
+        index=pd.Index(labels, name="method"),
+        columns=["seeds", "mean_acc", "mean_acc_lo", "mean_acc_hi", "p"],
+    )
+    adjusted = holm([*out["p"], *pooled["p"]])
+    out["p_holm"], pooled["p_holm"] = adjusted[: len(out)], adjusted[len(out) :]
+    all_seeds = [s for seeds in seeds_at.values() for s in seeds]
     out.attrs = {
         "what": "sweep",
         "field": sweep.field,
@@ -84,34 +116,37 @@ def build_sweep(proto: Protocol, results: Path) -> pd.DataFrame:
         "incomplete": incomplete,
         "synthetic": synthetic,
         "synthetic_suites": sorted(synthetic_suites),
-        "n_boot": N_BOOT,
+        "pooled": pooled,
+        "comparisons": int(np.isfinite(adjusted).sum()),
+        "seeds_at": seeds_at,
+        "seeds_shared": len(all_seeds) != len(set(all_seeds)),
     }
     return out
 
 
-def _gain(row: pd.Series, most_seeds: int) -> str:
-    """``+0.012 [-0.010, +0.030] *``: the paired mean_acc difference, its interval, * when it excludes 0."""
-    if not row["seeds"] or pd.isna(row["mean_acc"]):
+def _gain(mean: float, lo: float, hi: float, p_holm: float, seeds: int, expected: int) -> str:
+    """``+0.012 [-0.010, +0.030] *``: the paired mean_acc difference, its interval and marks
+    (:func:`fedbench.leaderboard.gain_text`), and the seed count where it is short of ``expected``."""
+    if not seeds or pd.isna(mean):
         return "n/a (no seed shared with the reference)"
-    mean, lo, hi = row["mean_acc"], row["mean_acc_lo"], row["mean_acc_hi"]
-    text = f"{mean:+.3f}" if pd.isna(lo) else f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" *" if lo > 0 or hi < 0 else "")
-    return text + (f" ({int(row['seeds'])} seeds)" if row["seeds"] < most_seeds else "")
+    return gain_text(mean, lo, hi, p_holm) + (f" ({int(seeds)} seeds)" if seeds < expected else "")
 
 
 def render_sweep(table: pd.DataFrame) -> str:
-    """The sweep as markdown: one line per method row, one column per swept value, each cell the
-    paired gain in mean_acc over the reference; a last line with the reference's own mean_acc."""
+    """The sweep as markdown: one line per method row, one column per swept value and a last column
+    pooled over the values, each cell the paired gain in mean_acc over the reference; a last line
+    with the reference's own mean_acc."""
     attrs = table.attrs
-    short, ref = attrs["short"], attrs["reference"]
-    values = attrs["values"]
-    columns = attrs["dirs"]
-    most = int(table["seeds"].max()) if len(table) else 0
+    short, ref, pooled = attrs["short"], attrs["reference"], attrs["pooled"]
+    values, columns, seeds_at = attrs["values"], attrs["dirs"], attrs["seeds_at"]
+    n_pooled = len({s for seeds in seeds_at.values() for s in seeds})
+    heads = [f"{column} ({len(seeds_at[column])} seeds)" for column in columns]
     lines = [
         f"**Sweep of `{attrs['field']}`: paired gain in mean_acc over `{ref}`**"
         + (" (SYNTHETIC data)" if attrs.get("synthetic") else ""),
         "",
-        "| method | " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * len(columns),
+        "| method | " + " | ".join(heads) + f" | pooled ({n_pooled} seeds) |",
+        "|---|" + "---:|" * (len(columns) + 1),
     ]
 
     def esc(text: str) -> str:
@@ -120,22 +155,35 @@ def render_sweep(table: pd.DataFrame) -> str:
     for label in pd.unique(table["method"]):
         rows = table[table["method"] == label]
         cells = []
-        for value in values:
+        for value, column in zip(values, columns, strict=True):
             hit = rows[rows[short] == value]
-            cells.append(_gain(hit.iloc[0], most) if len(hit) else "not run")
+            if len(hit):
+                row = hit.iloc[0]
+                cell = [row["mean_acc"], row["mean_acc_lo"], row["mean_acc_hi"], row["p_holm"], row["seeds"]]
+                cells.append(_gain(*cell, len(seeds_at[column])))
+            else:
+                cells.append("not run")
+        p = pooled.loc[label]
+        cells.append(_gain(p["mean_acc"], p["mean_acc_lo"], p["mean_acc_hi"], p["p_holm"], p["seeds"], n_pooled))
         lines.append(f"| {esc(label)} | " + " | ".join(cells) + " |")
     own = []
     for column in columns:
         mean, lo, hi = attrs["reference_mean_acc"][column]
         own.append(f"{mean:.3f}" if pd.isna(lo) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]")
-    lines.append(f"| {esc(ref)} (reference: its own mean_acc) | " + " | ".join(own) + " |")
+    lines.append(f"| {esc(ref)} (reference: its own mean_acc) | " + " | ".join(own) + " | |")
+    shared = (
+        "some seeds ran at several values: each counts once, with the mean of its differences there"
+        if attrs["seeds_shared"]
+        else "every seed ran at one value only, so the pooled seeds are independent replicates"
+    )
     notes = [
-        f"Each cell: the row's mean_acc minus {ref}'s at that value, paired over seeds and global-test examples, "
-        f"with its 95% paired bootstrap interval (B={attrs['n_boot']}); * = the interval excludes 0; only the "
-        f"seeds both rows ran count ({most} unless noted). Last line: {ref}'s own mean_acc [95% interval]. "
-        "Last eval round of completed runs.",
-        f"Per-task differences (acc_<task>) and interval ends: sweep.csv; each value's leaderboard: "
+        f"Each cell: the row's mean_acc minus {ref}'s at that value [{PAIRED_INTERVAL}]; only the seeds both "
+        f"rows ran count (the column's count unless noted). Pooled: over the values with the seed as the unit "
+        f"({shared}). {marks_note(attrs['comparisons'])}, per value and pooled. Last line: {ref}'s own mean_acc "
+        f"[{INTERVAL}]. Last eval round of completed runs.",
+        f"Per-task differences (acc_<task>), interval ends and p-values: sweep.csv; each value's leaderboard: "
         f"{short}=<value>/leaderboard.md.",
+        "Seeds per value: " + "; ".join(f"{c}: {_span(seeds_at[c])}" for c in columns) + ".",
     ]
     if attrs.get("incomplete"):
         notes.append(f"Left out (no completed run of {ref} yet): {', '.join(attrs['incomplete'])}.")
@@ -147,6 +195,13 @@ def render_sweep(table: pd.DataFrame) -> str:
     return "\n".join([*lines, "", *(f"_{note}_  " for note in notes)]) + "\n"
 
 
+def _span(seeds: list[int]) -> str:
+    """``0–9`` for a run of consecutive seeds, else the list."""
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
 def write_sweep_report(proto: Protocol, results: Path, plots: bool = True) -> tuple[pd.DataFrame, list[Path]]:
     """Write ``sweep.md``, ``sweep.csv`` and (with ``plots``) ``sweep_gain.png`` into ``results``
     from the records of its variant directories; returns the table and the paths written."""
@@ -154,7 +209,8 @@ def write_sweep_report(proto: Protocol, results: Path, plots: bool = True) -> tu
     table = build_sweep(proto, results)
     md, csv = results / "sweep.md", results / "sweep.csv"
     md.write_text(render_sweep(table))
-    csv.write_text(table.to_csv(index=False))
+    pooled = table.attrs["pooled"].reset_index().assign(**{table.attrs["short"]: "pooled"})
+    csv.write_text(pd.concat([table, pooled], ignore_index=True).to_csv(index=False))
     paths = [md, csv]
     if plots:
         paths.append(plot_sweep_gain(table, results / "sweep_gain.png"))

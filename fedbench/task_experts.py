@@ -76,7 +76,11 @@ class TaskExpertOptions:
     # stage-2 routing: the router (learned), or a reference without router: each row to its own
     # task's adapter with weight 1 (oracle), equal weights over the client's experts (uniform)
     routing: Literal["learned", "oracle", "uniform"] = "learned"
-    top_k: int = 0  # 0: dense softmax routing; k: top-k, weights renormalised
+    # 0: dense softmax routing (Pilot's released script keeps every expert: num_selected = num_experts);
+    # k >= 2: top-k, weights renormalised. 1 is refused: the one kept weight renormalises to 1, a
+    # constant, so the router would learn nothing from the task loss nor the load balance (only the
+    # z-loss, which just shrinks its logits). Shared by pilot-ctmoa and mmrouter-moa.
+    top_k: int = 0
     orth_weight: float = 0.1  # stage 1: orthogonality penalty (task vs client adapter)
     balance_weight: float = 0.1  # stage 2: switch load-balance loss
     z_weight: float = 0.01  # stage 2: router z-loss
@@ -91,8 +95,11 @@ class TaskExpertOptions:
             raise ValueError(f"stage1_participations = {self.stage1_participations} must be >= 0")
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing = {self.routing!r} must be one of {', '.join(ROUTINGS)}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k = {self.top_k} must be >= 0 (0: dense routing)")
+        if self.top_k < 0 or self.top_k == 1:
+            raise ValueError(
+                f"top_k = {self.top_k} is invalid: expected 0 (dense routing) or an integer >= 2 "
+                "(top-1 renormalises the one kept weight to 1: the router would get no gradient from the loss)"
+            )
         for key in ("orth_weight", "balance_weight", "z_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} = {getattr(self, key)} must be >= 0")

@@ -32,6 +32,7 @@ from fedbench.leaderboard import (
     sampling_note,
     text_cell,
 )
+from fedbench.statistics import INTERVAL
 
 FIRST = ("mean_acc", "local_acc", "up_mb_per_round", "down_mb_per_round", "compute_s", "compute_gflop")  # after acc_
 EXTRA = (
@@ -234,7 +235,7 @@ def _notes(board: pd.DataFrame, layout: _Layout) -> list[str]:
         over = "mean over seeds (" + ", ".join(f"{label}={n}" for label, n in seeds.items()) + ")"
     notes = [
         f"Task columns and mean_acc: global-test accuracy (higher is better), {over}; mean_acc with its "
-        f"95% paired bootstrap interval over seeds and test examples (B={attrs.get('n_boot')}). local = "
+        f"{INTERVAL} (none with one seed). local = "
         "local_acc (own test splits). MB/rd: MB per round, summed over the round's clients. ± std, "
         "per-task intervals and every column: --format markdown or csv."
     ]

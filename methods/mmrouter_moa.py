@@ -157,9 +157,10 @@ class MMRouterMoA(TaskExpertsMethod):
     - Router: per-token logits = W_img·token (Pilot's router) + W_text·pooled question +
       W_task[task] + W_ocr·pooled OCR tokens (a learned null where a row or client has no OCR);
       ``router_inputs`` picks any non-empty subset of image, text, task, ocr (without ``image`` the
-      logits are constant over the tokens). Softmax, dense or ``top_k``; 0.1 × load balance, 0.01 ×
-      z-loss. ``router_scope`` = ``global`` (default: shared, the server holds the routing decision
-      every client uses) or ``local`` (tagged local, never sent: Pilot's local router).
+      logits are constant over the tokens). Softmax, dense or ``top_k`` (>= 2, as in ``pilot-ctmoa``);
+      0.1 × load balance, 0.01 × z-loss. ``router_scope`` = ``global`` (default: shared, the server
+      holds the routing decision every client uses) or ``local`` (tagged local, never sent: Pilot's
+      local router).
     - Server, modality-aware, each router entry averaged over exactly the clients that train it
       (a client uploads only what it trained: no router entry from a client in stage 1): the image,
       text and null logits of the task experts over all sampled clients; task t's row of the task

@@ -44,9 +44,11 @@ class PilotCTMoA(TaskExpertsMethod):
       orthogonality penalty between A's and C's outputs; no router.
     - Stage 2 (CT-MoA): experts = the T task adapters; own tasks' adapters train, the others are
       frozen, each with a trainable AoA on its output (E_t = A_t + AoA_t(A_t)); router
-      Linear(token_dim → T, no bias) on each image token, softmax (``top_k`` = 0: dense; k: top-k
-      renormalised); tokens' = tokens + Σ_t w_t·E_t(tokens) + C(tokens) (C frozen); loss +
-      ``balance_weight`` (0.1) × switch load balance + ``z_weight`` (0.01) × router z-loss.
+      Linear(token_dim → T, no bias) on each image token, softmax (``top_k`` = 0: dense, as Pilot's
+      released script; k >= 2: top-k renormalised; 1 is refused: its one weight renormalises to a
+      constant 1, so the router would learn nothing); tokens' = tokens + Σ_t w_t·E_t(tokens) + C(tokens)
+      (C frozen); loss + ``balance_weight`` (0.1) × switch load balance + ``z_weight`` (0.01) × router
+      z-loss.
       Usage rows: token-averaged routing weights per task × expert (task names).
     - Reference routing (``routing``, the same option as ``mmrouter-moa``'s): ``learned`` (default,
       the router above); ``oracle`` (no router: each row to its own task's adapter with weight 1, the

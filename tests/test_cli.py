@@ -86,6 +86,12 @@ def _fails_cleanly(args, needle):
         (["leaderboard", "--results", ".", "--format", "xml"], "--format 'xml' is invalid. Choose one of: table"),
         (["describe", "fedmx"], "Unknown method 'fedmx'"),
         (["run", "--methods", "feddpa:weighting=median"], "'median' is invalid: choose one of uniform, examples"),
+        # top-1 routing leaves the router without gradient (tests/test_pilot_ctmoa.py)
+        (
+            ["run", "--methods", "pilot-ctmoa:top_k=1"],
+            "method 'pilot-ctmoa': top_k = 1 is invalid: expected 0 (dense routing) or an integer >= 2",
+        ),
+        (["run", "--methods", "mmrouter-moa:top_k=1"], "method 'mmrouter-moa': top_k = 1 is invalid: expected 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, needle):

@@ -6,12 +6,21 @@ from importlib.metadata import EntryPoint
 import pytest
 
 from fedbench import registry
-from fedbench.method import Method
+from fedbench.method import Method, create_method
+from fedbench.options import OptionError
 from fedbench.task import TaskSpec
 
 
 class ThirdPartyMethod(Method):
     """A method shipped by another package."""
+
+
+class NamedByItsEntryPoint(Method):
+    """A method shipped by another package, named only by its entry point."""
+
+
+class ThirdPartyLoRA(registry.METHODS.get("fedavg-lora")):
+    """Another package's variant of a registered method (whose class carries the parent's name)."""
 
 
 class NotAMethod:
@@ -31,6 +40,28 @@ def test_entry_point_method_is_listed_and_loaded(monkeypatch):
     reg = registry.Registry("method", base=Method, entry_point_group="fedbench.methods")
     assert reg.names() == ["third-party"]
     assert reg.get("third-party") is ThirdPartyMethod
+
+
+@pytest.mark.parametrize(
+    ("value", "name", "parent"),
+    [("NamedByItsEntryPoint", "third-party", ""), ("ThirdPartyLoRA", "lora-v2", "fedavg-lora")],
+)
+def test_entry_point_method_carries_its_registered_name(monkeypatch, value, name, parent):
+    """In the real method registry, next to the in-repo methods: the entry point's name, not the
+    parent class's (or ""), in option errors and ``describe``; the parent keeps its own."""
+    cls = globals()[value]
+    monkeypatch.setattr(cls, "name", cls.name)  # restored after the test
+    assert cls.name == parent
+    registry.METHODS.names()  # the in-repo methods, discovered before the entry point arrives
+    monkeypatch.setattr(registry.METHODS, "_items", dict(registry.METHODS._items))
+    monkeypatch.setattr(registry.METHODS, "_loaded", False)
+    _entry_points(monkeypatch, "fedbench.methods", value, name=name)
+    assert registry.METHODS.get(name) is cls and cls.name == name
+    assert create_method(name).describe()["method"] == name
+    with pytest.raises(OptionError, match=f"^unknown option 'nope' for method '{name}'"):
+        create_method(name, {"nope": 1})
+    if parent:
+        assert registry.METHODS.get(parent).name == parent
 
 
 def test_entry_point_task_instance_is_loaded(monkeypatch):

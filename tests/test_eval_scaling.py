@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY
 from typer.testing import CliRunner
 
 import fedbench.server
@@ -24,7 +25,6 @@ from fedbench.seeding import derive_seed
 from fedbench.server import Run
 from fedbench.staging import prepare
 from fedbench.terminal_table import render_terminal
-from tests.conftest import TINY
 
 # measured, not computed (the FLOP meter counts its first use in a process apart): no evaluation figure
 VOLATILE = {"compute_s", "git_commit", "versions", "compute_flops", "flops_counted"}

@@ -289,13 +289,17 @@ def test_no_completed_run_and_duplicate_seed_raise():
 
 def test_render_table_and_markdown(board):
     table = render(board, "table")
-    assert f"│ {B} │ 0.800 ± 0.141 │" in table  # label brackets are not taken for rich markup
-    assert "0.650 ± 0.071" in table and "SYNTHETIC" in table and "…" not in table
+    # accuracies: mean [t-interval over 2 seeds]: 0.5, 0.6 -> 0.55 ± t(1, 0.975) * 0.0707 / √2 = ± 0.635
+    assert f"│ {B} │ 0.800 [-0.471, 2.071] │" in table  # label brackets are not taken for rich markup
+    assert "0.650 [0.015, 1.285]" in table and "SYNTHETIC" in table and "…" not in table
     md = render(board, "markdown")
     lines = md.splitlines()
     assert lines[0].startswith("| method | acc_ref | acc_vqa | mean_acc |")
-    # no per-example scores in these records: mean ± std, no interval, no convergence flag
-    assert f"| {A} | 0.550 ± 0.071 | 0.750 ± 0.071 | 0.650 ± 0.071 | 0.625 ± 0.035 | 0.450 ± 0.071 |" in md
+    # other figures: mean ± std over seeds; no convergence flag without a late eval round
+    row = (
+        f"| {A} | 0.550 [-0.085, 1.185] | 0.750 [0.115, 1.385] | 0.650 [0.015, 1.285] | 0.625 ± 0.035 | 0.450 ± 0.071 |"
+    )
+    assert row in md
     assert "| 3,000 | 2,000 | 1,000 |" in md  # params: no "± 0" for counts that do not vary
     assert f"| {C} | 0.500 | 0.500 | 0.500 | 0.500 |" in md  # one seed: mean only
     assert "| majority | 0.250 ± 0.000 | 0.400 ± 0.141 | 0.325 ± 0.071 |  |" in md
@@ -454,16 +458,18 @@ def _write(tmp_path, rows):
         append_records(tmp_path / "runs" / run_id / "records.jsonl", [r for r in rows if r["run_id"] == run_id])
 
 
-def test_every_row_gets_an_interval_around_its_mean():
+def test_every_row_gets_the_t_interval_of_its_per_seed_figures():
     board = build_leaderboard(pd.DataFrame(_paired_records())).set_index("method")
-    for label in ("ref", "flip", "const"):
-        for col in ("acc_vqa", "acc_ref", "mean_acc"):
-            assert board.loc[label, f"{col}_lo"] < board.loc[label, col] < board.loc[label, f"{col}_hi"]
-    assert board.loc["const", "mean_acc"] == pytest.approx(0.625)
     assert board.loc["ref", "mean_acc"] == pytest.approx(0.375 * 3 / 4)  # seed 3 scores 0
+    # ref's per-seed mean_acc: 0.375 on seeds 0-2, 0 on seed 3 (the seed is the unit, not the example)
+    half = 3.182446305284263 * np.std([0.375, 0.375, 0.375, 0.0], ddof=1) / 2  # t(3, 0.975) s / √4
+    for col in ("acc_vqa", "acc_ref", "mean_acc"):
+        assert board.loc["ref", [f"{col}_lo", f"{col}_hi"]].tolist() == pytest.approx([0.28125 - half, 0.28125 + half])
+    # const scores 0.625 on every seed: no seed-to-seed spread, a zero-width interval
+    assert board.loc["const", ["mean_acc", "mean_acc_lo", "mean_acc_hi"]].tolist() == pytest.approx([0.625] * 3)
     md = render(build_leaderboard(pd.DataFrame(_paired_records())), "markdown")
-    lo, hi = board.loc["const", ["mean_acc_lo", "mean_acc_hi"]]
-    assert f"| 0.625 [{lo:.3f}, {hi:.3f}] |" in md and "paired bootstrap" in md
+    lo, hi = board.loc["ref", ["mean_acc_lo", "mean_acc_hi"]]
+    assert f"| 0.281 [{lo:.3f}, {hi:.3f}] |" in md and "t-interval over seeds" in md
 
 
 def test_versus_is_the_paired_difference_on_shared_seeds():
@@ -473,17 +479,20 @@ def test_versus_is_the_paired_difference_on_shared_seeds():
     assert (diff["seeds"] == 3).all()  # ref's seed 3 has no partner
     for col in ("acc_ref", "acc_vqa", "mean_acc"):
         assert tuple(diff.loc["const", [col, f"{col}_lo", f"{col}_hi"]]) == (0.25, 0.25, 0.25)
-        assert diff.loc["flip", col] == pytest.approx(1 / 16)
-        assert 0 < diff.loc["flip", f"{col}_lo"] <= 1 / 16 <= diff.loc["flip", f"{col}_hi"]
+        # flip gains 1/16 on every seed: the interval over seeds is that difference
+        assert diff.loc["flip", [col, f"{col}_lo", f"{col}_hi"]].tolist() == pytest.approx([1 / 16] * 3)
+    assert diff["p_holm"].tolist() == pytest.approx([0.0, 0.0], abs=1e-12) and versus.attrs["comparisons"] == 2
     md = render(versus, "markdown")
     assert "| method | seeds | acc_ref | acc_vqa | mean_acc |" in md
-    assert "| const | 3 | +0.250 [+0.250, +0.250] * | +0.250 [+0.250, +0.250] * | +0.250 [+0.250, +0.250] * |" in md
+    assert "| const | 3 | +0.250 [+0.250, +0.250] * | +0.250 [+0.250, +0.250] * | +0.250 [+0.250, +0.250] *† |" in md
     assert "row − ref" in md and "excludes 0" in md and "only the seeds both rows ran count" in md
+    assert "Holm's adjustment for the 2 mean_acc comparisons" in md
     header = render(versus, "csv").splitlines()[0]
     assert header == (
-        "method,seeds,acc_ref,acc_ref_lo,acc_ref_hi,acc_vqa,acc_vqa_lo,acc_vqa_hi,mean_acc,mean_acc_lo,mean_acc_hi"
+        "method,seeds,acc_ref,acc_ref_lo,acc_ref_hi,acc_vqa,acc_vqa_lo,acc_vqa_hi,mean_acc,mean_acc_lo,mean_acc_hi,"
+        "p,p_holm"
     )
-    with pytest.raises(UnknownRowError, match=r"row 'nope' is not a row.*: const, flip, ref"):
+    with pytest.raises(UnknownRowError, match=r"row 'nope' is not a completed row.*: const, flip, ref"):
         build_versus(pd.DataFrame(_paired_records()), "nope")
 
 
@@ -493,23 +502,24 @@ def test_steps_are_each_row_minus_the_row_above():
     assert list(steps.index) == ["const", "flip"] and list(steps["above"]) == ["ref", "const"]  # "missing" skipped
     assert tuple(steps.loc["const", ["mean_acc", "mean_acc_lo", "mean_acc_hi"]]) == (0.25, 0.25, 0.25)
     assert steps.loc["flip", "mean_acc"] == pytest.approx(1 / 16 - 0.25)
-    assert steps.loc["flip", "mean_acc_lo"] <= 1 / 16 - 0.25 <= steps.loc["flip", "mean_acc_hi"] < 0
+    assert steps.loc["flip", ["mean_acc_lo", "mean_acc_hi"]].tolist() == pytest.approx([1 / 16 - 0.25] * 2)
+    assert steps.attrs["comparisons"] == 2
     assert "row − the row above" in render(build_steps(pd.DataFrame(_paired_records()), ["ref", "const"]), "markdown")
-    with pytest.raises(UnknownRowError, match="two rows"):
+    with pytest.raises(UnknownRowError, match="two completed rows"):
         build_steps(pd.DataFrame(_paired_records()), ["ref"])
 
 
 def test_rising_flag_and_reference_rows_without_bytes():
     rows = []
     for seed in range(2):
-        scores = np.roll(REF, seed)  # mean 0.375 on both tasks
+        scores = REF + 0.05 * seed  # mean 0.375, then 0.425, on both tasks: half-width 12.7 * 0.035 / √2
         rows += _scored_run("flat", seed, scores, early=0.365)  # gained 0.01 after round 4 of 5
         rows += _scored_run("rising", seed, scores, early=0.0)  # gained 0.375
         rows += _scored_run("final-only", seed, scores)  # evaluated only at the end: no evidence
         rows += _scored_run("centralized", seed, scores, early=0.375, federated=False)
     board = build_leaderboard(pd.DataFrame(rows)).set_index("method")
     half = (board["mean_acc_hi"] - board["mean_acc_lo"]) / 2
-    assert (0.01 < half).all() and (half < 0.375).all()  # both gains are on either side of the half-width
+    assert (0.01 < half).all() and (half < 0.4).all()  # both gains are on either side of the half-width
     flags = board["converged"]
     assert flags[["flat", "rising", "centralized"]].tolist() == ["yes", "rising", "yes"]
     assert pd.isna(flags["final-only"])
@@ -534,7 +544,7 @@ def test_versus_command_and_unknown_row(tmp_path):
     bad = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--versus", "nope"])
     out = bad.output.strip()
     assert bad.exit_code == 2 and "Traceback" not in out and "\n" not in out, out
-    assert out == "error: row 'nope' is not a row of these records; rows to compare against: const, flip, ref"
+    assert out == "error: row 'nope' is not a completed row of these records; rows: const, flip, ref"
     both = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--versus", "ref", "--usage"])
     assert both.exit_code == 2 and "choose one" in both.output
     md = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--versus", "ref", "--format", "markdown"])
@@ -570,4 +580,4 @@ def test_a_run_records_per_example_scores_and_routing_statistics(tiny_prep, tmp_
         assert 0 <= r["entropy"] <= math.log(n_experts) + 1e-9
         assert -1e-9 <= r["mutual_info"] <= math.log(min(n_tasks, n_experts)) + 1e-9
     board = build_leaderboard(read_records(tmp_path)).iloc[0]
-    assert board["mean_acc_lo"] - 1e-6 <= board["mean_acc"] <= board["mean_acc_hi"] + 1e-6
+    assert 0 <= board["mean_acc"] <= 1 and np.isnan(board["mean_acc_lo"])  # one seed: no interval

@@ -10,6 +10,8 @@ import torch
 from fedbench.client import trainable_state
 from fedbench.context import client_context
 from fedbench.method import ClientInfo, Reply, create_method
+from fedbench.moa import load_balance_loss, mixture, route
+from fedbench.options import OptionError
 from fedbench.payload import check_upload, serialize
 from fedbench.protocol import MethodEntry
 from fedbench.records import read_jsonl
@@ -267,8 +269,28 @@ def test_stage2_routes_tokens_over_the_task_experts(tiny_prep, tmp_path):
     assert torch.allclose(out.tokens, x + mix + model.client_adapter(x), atol=1e-5)
     assert model.routing.shape == (6, len(ALL)) and torch.allclose(model.routing, w.mean(1))
     assert model.expert_names == list(ALL)
-    top = create_method("pilot-ctmoa", {"top_k": 1})
-    assert top.options.top_k == 1
+    top = create_method("pilot-ctmoa", {"top_k": 2})
+    assert top.options.top_k == 2
+
+
+@pytest.mark.parametrize("name", ["pilot-ctmoa", "mmrouter-moa"])
+def test_top_1_routing_is_refused_because_the_router_would_learn_nothing(name):
+    """With one expert kept its renormalised weight is the constant 1: no gradient reaches the router
+    from the mixture nor the load balance (``fedbench.moa``), so ``top_k = 1`` (shared by both
+    task-expert methods) is refused when the options are built, naming the value and the valid range."""
+    logits = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    experts = [torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for k in (1, 2):
+        w = route(logits, k)
+        (grad,) = torch.autograd.grad(mixture(experts, w).pow(2).sum() + load_balance_loss(w), logits)
+        assert (grad.abs().max() < 1e-4) == (k == 1), k
+    with pytest.raises(OptionError) as info:
+        create_method(name, {"top_k": "1"})
+    assert str(info.value) == (
+        f"method '{name}': top_k = 1 is invalid: expected 0 (dense routing) or an integer >= 2 "
+        "(top-1 renormalises the one kept weight to 1: the router would get no gradient from the loss)"
+    )
+    assert [create_method(name, {"top_k": k}).options.top_k for k in (0, 2, 3)] == [0, 2, 3]
 
 
 def test_stage2_trains_own_experts_aoas_router_and_freezes_the_rest(tiny_prep, tmp_path, train_client):

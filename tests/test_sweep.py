@@ -8,14 +8,14 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 from typer.testing import CliRunner
 
 from fedbench import protocol
-from fedbench.cli import app
+from fedbench.cli import app, protocol_to_toml, resolve_protocol
 from fedbench.leaderboard import plot_sweep_gain
 from fedbench.protocol import ProtocolError
 from fedbench.records import read_records
-from fedbench.statistics import paired_differences
 
 runner = CliRunner()
 
@@ -108,9 +108,45 @@ def _fails_cleanly(args, needle):
         ),
         (
             'field = "data.domain_task_coupling"\nvalues = [0.0]\nrefrence = "pfedmoe"',
-            "unknown protocol field 'sweep.refrence'. Valid fields: sweep.field, sweep.values, sweep.reference",
+            "unknown protocol field 'sweep.refrence'. Valid fields: sweep.field, sweep.values, sweep.reference, "
+            "sweep.seeds",
         ),
         ('field = "data.domain_task_coupling"\nvalues = [0.0]', "protocol table 'sweep' lacks 'reference'"),
+        # per-value seeds: one non-empty list of distinct integers >= 0 per value
+        (
+            'field = "data.domain_task_coupling"\nvalues = [0.0, 1.0]\nreference = "pfedmoe"\nseeds = [[0, 1]]',
+            "protocol field 'sweep.seeds' has 1 list(s) for 2 value(s): expected one list of seeds per entry of "
+            "sweep.values, in the same order",
+        ),
+        (
+            'field = "data.domain_task_coupling"\nvalues = [0.0, 1.0]\nreference = "pfedmoe"\nseeds = []',
+            "protocol field 'sweep.seeds' has 0 list(s) for 2 value(s)",
+        ),
+        (
+            'field = "data.domain_task_coupling"\nvalues = [0.0, 1.0]\nreference = "pfedmoe"\nseeds = [[0], []]',
+            "protocol field 'sweep.seeds[1]' = [] is invalid: expected a non-empty list of distinct integers >= 0 "
+            "(the seeds of sweep.values[1])",
+        ),
+        (
+            'field = "data.domain_task_coupling"\nvalues = [0.0, 1.0]\nreference = "pfedmoe"\nseeds = [[0, -1], [2]]',
+            "protocol field 'sweep.seeds[0]' = [0, -1] is invalid: expected a non-empty list of distinct integers",
+        ),
+        (
+            'field = "data.domain_task_coupling"\nvalues = [0.0, 1.0]\nreference = "pfedmoe"\nseeds = [[0], [2, 2]]',
+            "protocol field 'sweep.seeds[1]' = [2, 2] is invalid: expected a non-empty list of distinct integers",
+        ),
+        (
+            'field = "data.domain_task_coupling"\nvalues = [0.0, 1.0]\nreference = "pfedmoe"\nseeds = [[0], [1.5]]',
+            "protocol field 'sweep.seeds[1]' = [1.5] is invalid: expected a non-empty list of distinct integers",
+        ),
+        (
+            'field = "data.domain_task_coupling"\nvalues = [0.0, 1.0]\nreference = "pfedmoe"\nseeds = [0, 1]',
+            "protocol field 'sweep.seeds[0]' = 0 is invalid: expected a non-empty list of distinct integers",
+        ),
+        (
+            'field = "data.domain_task_coupling"\nvalues = [0.0, 1.0]\nreference = "pfedmoe"\nseeds = "0-9"',
+            "protocol field 'sweep.seeds' must be a list of seed lists (one per entry of sweep.values), got '0-9'",
+        ),
     ],
 )
 def test_bad_sweep_is_one_line_exit_2(tmp_path, sweep, needle):
@@ -153,20 +189,91 @@ def test_variants_have_their_own_hash_equal_to_the_protocol_written_without_swee
     assert "sweep" not in protocol.load("smoke").as_dict()  # protocols without a sweep hash as before
 
 
-def _examples(records: pd.DataFrame) -> dict:
-    """label -> seed -> task -> per-example scores of each run's last global eval, by hand."""
+PER_VALUE = SWEEP + "seeds = [[3], [4, 5]]\n"
+
+
+def test_per_value_seeds_give_each_variant_its_seeds_and_keep_every_hash(tmp_path):
+    """``sweep.seeds``: value i runs seeds[i]; seeds are replicates, so the variants' hashes (and the sweep
+    protocol's own) are those of the same sweep without them, and the results of before stay valid."""
+    plain = protocol.load(_write(tmp_path, TINY + SWEEP, "plain.toml"))
+    per_value = protocol.load(_write(tmp_path, TINY.replace("seeds = [0]\n", "") + PER_VALUE, "per_value.toml"))
+    assert per_value.sweep.seeds == ((3,), (4, 5))
+    assert per_value.seeds == (3, 4, 5)  # left out beside them: every seed the sweep runs
+    assert per_value.hash == plain.hash
+    assert [(v, p.seeds) for v, p in per_value.variants()] == [(0.0, (3,)), (1.0, (4, 5))]
+    assert [p.hash for _, p in per_value.variants()] == [p.hash for _, p in plain.variants()]
+    assert [p.name for _, p in per_value.variants()] == [p.name for _, p in plain.variants()]
+    # a top-level list written beside them is kept in the file but not run
+    explicit = protocol.load(_write(tmp_path, TINY + PER_VALUE, "explicit.toml"))
+    assert explicit.seeds == (0,) and [p.seeds for _, p in explicit.variants()] == [(3,), (4, 5)]
+    # without the key: every value runs the protocol's seeds, and the table reads as before
+    assert [p.seeds for _, p in plain.variants()] == [(0,), (0,)]
+    assert plain.sweep.seeds is None and "seeds" not in plain.as_dict()["sweep"]
+
+
+def test_per_value_seeds_round_trip_through_the_written_protocol_toml(tmp_path):
+    for text in (TINY + PER_VALUE, TINY.replace("seeds = [0]\n", "") + PER_VALUE, TINY + SWEEP):
+        proto = protocol.load(_write(tmp_path, text))
+        written = protocol_to_toml(proto)
+        assert ("seeds = [\n    [\n" in written) == (proto.sweep.seeds is not None)
+        again = protocol.load(_write(tmp_path, written, "written.toml"))
+        assert again == proto and again.hash == proto.hash
+        assert [(v, p.seeds, p.hash) for v, p in again.variants()] == [
+            (v, p.seeds, p.hash) for v, p in proto.variants()
+        ]
+    frozen = protocol.load("routing-frozen")  # the preset: disjoint seeds, hashes of the committed study
+    again = protocol.load(_write(tmp_path, protocol_to_toml(frozen), "frozen.toml"))
+    assert again == frozen
+    assert [(p.seeds, p.hash) for _, p in frozen.variants()] == [
+        ((100, 101, 102, 103, 104), "30e39c5a9a14"),
+        (tuple(range(10)), "32a20eb30263"),
+        ((200, 201, 202, 203, 204), "9926d1363b3e"),
+    ]
+    assert frozen.hash == "53269ba4585c"  # results/routing-frozen/protocol.toml's
+
+
+def test_seeds_option_replaces_per_value_seeds_for_every_value(tmp_path):
+    path = _write(tmp_path, TINY + PER_VALUE)
+    proto = resolve_protocol(path, None, None, "7,8", None)
+    assert proto.sweep is not None and proto.sweep.seeds is None
+    assert [p.seeds for _, p in proto.variants()] == [(7, 8), (7, 8)]
+    assert resolve_protocol(path, None, None, None, None).sweep.seeds == ((3,), (4, 5))
+
+
+def test_sweep_run_gives_each_value_directory_exactly_its_seeds(tmp_path):
+    out = tmp_path / "out"
+    path = _write(tmp_path, TINY + SWEEP + "seeds = [[4], [3]]\n")  # disjoint, not in sorted order
+    result = runner.invoke(app, ["run", "--preset", path, "--results", str(out), "--rounds", "1", "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert protocol.load(str(out / "protocol.toml")).sweep.seeds == ((4,), (3,))
+    for value, seeds in ((0.0, {4}), (1.0, {3})):
+        sub = out / f"domain_task_coupling={value}"
+        assert protocol.load(str(sub / "protocol.toml")).seeds == tuple(sorted(seeds))
+        runs = read_records(sub).query("kind == 'run'")
+        assert set(runs["seed"]) == seeds
+        assert sorted(runs["label"]) == sorted(["fedmix", "pfedmoe"] * len(seeds))
+
+
+def _per_seed_mean_acc(records: pd.DataFrame) -> dict[str, dict[int, float]]:
+    """label -> seed -> mean_acc of each run's last global eval (mean over tasks), by hand."""
     ev = records[(records["kind"] == "eval") & (records["scope"] == "global")]
     ev = ev[ev["round"] == ev.groupby("run_id")["round"].transform("max")]
-    out: dict = {}
-    for label, seed, task, scores in zip(ev["label"], ev["seed"], ev["task"], ev["per_example"], strict=True):
-        out.setdefault(label, {}).setdefault(int(seed), {})[task] = np.asarray(scores, dtype=float)
-    return out
+    means = ev.groupby(["label", "seed"])["value"].mean()
+    return {
+        label: {int(seed): v for (lab, seed), v in means.items() if lab == label} for label in means.index.levels[0]
+    }
+
+
+def _t(values: list[float]) -> tuple[float, float, float]:
+    """mean and 95% t-interval, written out with scipy (not fedbench's function)."""
+    mean, half = np.mean(values), stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+    return mean, mean - half, mean + half
 
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    path = _write(tmp, TINY + SWEEP)
+    path = _write(tmp, TINY + SWEEP + "seeds = [[0, 1], [1, 2]]\n")  # seed 1 runs at both values
     out = tmp / "out"
     result = runner.invoke(app, ["run", "--preset", path, "--results", str(out), "--rounds", "1"])
     assert result.exit_code == 0, result.output
@@ -203,23 +310,36 @@ def test_leaderboard_of_a_sweep_directory_points_to_sweep_report(sweep_dir):
 
 
 def test_sweep_report_equals_paired_differences_of_each_directory(sweep_dir):
+    """Each cell is the t-interval over seeds of the per-seed mean_acc difference, recomputed from the
+    raw records; the pooled column counts seed 1 (run at both values) once, with its mean difference."""
     md = (sweep_dir / "sweep.md").read_text()
     csv = pd.read_csv(sweep_dir / "sweep.csv")
     assert "over `pfedmoe`" in md and "SYNTHETIC" in md
     header = next(line for line in md.splitlines() if line.startswith("| method |"))
-    assert header == "| method | domain_task_coupling=0.0 | domain_task_coupling=1.0 |"
+    assert header == (
+        "| method | domain_task_coupling=0.0 (2 seeds) | domain_task_coupling=1.0 (2 seeds) | pooled (3 seeds) |"
+    )
     cells = next(line for line in md.splitlines() if line.startswith("| fedmix |")).strip("| ").split(" | ")[1:]
+    by_seed: dict[int, list[float]] = {}
     for i, value in enumerate((0.0, 1.0)):
-        records = read_records(sweep_dir / f"domain_task_coupling={value}")
-        diff = paired_differences(_examples(records), "pfedmoe").loc["fedmix"]
-        mean, lo, hi = diff["mean_acc"], diff["mean_acc_lo"], diff["mean_acc_hi"]
-        star = " *" if lo > 0 or hi < 0 else ""
-        assert cells[i] == f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}"
-        row = csv[(csv["domain_task_coupling"] == value) & (csv["method"] == "fedmix")].iloc[0]
-        figures = [c for c in diff.index if c.startswith(("acc_", "mean_acc"))]
-        assert len(figures) == 3 * 5  # four tasks and the mean, each with its interval
-        np.testing.assert_allclose(row[figures].astype(float), diff[figures].astype(float))
-        assert row["seeds"] == 1
+        per_seed = _per_seed_mean_acc(read_records(sweep_dir / f"domain_task_coupling={value}"))
+        diffs = {s: per_seed["fedmix"][s] - per_seed["pfedmoe"][s] for s in per_seed["pfedmoe"]}
+        assert sorted(diffs) == [[0, 1], [1, 2]][i]
+        for seed, d in diffs.items():
+            by_seed.setdefault(seed, []).append(d)
+        mean, lo, hi = _t(list(diffs.values()))
+        assert cells[i].startswith(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        row = csv[(csv["domain_task_coupling"] == str(value)) & (csv["method"] == "fedmix")].iloc[0]
+        np.testing.assert_allclose(row[["mean_acc", "mean_acc_lo", "mean_acc_hi"]].astype(float), [mean, lo, hi])
+        figures = [c for c in row.index if c.startswith(("acc_", "mean_acc")) and not c.endswith(("_lo", "_hi"))]
+        assert len(figures) == 5 and row["seeds"] == 2  # four tasks and the mean, each with its interval
+    assert sorted(by_seed) == [0, 1, 2] and len(by_seed[1]) == 2
+    mean, lo, hi = _t([float(np.mean(d)) for d in by_seed.values()])
+    assert cells[2].startswith(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    pooled = csv[(csv["domain_task_coupling"] == "pooled") & (csv["method"] == "fedmix")].iloc[0]
+    np.testing.assert_allclose(pooled[["mean_acc", "mean_acc_lo", "mean_acc_hi"]].astype(float), [mean, lo, hi])
+    assert pooled["seeds"] == 3
+    assert "Holm's adjustment for the 3 mean_acc comparisons" in md and "each counts once" in md
 
 
 def test_sweep_report_rebuilds_and_notes_missing_values(sweep_dir, tmp_path):
