@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -73,17 +74,8 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # escape: messages name labels such as mmrouter-moa[router_inputs=image], not markup
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except PermissionError as err:
-            err_console.print(f"[bold red]error:[/] cannot write '{err.filename}': {err.strerror}", soft_wrap=True)
-            raise typer.Exit(2) from None
-        except OSError as err:  # e.g. a disk that fills up mid-run: the last checkpoint stays resumable
-            where = f"cannot write '{err.filename}'" if err.filename else "a write failed"
-            err_console.print(
-                f"[bold red]error:[/] {escape(where)}: {escape(err.strerror or str(err))}; completed rounds are "
-                "checkpointed: rerun the same command to resume",
-                highlight=False,
-                soft_wrap=True,
-            )
+        except OSError as err:
+            err_console.print(f"[bold red]error:[/] {escape(_os_error_line(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print(
@@ -97,6 +89,26 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# errors only a write gives (a disk that fills up mid-run, a read-only or over-quota file system): the last
+# checkpoint stays resumable. Any other OSError names its file and reason, and claims no write.
+WRITE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, name)
+)
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an OSError that reached the command: a failed write (by its errno) says so and how
+    to resume; anything else (an unreadable input, a path that is a file where a directory is needed,
+    a permission) names the file and the reason, without claiming a write."""
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno in WRITE_ERRNOS:
+        where = f"cannot write '{err.filename}'" if err.filename else "a write failed"
+        return f"{where}: {reason}; completed rounds are checkpointed: rerun the same command to resume"
+    if err.filename:
+        return f"cannot use '{err.filename}': {reason}"
+    return f"{type(err).__name__}: {reason}"
+
+
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
@@ -108,6 +120,9 @@ def _int_list(value: str, what: str) -> tuple[int, ...]:
         raise UsageError(f"{what} '{value}' must be comma-separated integers, e.g. 0,1,2") from None
     if not out or min(out) < 0:
         raise UsageError(f"{what} '{value}' must list integers >= 0")
+    twice = next((v for i, v in enumerate(out) if v in out[:i]), None)
+    if twice is not None:
+        raise UsageError(f"{what} '{value}' names {twice} twice: name each once")
     return out
 
 
@@ -125,11 +140,18 @@ def resolve_protocol(
             name, options = parse_method_spec(spec)
             entries.append(MethodEntry(name, options))
         changes["methods"] = tuple(entries)
-    if tasks:
+    if tasks is not None:
+        if not _split(tasks):
+            raise UsageError(f"--tasks '{tasks}' names no task. Available: {', '.join(TASKS.names())}")
         changes["tasks"] = tuple(_split(tasks))
+        twice = next((t for i, t in enumerate(changes["tasks"]) if t in changes["tasks"][:i]), None)
+        if twice is not None:
+            raise UsageError(f"--tasks '{tasks}' names the task '{twice}' twice: name each task once")
         if proto.data.tasks_per_client > len(changes["tasks"]):  # fewer tasks than the preset's per client
             changes["data"] = dataclasses.replace(proto.data, tasks_per_client=len(changes["tasks"]))
-    if seeds:
+    if seeds is not None:
+        if not _split(seeds):
+            raise UsageError(f"--seeds '{seeds}' names no seed: give comma-separated integers >= 0, e.g. 0,1,2")
         changes["seeds"] = _int_list(seeds, "--seeds")
         if proto.sweep is not None and proto.sweep.seeds is not None:  # every value runs --seeds
             changes["sweep"] = dataclasses.replace(proto.sweep, seeds=None)
@@ -144,10 +166,8 @@ def resolve_protocol(
     for checked in [variant for _, variant in proto.variants()] or [proto]:  # a sweep may vary these
         SUITES.get(checked.data.suite)
         BACKBONES.get(checked.backbone.name.partition(":")[0])
-    from fedbench.method import create_method
-
-    for entry in proto.methods:
-        create_method(entry.name, entry.options)  # unknown method or option fails before any write
+    # unknown method or option, or one configuration under two spellings, fails before any write
+    protocol_mod.check_method_rows(proto)
     return proto
 
 
@@ -195,24 +215,48 @@ def run(
     device: str = typer.Option(
         None, help="auto (CUDA when present), cpu, cuda or cuda:N; default: the protocol's \\[resources] device."
     ),
+    rerun_changed: bool = typer.Option(
+        False,
+        "--rerun-changed",
+        help="Rerun the rows of RESULTS whose records were made by other code (another code digest: the .py "
+        "files of fedbench/, methods/, tasks/ and the row's plug-ins), replacing their records; without it "
+        "such rows are refused.",
+    ),
 ) -> None:
     """Run every method row of a protocol over its seeds and print the leaderboard.
 
     With a ``\\[sweep]`` table, each swept value runs into ``RESULTS/<field>=<value>/`` (a complete results
     directory; over its own seeds where the table gives ``seeds``, one list per value, unless --seeds),
-    then ``sweep.md``, ``sweep.csv`` and ``sweep_gain.png`` are written into RESULTS."""
+    then ``sweep.md``, ``sweep.csv`` and ``sweep_gain.png`` are written into RESULTS.
+
+    RESULTS holds one protocol (its hash in ``RESULTS/.fedbench``): a run of another protocol into it,
+    or into a directory fedbench did not write, is refused before anything is written. A completed row
+    is skipped when its records were made by the same code; one made by other code is refused unless
+    --rerun-changed (fedbench/results_dir.py)."""
+    from fedbench.results_dir import ResultsDirError, apply_plan, plan_run
+
     proto = resolve_protocol(preset, methods, tasks, seeds, rounds)
     if device is not None:
         proto = _on_device(proto, device)
     results = results or Path("runs") / proto.name
     _check_outside_package(results)
+    try:
+        plan = plan_run(proto, results, rerun_changed)
+    except ResultsDirError as err:
+        raise UsageError(str(err)) from None
     _check_writable(results)
     command = " ".join(["fedbench", *sys.argv[1:]]) + "\n"
     check_backend(backend)
     if feature_cache:
         _check_cache_outside(results)
+    try:
+        apply_plan(plan)
+    except ResultsDirError as err:
+        raise UsageError(str(err)) from None
+    for row in plan.replaced():
+        console.print(f"rerun {row.run_id}: its records were made by other code (--rerun-changed)", soft_wrap=True)
     if proto.sweep is None:
-        _exit_if_failed(_run_protocol(proto, results, plots, command, backend, feature_cache))
+        _exit_if_failed(_run_protocol(proto, results, plots, command, backend, feature_cache, plan))
         return
     from fedbench.sweep import write_sweep_report
 
@@ -226,7 +270,9 @@ def run(
     failures = []
     for i, (value, variant) in enumerate(variants, start=1):
         console.rule(f"{sweep.field} = {value} ({i}/{len(variants)})")
-        failures += _run_protocol(variant, results / sweep.dir_name(value), plots, command, backend, feature_cache)
+        failures += _run_protocol(
+            variant, results / sweep.dir_name(value), plots, command, backend, feature_cache, plan
+        )
     table, paths = write_sweep_report(proto, results, plots)
     _print_sweep(table, paths, results)
     _exit_if_failed(failures)
@@ -267,13 +313,21 @@ def _print_sweep(table: Any, paths: list[Path], results: Path) -> None:
 
 
 def _run_protocol(
-    proto: Protocol, results: Path, plots: bool, command: str, backend: str = "inprocess", feature_cache: bool = False
+    proto: Protocol,
+    results: Path,
+    plots: bool,
+    command: str,
+    backend: str = "inprocess",
+    feature_cache: bool = False,
+    plan: Any = None,
 ) -> list:
     """One protocol (no sweep) into ``results``: records, leaderboard, expert usage, plots. Returns
-    the rows that failed (every other row ran; the leaderboard shows them as ``failed``)."""
+    the rows that failed (every other row ran; the leaderboard shows them as ``failed``). ``plan``
+    (:func:`fedbench.results_dir.plan_run`) says why a skipped row is skipped."""
     from fedbench.backends import run_backend
     from fedbench.leaderboard import build_leaderboard, build_usage, plot, render
     from fedbench.records import read_records
+    from fedbench.results_dir import skip_reason
     from fedbench.server import RowsFailed
     from fedbench.staging import Prepared
 
@@ -315,7 +369,8 @@ def _run_protocol(
                     f"(rounds 1-{info['round']} restored from its checkpoint)"
                 )
             elif event == "skip":
-                progress.console.print(f"[dim]skip (already complete): {info['run_id']}[/]")
+                why = escape(skip_reason(plan, info["run_id"]))
+                progress.console.print(f"[dim]skip (already complete): {info['run_id']}{why}[/]", soft_wrap=True)
             elif event == "wait":
                 progress.console.print(f"waiting for {info['run_id']}: another process ({info['holder']}) runs it")
             elif event == "drop":
@@ -354,7 +409,7 @@ def _run_protocol(
             failures = err.failures
         _tell_features(progress.console, staged)
     records = read_records(results)
-    board = build_leaderboard(records, with_failed=True)
+    board = _completed_runs(lambda: build_leaderboard(records, with_failed=True), results)
     console.print(_render_board(board, "table", None), markup=False, highlight=False, soft_wrap=True)
     (results / "leaderboard.md").write_text(render(board, "markdown"))
     (results / "leaderboard.csv").write_text(render(board, "csv"))
@@ -407,6 +462,11 @@ def _check_cache_outside(results: Path) -> None:
     from fedbench.feature_cache import cache_root
 
     cache = cache_root().resolve()
+    if cache.exists() and not cache.is_dir():
+        raise UsageError(
+            f"feature cache '{cache}' ($FEDBENCH_CACHE) is a file, not a directory: point FEDBENCH_CACHE at a "
+            "directory, or run with --no-feature-cache"
+        )
     for what, path in (("the installed fedbench package", Path(__file__).resolve().parent), ("--results", results)):
         if cache.is_relative_to(path.resolve()):
             raise UsageError(
@@ -487,6 +547,9 @@ def leaderboard(
         build_steps,
         build_usage,
         build_versus,
+        check_one_protocol,
+        failed_rows,
+        in_flight_runs,
         plot,
         render,
     )
@@ -508,18 +571,37 @@ def leaderboard(
             f"--results {results}`, or point --results at one of its <field>=<value> directories"
         )
     records = read_records(results)
+    _completed_runs(lambda: check_one_protocol(records), results)
+    pending = in_flight_runs(records)
+    completed = "completed" in records and bool((records["kind"].eq("run") & records["completed"].eq(True)).any())
+    if pending and not completed and not failed_rows(records):
+        raise UsageError(
+            f"nothing in '{results}' is complete yet: {len(pending)} run(s) in flight (or interrupted, resumable "
+            f"by rerunning their `fedbench run`): {', '.join(pending)}"
+        )
     if steps and not written.is_file():
         raise UsageError(f"--steps reads the row order from '{written}', which does not exist")
     if versus is not None or steps:
         try:
             if steps:
-                board = build_steps(records, [m.label for m in protocol_mod.load(str(written)).methods])
+                board = _completed_runs(
+                    lambda: build_steps(records, [m.label for m in protocol_mod.load(str(written)).methods])
+                )
             else:
-                board = build_versus(records, versus)
+                board = _completed_runs(lambda: build_versus(records, versus))
         except UnknownRowError as err:
             raise UsageError(str(err)) from None
     else:
-        board = build_usage(records) if usage else build_leaderboard(records, with_failed=True)
+        board = _completed_runs(
+            lambda: build_usage(records) if usage else build_leaderboard(records, with_failed=True), results
+        )
+    if pending:
+        err_console.print(
+            f"note: {len(pending)} run(s) in flight (or interrupted), not counted: {', '.join(pending)}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
     if usage and board.empty:
         raise UsageError(f"no expert-usage records in '{results}': none of its methods has a router or gate")
     text = _render_board(board, format, columns) if not (usage or versus is not None or steps) else None
@@ -533,6 +615,9 @@ def leaderboard(
             tmp.replace(out)
         except OSError as err:
             raise UsageError(f"cannot write '{out}': {err.strerror or err}") from None
+        finally:
+            if tmp.is_file():
+                tmp.unlink()
     if plots is not None:
         _check_writable(plots)
         for path in plot(records, plots):
@@ -577,10 +662,15 @@ def _one_results_dir(results: Path) -> None:
         )
 
 
-def _completed_runs(build: Callable[[], Any]) -> Any:
-    """``build()``, with "no completed run" and "two completed runs of a seed" as one-line errors."""
+def _completed_runs(build: Callable[[], Any], results: Path | None = None) -> Any:
+    """``build()``, with "no completed run", "two completed runs of a seed" and records of several
+    protocols (in ``results``) as one-line errors."""
+    from fedbench.leaderboard import MixedProtocolsError
+
     try:
         return build()
+    except MixedProtocolsError as err:
+        raise UsageError(f"'{results}': {err}" if results is not None else str(err)) from None
     except ValueError as err:
         if "completed run" not in str(err):
             raise
@@ -605,7 +695,7 @@ def report(
     if out.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out '{out}' must name an .html file (the PNGs are written beside it)")
     _check_writable(out.parent)
-    paths = _completed_runs(lambda: write_report(results, out))
+    paths = _completed_runs(lambda: write_report(results, out), results)
     console.print(f"wrote {paths[0]} and beside it {', '.join(p.name for p in paths[1:])}", soft_wrap=True)
 
 
@@ -631,7 +721,7 @@ def compare(
     _one_results_dir(results)
     records = read_records(results)
     try:
-        table = _completed_runs(lambda: build_compare(records, target, task))
+        table = _completed_runs(lambda: build_compare(records, target, task), results)
     except CompareError as err:
         raise UsageError(str(err)) from None
     text = render_compare(table, format, _terminal_width())

@@ -23,7 +23,7 @@ from fedbench.context import ClientContext, client_context
 from fedbench.data import GLOBAL_TEST, TEST, ClientInfo
 from fedbench.evaluation import EvalReply, GlobalScores, evaluate_rows
 from fedbench.faults import nonfinite
-from fedbench.flops import FlopMeter
+from fedbench.flops import FlopMeter, model_identity, shared_fits
 from fedbench.method import Method
 from fedbench.model import ClientModel
 from fedbench.payload import META, deserialize, serialize
@@ -83,7 +83,6 @@ class TrainReply:
     timer: str
     record: dict[str, Any] = field(default_factory=dict)  # the method's train-record fields
     flops: int = 0  # FLOPs of the local update (fedbench.flops)
-    flops_counted: int = 0  # of its training steps, how many were counted (the others predicted)
 
 
 class ClientRuntime:
@@ -93,7 +92,15 @@ class ClientRuntime:
         self.prep, self.method = prep, method
         self.model = build_model(prep, method)
         self.init = trainable_state(self.model)
-        self.flops = FlopMeter()  # its fits of step FLOPs carry over between clients and rounds
+        # its fits of step FLOPs carry over between clients, rounds, and runs of this model in the process
+        setting = (
+            method.name,
+            repr(method.options),
+            prep.protocol.hash,
+            repr(prep.protocol.resources),
+            str(prep.device),
+        )
+        self.flops = FlopMeter(fits=shared_fits(model_identity(self.model, *setting)))
         # client id -> stored state; a run puts a ClientStore here (on disk: memory stays O(model))
         self.states: MutableMapping[int, State] = {} if states is None else states
 
@@ -134,7 +141,7 @@ class ClientRuntime:
         if not nonfinite(state):
             self.states[info.client] = state
         extra = self.method.train_record(self.model, ctx)
-        return TrainReply(up, len(ctx.train_rows), timer.seconds, timer.kind, extra, flops.total, flops.counted)
+        return TrainReply(up, len(ctx.train_rows), timer.seconds, timer.kind, extra, flops.total)
 
     # reuse global-test scores across clients whose models are provably identical (False: never)
     reuse_global_scores: ClassVar[bool] = True

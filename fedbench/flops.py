@@ -17,6 +17,13 @@ exact integers. Steps are counted until a least-squares fit of ``w`` on the coun
 :data:`CONFIRM` further counted steps exactly; from then on the key's steps whose composition lies
 in the span of the counted ones are predicted, not counted (others are counted). A method whose
 costs do not fit never passes the check and is counted on every step.
+
+The fits are kept per model, not per run: every meter of one model in a process shares them
+(:func:`shared_fits`), keyed by what fixes a step's cost besides its key and composition (the
+method and its options, the protocol's hash and resources, the model's parameter names, shapes and
+dtypes). So the seeds and resumed runs of a row confirm its fits once, and later seeds count only
+steps of a key or span not seen before. A step's FLOPs are exact either way, so records hold them
+and not whether they were counted, which depends on what the process ran before.
 ``tests/test_flops.py`` runs every registered method both ways and finds equal totals. A step that
 must be counted is counted on a dry run of its forward and backward, off the compute clock, before
 it runs uncounted, so ``compute_s`` carries no counting overhead for the steps. Everything in the
@@ -26,7 +33,7 @@ local update outside the steps (a selection pass, say) is counted directly, unde
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -117,12 +124,13 @@ class _Fit:
 
 class FlopMeter:
     """FLOPs of the work done while it is entered (one client's local update). ``fits`` persist for
-    the meter's owner (a client runtime, across rounds and clients); ``total`` and the step
-    counters restart at each ``with``."""
+    the meter's owner (a client runtime, across rounds and clients), or for every meter of one model
+    in the process when given :func:`shared_fits`; ``total`` and the step counters restart at each
+    ``with``."""
 
-    def __init__(self, every_step: bool = False) -> None:
+    def __init__(self, every_step: bool = False, fits: dict[tuple, _Fit] | None = None) -> None:
         self.every_step = every_step  # count every step (what the tests compare predictions with)
-        self.fits: dict[tuple, _Fit] = {}
+        self.fits: dict[tuple, _Fit] = {} if fits is None else fits  # key -> fit (shared: shared_fits)
         self.total = self.counted = self.predicted = 0
         self._mode: FlopCounterMode | None = None
         self._token: contextvars.Token | None = None
@@ -172,6 +180,23 @@ class FlopMeter:
             yield
         finally:
             self._open()
+
+
+_SHARED_FITS: dict[tuple, dict[tuple, _Fit]] = {}
+
+
+def shared_fits(identity: tuple) -> dict[tuple, _Fit]:
+    """The step fits of every meter in this process whose model has ``identity``: what fixes a
+    step's FLOPs besides its key (phase, trained parameters, the client's tasks and OCR) and its
+    batch composition, e.g. :func:`model_identity`."""
+    return _SHARED_FITS.setdefault(identity, {})
+
+
+def model_identity(model: torch.nn.Module, *setting: Hashable) -> tuple:
+    """``setting`` (the method, its options, the protocol: what selects the forward's code path and
+    the data's shapes) and the model's structure: every parameter's and buffer's name, shape, dtype."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return (*setting, tuple((name, tuple(t.shape), str(t.dtype)) for name, t in tensors))
 
 
 def active_meter() -> FlopMeter | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,8 +49,41 @@ class UnknownRowError(ValueError):
     """A row asked for by label that the records do not hold with per-example scores."""
 
 
+class MixedProtocolsError(ValueError):
+    """Records of several protocol hashes: a leaderboard ranks the runs of one protocol."""
+
+
+def check_one_protocol(df: pd.DataFrame, where: str = "the records") -> None:
+    """Raise :class:`MixedProtocolsError` (one line naming every hash, its protocol name and how many
+    runs carry it) when the records hold runs of several protocol hashes."""
+    if "protocol_hash" not in df:
+        return
+    hashes = df.dropna(subset=["protocol_hash"])
+    if hashes["protocol_hash"].nunique() <= 1:
+        return
+    names = hashes.groupby("protocol_hash")["protocol"].agg(lambda n: ", ".join(sorted(set(map(str, n.dropna())))))
+    runs = hashes.groupby("protocol_hash")["run_id"].nunique() if "run_id" in hashes else names.map(lambda _: 0)
+    listed = "; ".join(f"{h} ({names[h] or '?'}, {runs[h]} run(s))" for h in sorted(names.index))
+    raise MixedProtocolsError(
+        f"{where} mix runs of {len(names)} protocols: {listed}; a leaderboard ranks one protocol: keep one "
+        "protocol per results directory (move the other protocol's runs/<run_id> directories to their own)"
+    )
+
+
+def in_flight_runs(df: pd.DataFrame) -> list[str]:
+    """Run ids with records but neither a completed ``kind="run"`` record nor a failure: runs in
+    flight (or interrupted, resumable), which no leaderboard counts yet."""
+    if "run_id" not in df or "kind" not in df:
+        return []
+    completed = df["completed"].eq(True) if "completed" in df else pd.Series(False, index=df.index)
+    done = set(df.loc[(df["kind"] == "run") & completed, "run_id"]) | set(df.loc[df["kind"] == "failed", "run_id"])
+    return sorted(set(df["run_id"].dropna()) - done)
+
+
 def _completed(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows of completed runs only; a run counts once its kind="run" row says completed=True."""
+    """Rows of completed runs only; a run counts once its kind="run" row says completed=True. Records
+    of several protocol hashes are refused (:func:`check_one_protocol`)."""
+    check_one_protocol(df)
     runs = df[df["kind"] == "run"]
     done = runs.loc[runs["completed"].eq(True), "run_id"] if "completed" in runs else runs["run_id"].iloc[:0]
     if done.empty:
@@ -255,8 +287,10 @@ def build_leaderboard(df: pd.DataFrame, with_failed: bool = False) -> pd.DataFra
     ``converged`` is "rising" when, averaged over seeds, mean_acc gained more than its interval's
     half-width after ``LATE`` × R rounds (else "yes"; NaN without an eval by then or an interval).
     Raises ValueError when there is no completed run, or when a label has two completed runs of one
-    seed (the seed count, and so the std, would be wrong).
+    seed (the seed count, and so the std, would be wrong); :class:`MixedProtocolsError` when the
+    records hold runs of several protocol hashes.
     """
+    check_one_protocol(df)
     failed = failed_rows(df) if with_failed else {}
     runs = df[df["kind"] == "run"] if "kind" in df else df.iloc[:0]
     if failed and not (runs["completed"].eq(True).any() if "completed" in runs else False):
@@ -310,8 +344,6 @@ def build_leaderboard(df: pd.DataFrame, with_failed: bool = False) -> pd.DataFra
         *(["eval_sample"] if "eval_sample" in board else []),
     ]
     out = pd.DataFrame(rows, columns=columns)
-    if len(recs["protocol_hash"].dropna().unique()) > 1:
-        warnings.warn("the leaderboard mixes runs of several protocol hashes", RuntimeWarning, stacklevel=2)
     out.attrs = _attrs(recs, per_run)
     return out
 

@@ -6,6 +6,8 @@ import dataclasses
 import typing
 from typing import Any
 
+from fedbench.checks import allowed_of, is_finite, number_problem
+
 
 class OptionError(ValueError):
     """A bad method option; the message names the option and the valid choices."""
@@ -49,8 +51,10 @@ def _convert(value: Any, tp: Any, owner: str, key: str) -> Any:
 
 
 def build_config(cls: type, options: dict[str, Any], owner: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``options``; rejects unknown keys, converts strings,
-    and runs the dataclass's own ``__post_init__`` range checks (which raise ValueError)."""
+    """Instantiate dataclass ``cls`` from ``options``; rejects unknown keys, converts strings, refuses
+    a non-finite float (nan, inf, 1e400) in any float field, declared bound or not
+    (:mod:`fedbench.checks`), and then runs the dataclass's own ``__post_init__`` range checks (which
+    raise ValueError)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
@@ -58,6 +62,10 @@ def build_config(cls: type, options: dict[str, Any], owner: str) -> Any:
         raise OptionError(f"unknown option '{unknown[0]}' for {owner}. Valid options: {valid}")
     hints = typing.get_type_hints(cls)
     values = {k: _convert(v, hints[k], owner, k) for k, v in options.items()}
+    for key, value in values.items():
+        if not is_finite(value):
+            problem = number_problem(f"option '{key}' of {owner}", value, allowed_of(cls, key), given=options[key])
+            raise OptionError(problem)
     try:
         return cls(**values)
     except ValueError as err:
@@ -65,12 +73,19 @@ def build_config(cls: type, options: dict[str, Any], owner: str) -> Any:
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``name:key=value:key2=value2`` -> (name, {key: value})."""
+    """``name:key=value:key2=value2`` -> (name, {key: value}); a key given twice is refused (the
+    last would silently win)."""
     name, *pairs = spec.split(":")
-    options = {}
+    options: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise OptionError(f"method option '{pair}' in '{spec}' must look like key=value")
-        options[key.strip()] = value.strip()
+        key = key.strip()
+        if key in options:
+            raise OptionError(
+                f"method option '{key}' is given twice in '{spec}' ({key}={options[key]}, {key}={value.strip()}): "
+                "give each option once"
+            )
+        options[key] = value.strip()
     return name.strip(), options

@@ -25,6 +25,7 @@ from typing import Any
 
 import tomllib
 
+from fedbench.checks import FINITE, dataclass_leaves, is_finite, number_problem
 from fedbench.data import PartitionConfig
 from fedbench.model import ANSWER_SIDES
 
@@ -357,7 +358,13 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 
 
 def validate(proto: Protocol) -> None:
-    """Check every range; raise :class:`ProtocolError` naming the first bad field."""
+    """Check every range; raise :class:`ProtocolError` naming the first bad field. Every number of the
+    protocol is finite first (:mod:`fedbench.checks`): nan, inf and 1e400 are refused in any field,
+    with or without a range in ``_RANGES`` (the method rows' options are checked by their parser)."""
+    for path, value in dataclass_leaves(proto, skip=("methods", "sweep")):
+        if not is_finite(value):
+            allowed = _RANGES[path][1] if path in _RANGES else FINITE
+            raise ProtocolError(number_problem(f"protocol field '{path}'", value, allowed))
     for path, (check, allowed) in _RANGES.items():
         value: Any = proto
         for part in path.split("."):
@@ -381,6 +388,18 @@ def validate(proto: Protocol) -> None:
             f"protocol field 'data.{real_only[0]}' = {getattr(proto.data, real_only[0])!r} is invalid: it applies "
             f"to suite 'real' only (this protocol's suite is '{proto.data.suite}'); remove it"
         )
+    twice_seed = next((s for i, s in enumerate(proto.seeds) if s in proto.seeds[:i]), None)
+    if twice_seed is not None:
+        raise ProtocolError(
+            f"protocol field 'seeds' lists the seed {twice_seed} twice: list each seed once "
+            f"(seeds: {', '.join(map(str, proto.seeds))})"
+        )
+    twice_task = next((t for i, t in enumerate(proto.tasks) if t in proto.tasks[:i]), None)
+    if twice_task is not None:
+        raise ProtocolError(
+            f"protocol field 'tasks' lists the task '{twice_task}' twice: list each task once "
+            f"(tasks: {', '.join(proto.tasks)})"
+        )
     labels = [m.label for m in proto.methods]
     twice = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
     if twice is not None:
@@ -390,6 +409,37 @@ def validate(proto: Protocol) -> None:
         )
     if proto.sweep is not None:
         _validate_sweep(proto)
+
+
+def canonical_label(entry: MethodEntry) -> str:
+    """The label of the configuration ``entry`` runs: its options parsed by the method (so ``rank=8``,
+    ``rank=8.0`` and TOML's ``rank = 8`` agree), those at their default dropped, keys sorted. Two rows
+    with one canonical label are one configuration (``fedavg-lora`` and ``fedavg-lora[rank=8]``).
+    Raises the method's own one-line error for an unknown method or a bad option."""
+    from fedbench.method import create_method
+
+    method = create_method(entry.name, entry.options)
+    options, default = method.options, type(method).Options()
+    changed = {
+        f.name: getattr(options, f.name)
+        for f in dataclasses.fields(options)
+        if getattr(options, f.name) != getattr(default, f.name)
+    }
+    return MethodEntry(entry.name, changed).label
+
+
+def check_method_rows(proto: Protocol) -> None:
+    """Every method row builds (unknown method or option: its one-line error) and no two rows are one
+    configuration under two spellings (:func:`canonical_label`): one line naming both."""
+    seen: dict[str, str] = {}
+    for entry in proto.methods:
+        canonical = canonical_label(entry)
+        if canonical in seen:
+            raise ProtocolError(
+                f"method rows '{seen[canonical]}' and '{entry.label}' are one configuration ('{canonical}': "
+                "options at their defaults dropped, keys sorted); list it once"
+            )
+        seen[canonical] = entry.label
 
 
 def _sweep_field_type(name: str) -> Any:
@@ -460,8 +510,9 @@ def _validate_sweep(proto: Protocol) -> None:
             validate(_variant(proto, value, i))
         except ProtocolError:
             allowed = _RANGES[sweep.field][1] if sweep.field in _RANGES else "a valid value"
+            finite = "" if is_finite(value) else "not a finite number; "
             raise ProtocolError(
-                f"protocol field 'sweep.values[{i}]' = {value!r} is invalid: '{sweep.field}' expects {allowed}"
+                f"protocol field 'sweep.values[{i}]' = {value!r} is invalid: {finite}'{sweep.field}' expects {allowed}"
             ) from None
         name = sweep.dir_name(value)
         if name in seen:
@@ -495,7 +546,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ProtocolError(f"protocol field '{path}' must be a table, got {value!r}")
-        return dict(value)
+        (_key, inner) = typing.get_args(tp)
+        return {k: _coerce(v, inner, f"{path}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp in (int, str, bool) and type(value) is tp:
@@ -534,7 +586,12 @@ def _method_entry(item: Any, index: int) -> MethodEntry:
         extra = sorted(set(item) - {"name", "options"})
         if extra:
             raise ProtocolError(f"unknown protocol field 'methods[{index}].{extra[0]}'. Valid fields: name, options")
-        return MethodEntry(item["name"], dict(item.get("options", {})))
+        options = item.get("options", {})
+        if not isinstance(options, dict):
+            raise ProtocolError(
+                f"protocol field 'methods[{index}].options' must be a table of option = value, got {options!r}"
+            )
+        return MethodEntry(item["name"], dict(options))
     raise ProtocolError(f"protocol field 'methods[{index}]' must be a method name or {{name, options}}, got {item!r}")
 
 
@@ -605,8 +662,17 @@ def load(preset_or_path: str) -> Protocol:
     if preset_or_path.endswith(".toml") or "/" in preset_or_path:
         path = Path(preset_or_path)
         if not path.is_file():
-            raise ProtocolError(f"protocol file '{preset_or_path}' does not exist")
-        text = path.read_text()
+            what = "is a directory, not a TOML file" if path.is_dir() else "does not exist"
+            raise ProtocolError(f"protocol file '{preset_or_path}' {what}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ProtocolError(
+                f"protocol file '{preset_or_path}' is not UTF-8 text (byte {err.start}: {err.reason}): "
+                "a protocol is a TOML file"
+            ) from None
+        except OSError as err:
+            raise ProtocolError(f"cannot read protocol file '{preset_or_path}': {err.strerror or err}") from None
     else:
         names = preset_names()
         if preset_or_path not in names:

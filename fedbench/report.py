@@ -811,7 +811,7 @@ def write_report(results: Path, out: Path) -> list[Path]:
     for name, make, _ in figures:
         pngs[name] = _png(make())
         path = out.with_name(f"{out.stem}_{name}.png")
-        path.write_bytes(pngs[name])
+        _write_atomic(path, pngs[name])
         written.append(path)
 
     best = rows["mean_acc"].idxmax() if len(rows) else ""
@@ -914,5 +914,16 @@ def write_report(results: Path, out: Path) -> list[Path]:
         f"protocol {_e(protocols)}; written by <code>fedbench report</code>.</p>{warning}<nav>{nav}</nav></header>"
         f"<main>{body}</main><script>{_JS}</script></body></html>\n"
     )
-    out.write_text(page, encoding="utf-8")
+    _write_atomic(out, page.encode("utf-8"))
     return [out, *written]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` whole or is left as it was: written to ``<path>.tmp`` and moved into
+    place; the ``.tmp`` file never stays behind, not even when the write or the move fails."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ import numpy as np
 from fedbench.data import ExampleTable
 from fedbench.partition import partition_summary
 from fedbench.protocol import MethodEntry, Protocol
-from fedbench.provenance import git_commit, library_versions, machine
+from fedbench.provenance import code_digest, git_commit, library_versions, machine
 from fedbench.registry import TASKS
 from fedbench.statistics import routing_entropy, task_expert_mi
 
@@ -40,6 +40,7 @@ class RunRecords:
             "protocol": p.name,
             "protocol_hash": p.hash,
             "git_commit": git_commit(),
+            "code_digest": code_digest(p, self.entry),
             "suite": p.data.suite,
             "synthetic": bool(self.table.synthetic),
             "device": self.device,
@@ -56,12 +57,11 @@ class RunRecords:
         n_examples: int,
         extra: dict[str, Any],
         flops: int = 0,
-        flops_counted: int = 0,
     ) -> dict:
         """One ``kind="train"`` record: the message bytes (``wire``), the compute time and FLOPs
-        (with how many training steps were counted, the others predicted: :mod:`fedbench.flops`),
-        plus the method's own fields (:meth:`Method.train_record`), which may not overwrite the
-        harness's."""
+        (:mod:`fedbench.flops`; exact whether a step was counted or predicted, so the record says
+        not which: that depends on what the process metered before), plus the method's own fields
+        (:meth:`Method.train_record`), which may not overwrite the harness's."""
         record = {
             **self.common(),
             "kind": "train",
@@ -71,7 +71,6 @@ class RunRecords:
             "compute_s": compute_s,
             "timer": timer,
             "compute_flops": flops,
-            "flops_counted": flops_counted,
             "n_examples": n_examples,
         }
         clash = sorted(set(extra) & set(record))

@@ -25,7 +25,7 @@ from fedbench.integrity import IntegrityError
 from fedbench.method import Method, Reply, count_params, create_method
 from fedbench.payload import Payload, analytic_bytes, check_upload, deserialize, serialize
 from fedbench.protocol import MethodEntry, Protocol
-from fedbench.records import DirectoryLock, append_records, read_jsonl
+from fedbench.records import GENESIS, DirectoryLock, append_records, incomplete_run, read_jsonl, scan_records
 from fedbench.run_records import RunRecords
 from fedbench.seeding import sample_clients
 from fedbench.staging import Prepared, prepare
@@ -120,9 +120,14 @@ class Run:
         return self._backend
 
     def completed(self) -> bool:
+        """Its records hold a completed ``kind="run"`` record, their seals verify and the run is whole
+        (:func:`fedbench.records.incomplete_run`); a run whose records are damaged runs again (its
+        resume keeps what verifies)."""
         if not self.records_path.is_file():
             return False
-        return any(r.get("kind") == "run" and r.get("completed") for r in read_jsonl(self.records_path))
+        scan = scan_records(self.records_path)
+        done = any(r.get("kind") == "run" and r.get("completed") for r in scan.rows)
+        return done and scan.whole and incomplete_run(scan.rows) is None
 
     def build(self):
         return build_model(self.prep, self.method)
@@ -177,23 +182,37 @@ class Run:
             rows = self._round(r, model, fed)
             if (r + 1) == rounds or (self.protocol.eval.every and (r + 1) % self.protocol.eval.every == 0):
                 rows += self._evaluate(r, model, fed)
-            append_records(self.records_path, rows)
+            n, last = self.checkpoint.covers or (0, GENESIS)
+            seal = append_records(self.records_path, rows)
+            self.checkpoint.covers = (n + len(rows), seal if rows else last)  # what the checkpoint covers
             self.checkpoint.save(r + 1, fed.server, self.backend.client_states(), fed.init)
             self.progress("round", {"run_id": self.run_id, "round": r + 1, "rounds": rounds})
         self._finish(model, tags)
 
     def _resume(self, fed: Federation) -> int:
         """The round to start from: after the checkpoint's, with the records of later rounds dropped
-        (a kill between append and checkpoint); 0 when there is none or the backend cannot resume."""
-        start = 0
+        (a kill between append and checkpoint); 0 when there is none or the backend cannot resume.
+        The checkpoint must match the sealed records (else :class:`IntegrityError`); records that
+        do not reach it (cut short, or changed before it) start the run again from round 0
+        (:func:`fedbench.checkpoint.truncate_records`)."""
+        start, server, head = 0, None, None
         if self.backend.client_states() is not None:  # the clients' states go to the run's store, on disk
             loaded = self.checkpoint.load(fed.init)
             self.backend.restore(self.checkpoint.clients)
             if loaded is not None:
-                start, fed.server = loaded
-                self.progress("resume", {"run_id": self.run_id, "round": start})
-        truncate_records(self.records_path, start)
-        return start
+                start, server = loaded
+                head = self.checkpoint.covers
+        manifest = self.checkpoint.path if server is not None else None
+        kept = truncate_records(self.records_path, start, head, manifest)
+        if kept.start != start:  # the rounds before the checkpoint's are lost from the records
+            self.checkpoint.discard()
+            self.backend.restore(self.checkpoint.clients)
+            self.progress("restart", {"run_id": self.run_id, "round": start})
+        elif server is not None:
+            fed.server = server
+            self.progress("resume", {"run_id": self.run_id, "round": start})
+        self.checkpoint.covers = (kept.rows, kept.seal)
+        return kept.start
 
     # --- one round ------------------------------------------------------------------------------
     def _exchange(
@@ -296,7 +315,6 @@ class Run:
                 reply.n_examples,
                 reply.record,
                 reply.flops,
-                reply.flops_counted,
             )
             bad = nonfinite(up)
             if bad:  # received and counted, but left out of the aggregation
@@ -365,7 +383,7 @@ class Run:
         nothing = {"up_bytes": 0, "down_bytes": 0, "up_bytes_analytic": 0, "down_bytes_analytic": 0}
         extra = self.method.train_record(model, ctx)
         record = self.records.train(
-            r, GLOBAL_CLIENT, nothing, timer.seconds, timer.kind, len(train_rows), extra, flops.total, flops.counted
+            r, GLOBAL_CLIENT, nothing, timer.seconds, timer.kind, len(train_rows), extra, flops.total
         )
         return [{**record, "federated": False, "steps": steps, "sampled": sampled}]
 

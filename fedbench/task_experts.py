@@ -37,6 +37,7 @@ from torch import nn
 
 from fedbench.aggregate import weighted_mean
 from fedbench.backbone import Backbone
+from fedbench.checks import NON_NEGATIVE, POSITIVE, bounded, check_bounds
 from fedbench.method import ClientInfo, Method, Reply, holds
 from fedbench.moa import (
     Adapter,
@@ -66,6 +67,7 @@ TASK_ADAPTERS, AOA, CLIENT_ADAPTER, ROUTER, OCR_EXPERT = (
 ROUTINGS = ("learned", "oracle", "uniform")
 
 
+@bounded(orth_weight=NON_NEGATIVE, balance_weight=NON_NEGATIVE, z_weight=NON_NEGATIVE, router_lr_scale=POSITIVE)
 @dataclass(frozen=True)
 class TaskExpertOptions:
     """Options common to the task-expert MoA methods (Pilot's defaults where it has them)."""
@@ -100,11 +102,7 @@ class TaskExpertOptions:
                 f"top_k = {self.top_k} is invalid: expected 0 (dense routing) or an integer >= 2 "
                 "(top-1 renormalises the one kept weight to 1: the router would get no gradient from the loss)"
             )
-        for key in ("orth_weight", "balance_weight", "z_weight"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} = {getattr(self, key)} must be >= 0")
-        if self.router_lr_scale <= 0:
-            raise ValueError(f"router_lr_scale = {self.router_lr_scale} must be > 0")
+        check_bounds(self)  # the float options: finite and in their declared bounds
 
 
 def stage_of(participations: int, stage1_participations: int) -> int:

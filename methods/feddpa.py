@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from fedbench.aggregate import weighted_mean
 from fedbench.backbone import Backbone
+from fedbench.checks import POSITIVE, UNIT, Bound, bounded, check_bounds
 from fedbench.lora import LoRADelta, LoRASpec, PeftMix, inject_lora, lora_layers, lora_param
 from fedbench.method import Method, Reply, Tag, register_method
 from fedbench.model import Batch, ClientModel, is_answer_side
@@ -27,9 +28,11 @@ if TYPE_CHECKING:
     from fedbench.context import ClientContext
 
 GLOBAL, LOCAL = "global", "local"
+LORA_DROPOUT = Bound(0, 1, hi_open=True)  # LoRASpec's range (its alpha: POSITIVE), declared for the option messages
 REFERENCE_STREAM = "feddpa-reference"
 
 
+@bounded(alpha=POSITIVE, dropout=LORA_DROPOUT, local_weight=Bound(0, 1, lo_open=True), max_weight=UNIT)
 @dataclass(frozen=True)
 class FedDPAOptions(LoRASpec):
     """FedDPA-T defaults of the official code (LoRA ``rank`` 8 / ``alpha`` 16 / ``dropout`` 0.05 on q,
@@ -44,12 +47,9 @@ class FedDPAOptions(LoRASpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.local_weight <= 1:
-            raise ValueError(f"local_weight = {self.local_weight} must be in (0, 1]")
+        check_bounds(self)  # local_weight, max_weight (and LoRA's alpha, dropout): finite and in bounds
         if self.num_reference < 1:
             raise ValueError(f"num_reference = {self.num_reference} must be >= 1")
-        if not 0 <= self.max_weight <= 1:
-            raise ValueError(f"max_weight = {self.max_weight} must be in [0, 1]")
 
 
 def adapter_of(name: str) -> str | None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from fedbench.aggregate import weighted_mean
 from fedbench.backbone import Backbone
+from fedbench.checks import NON_NEGATIVE, bounded, check_bounds
 from fedbench.method import ClientInfo, Method, Reply, Tag, register_method
 from fedbench.moa import Adapter, entropy
 from fedbench.model import AnswerTrunk, Batch, ClientModel, Features, answer_input, make_heads
@@ -27,6 +28,7 @@ META_SELECTION = META + "selection"
 META_GATE_MASS = META + "gate_mass"
 
 
+@bounded(sparsity_weight=NON_NEGATIVE)
 @dataclass(frozen=True)
 class FedMixOptions:
     """K experts (the paper's CIFAR-10 setting), m per client, entropy sparsity weight."""
@@ -41,8 +43,7 @@ class FedMixOptions:
             raise ValueError(f"num_experts = {self.num_experts} must be >= 1")
         if not 1 <= self.experts_per_client <= self.num_experts:
             raise ValueError(f"experts_per_client = {self.experts_per_client} must be in [1, num_experts]")
-        if self.sparsity_weight < 0:
-            raise ValueError(f"sparsity_weight = {self.sparsity_weight} must be >= 0")
+        check_bounds(self)  # sparsity_weight: finite and >= 0
         if self.bottleneck < 1:
             raise ValueError(f"bottleneck = {self.bottleneck} must be >= 1")
 

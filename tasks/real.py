@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedbench.checks import is_local_path
 from fedbench.data import (
     GLOBAL_CLIENT,
     GLOBAL_TEST,
@@ -254,14 +255,27 @@ def _class_names(features: dict, column: str) -> tuple[str, ...]:
     return tuple(str(n) for n in names)
 
 
+def _check_codes(values: Sequence, names: tuple[str, ...], column: str) -> None:
+    """Every value of a ClassLabel column is the index of one of its names, or one line naming the
+    first row that is not (a label outside the class names, a missing label)."""
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < len(names):
+            raise DataError(
+                f"column '{column}' row {i}: label {v!r} is outside its {len(names)} class names "
+                f"(expected an integer in [0, {len(names) - 1}])"
+            )
+
+
 def _classification(label_column: str, domain_column: str | None = None) -> Callable[..., Examples]:
     def extract(cols: dict, _classes, features: dict) -> Examples:
         classes = _class_names(features, label_column)
         labels = cols[label_column]
         n = len(labels)
+        _check_codes(labels, classes, label_column)
         domain_names, domains, natural = ("all",), np.zeros(n, np.int64), {}
         if domain_column is not None:
             domain_names = _class_names(features, domain_column)  # looked up, never hard-coded
+            _check_codes(cols[domain_column], domain_names, domain_column)
             domains = np.asarray(cols[domain_column], np.int64)
             natural[domain_column] = (domain_names, domains)
         return Examples(
@@ -351,15 +365,19 @@ def _offline() -> bool:
 
 
 def resolve_source(source: str, adapter: Adapter) -> Path:
-    """A local snapshot directory, or the hub cache's snapshot of a hub id (downloaded only when not offline)."""
+    """A local snapshot directory, or the hub cache's snapshot of a hub id (downloaded only when not offline).
+
+    Which one ``source`` names follows :func:`fedbench.checks.is_local_path`: a local path when it exists,
+    when it is not ``OWNER/NAME`` (e.g. starts with ``.``, ``/`` or ``~``, or has more or fewer than one
+    ``/``), or when ``OWNER`` is a local directory; a missing local path is said not to exist, never looked
+    up on the hub."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     how = f"get it with: {adapter.get_command()} (then name DIR in [data.sources])"
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise DatasetUnavailable(
-            f"dataset '{adapter.repo}' for task '{adapter.task}': '{source}' is not a directory; {how}"
-        )
+    if is_local_path(source):
+        what = "is a file, not a snapshot directory" if path.exists() else "does not exist (a local path)"
+        raise DatasetUnavailable(f"dataset '{adapter.repo}' for task '{adapter.task}': '{source}' {what}; {how}")
     try:
         from huggingface_hub import snapshot_download
 
@@ -404,6 +422,12 @@ def load_split(root: Path, adapter: Adapter, split: str, images: bool = False):
 
         datasets.disable_progress_bars()
         cache = os.environ.get("FEDBENCH_HF_CACHE")
+        if _parquet_rows(files, adapter, split) == 0:
+            names = ", ".join(f.relative_to(root).as_posix() for f in files)
+            raise DataError(
+                f"dataset '{adapter.repo}' split '{split}' ({root}) has 0 rows ({names}): task '{adapter.task}' "
+                "needs examples; re-download it"
+            )
         ds = datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split, cache_dir=cache)
         separate = images and adapter.image_config
         needed = (adapter.image_join[1], adapter.image_column) if separate else adapter.columns
@@ -416,6 +440,25 @@ def load_split(root: Path, adapter: Adapter, split: str, images: bool = False):
             )
         _LOADED[key] = ds
     return _LOADED[key]
+
+
+def _parquet_rows(files: list[Path], adapter: Adapter, split: str) -> int:
+    """The rows of a split's files, read from their footers: a file named like a parquet shard that is
+    not one (text, a truncated download) stops with one line naming it and why."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for f in files:
+        try:
+            rows += pq.read_metadata(f).num_rows
+        except (pa.ArrowException, OSError) as err:
+            reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+            raise DataError(
+                f"dataset '{adapter.repo}' split '{split}': '{f}' is not a readable parquet file ({reason}); "
+                f"re-download it: {adapter.get_command()}"
+            ) from None
+    return rows
 
 
 def _files_key(root: Path, adapter: Adapter, split: str, images: bool = False) -> list:
@@ -453,7 +496,10 @@ def read_examples(root: Path, adapter: Adapter, split: str) -> Examples:
     ds = load_split(root, adapter, split)
     names = [c for c in (*adapter.columns, *OPTIONAL_COLUMNS) if c in ds.column_names and c != adapter.image_column]
     cols = _columns(ds, list(dict.fromkeys(names)))  # metadata only: no image is decoded
-    examples = adapter.extract(cols, None, dict(ds.features))
+    try:
+        examples = adapter.extract(cols, None, dict(ds.features))
+    except DataError as err:  # a bad row or column: say which dataset and split it is in
+        raise DataError(f"dataset '{adapter.repo}' split '{split}' ({root}): {err}") from None
     if adapter.image_config:
         examples.row = _join_images(root, adapter, split, examples.image_key)
     return examples
@@ -475,12 +521,33 @@ def _join_images(root: Path, adapter: Adapter, split: str, keys: np.ndarray) -> 
     return np.asarray([where[k] for k in keys.tolist()], np.int64)
 
 
+def open_image(item: dict, adapter: Adapter, split: str, row: int):
+    """The PIL image of one row's image cell (``{bytes, path}``), decoded; a file that cannot be read or
+    bytes that are not an image stop with one line naming the row and why."""
+    from io import BytesIO
+
+    from PIL import Image, UnidentifiedImageError
+
+    where = f"dataset '{adapter.repo}' split '{split}' row {row}, column '{adapter.image_column}'"
+    try:
+        data = item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
+    except (OSError, TypeError, KeyError) as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise DataError(f"{where}: cannot read image file {item.get('path')!r} ({reason})") from None
+    try:
+        image = Image.open(BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        reason = "not an image PIL can identify" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise DataError(f"{where}: {len(data)} bytes do not decode as an image ({reason})") from None
+    return image
+
+
 def decode_images(
     requests: Sequence[tuple[Path, Adapter, str, np.ndarray]], size: int
 ) -> tuple[torch.Tensor, np.ndarray]:
     """The images of ``requests`` ((root, adapter, split, dataset rows) each), in order, as one uint8
     [n,3,size,size] tensor memory-mapped from the on-disk cache, and each image's original (w, h)."""
-    from io import BytesIO
 
     from datasets import Image as ImageFeature
     from PIL import Image
@@ -501,9 +568,9 @@ def decode_images(
             ds = load_split(root, adapter, split, images=True).select_columns([adapter.image_column])
             ds = ds.cast_column(adapter.image_column, ImageFeature(decode=False))
             for start in range(0, len(rows), 256):  # bounded memory: 256 encoded images at a time
-                for item in ds.select(rows[start : start + 256].tolist())[adapter.image_column]:
-                    data = item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
-                    image = Image.open(BytesIO(data)).convert("RGB")
+                chunk = rows[start : start + 256].tolist()
+                for row, item in zip(chunk, ds.select(chunk)[adapter.image_column], strict=True):
+                    image = open_image(item, adapter, split, row).convert("RGB")
                     sizes[at] = image.size
                     out[at] = np.asarray(image.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
                     at += 1
@@ -888,10 +955,8 @@ build_real.label_space = label_space
 def check(source: str, task: str) -> dict:
     """Validate a dataset against its adapter and summarise it (``fedbench data check``): rows and
     examples per split, the answer vocabulary, the images (count, and the first one decoded), boxes, OCR."""
-    from io import BytesIO
 
     from datasets import Image as ImageFeature
-    from PIL import Image
 
     from fedbench.tasks.families.vqa_soft import majority_answer
 
@@ -909,8 +974,7 @@ def check(source: str, task: str) -> dict:
         images = load_split(root, adapter, split, images=True)
         first = images.select_columns([adapter.image_column])
         first = first.cast_column(adapter.image_column, ImageFeature(decode=False))
-        item = first[0][adapter.image_column]
-        image = Image.open(BytesIO(item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()))
+        image = open_image(first[0][adapter.image_column], adapter, split, 0)
         info = {
             "rows": len(ds),
             "examples": len(ex),

@@ -226,6 +226,9 @@ def test_bad_protocol_field_is_one_line_exit_2_and_changes_nothing(tmp_path, fie
         (["--methods", ""], "--methods '' names no method. Available: "),
         (["--methods", " , "], "--methods ' , ' names no method. Available: "),
         (["--seeds", "-1"], "--seeds '-1' must list integers >= 0"),
+        (["--seeds", ""], "--seeds '' names no seed: give comma-separated integers >= 0, e.g. 0,1,2"),
+        (["--seeds", " , "], "--seeds ' , ' names no seed"),
+        (["--tasks", ""], "--tasks '' names no task. Available: "),
     ],
 )
 def test_bad_run_option_is_one_line_exit_2_and_changes_nothing(tmp_path, args, needle):
@@ -250,7 +253,11 @@ def test_results_inside_the_installed_package_are_refused():
 
 
 def test_read_only_results_directory_is_refused(tmp_path, monkeypatch):
+    from fedbench.protocol import load
+    from fedbench.results_dir import write_marker
+
     results = _results_with_history(tmp_path)
+    write_marker(results, load("smoke"))  # fedbench's own directory, of this protocol: only the mode refuses it
     before = _snapshot(tmp_path)
     results.chmod(0o555)
     real_write = Path.write_bytes

@@ -27,7 +27,7 @@ from fedbench.staging import prepare
 from fedbench.terminal_table import render_terminal
 
 # measured, not computed (the FLOP meter counts its first use in a process apart): no evaluation figure
-VOLATILE = {"compute_s", "git_commit", "versions", "compute_flops", "flops_counted"}
+VOLATILE = {"compute_s", "git_commit", "versions", "compute_flops"}
 # registered rows: default hooks (reuse may apply) and client-dependent forwards (it must not)
 METHODS = ["fedavg-lora", "fedsa-lora", "local-only", "feddpa", "pfedmoe", "fedmix", "mmrouter-moa"]
 CLIENT_DEPENDENT = ["feddpa", "pfedmoe", "fedmix", "mmrouter-moa", "pilot-ctmoa"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,9 +12,10 @@ from conftest import TINY
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedbench import timing
-from fedbench.client import trainable_state
+from fedbench.client import ClientRuntime, trainable_state
 from fedbench.context import client_context
 from fedbench.flops import CONFIRM, FlopMeter, _Fit, composition, counter
+from fedbench.method import create_method
 from fedbench.protocol import LocalConfig, MethodEntry
 from fedbench.registry import METHODS
 from fedbench.server import Run
@@ -53,6 +55,39 @@ def test_predicted_flops_equal_counting_every_step(name, many_steps_prep, tmp_pa
     assert [f for f, _ in predicted] == [f for f, _ in every]
     assert all(f > 0 for f, _ in every), "a local update does matrix products"
     assert all(c == 0 or c >= 1 for _, c in every)
+
+
+@pytest.fixture(scope="module")
+def seed_one_prep(backbone):
+    proto = TINY.replace(local=LocalConfig(steps=STEPS, batch_size=6))
+    return prepare(proto, 1, backbone=backbone, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_a_later_seed_reuses_the_fits_of_its_model_and_stays_exact(name, many_steps_prep, seed_one_prep, tmp_path):
+    """The client runtimes of two seeds of one row share their fits (one model structure), so the
+    second seed's FLOPs are predicted from the first's fits, and still equal counting every step."""
+    first = ClientRuntime(many_steps_prep, create_method(name))
+    second = ClientRuntime(seed_one_prep, create_method(name))
+    assert second.flops.fits is first.flops.fits
+    first.flops.fits.clear()  # what earlier tests of this process left there
+    _updates(Run(many_steps_prep, MethodEntry(name), tmp_path / "0"), first.model, first.flops)
+    run = Run(seed_one_prep, MethodEntry(name), tmp_path / "1")
+    twin = copy.deepcopy(second.model)
+    torch.manual_seed(0)
+    shared = _updates(run, second.model, second.flops)
+    torch.manual_seed(0)
+    every = _updates(run, twin, FlopMeter(every_step=True))
+    assert [f for f, _ in shared] == [f for f, _ in every]
+
+
+def test_fits_are_shared_only_by_models_of_one_row_and_protocol(many_steps_prep):
+    pilot = ClientRuntime(many_steps_prep, create_method("pilot-ctmoa")).flops.fits
+    assert ClientRuntime(many_steps_prep, create_method("pilot-ctmoa")).flops.fits is pilot
+    assert ClientRuntime(many_steps_prep, create_method("pilot-ctmoa", {"top_k": 2})).flops.fits is not pilot
+    assert ClientRuntime(many_steps_prep, create_method("fedavg-lora")).flops.fits is not pilot
+    other = dataclasses.replace(many_steps_prep, protocol=many_steps_prep.protocol.replace(rounds=3))
+    assert ClientRuntime(other, create_method("pilot-ctmoa")).flops.fits is not pilot
 
 
 def test_predictions_save_counting_on_a_tower_row(many_steps_prep, tmp_path):

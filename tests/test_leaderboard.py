@@ -319,13 +319,13 @@ def test_render_unknown_format(board):
 
 def test_append_is_whole_lines_and_reader_skips_partial_tail(tmp_path):
     path = tmp_path / "runs" / "r1" / "records.jsonl"
-    append_records(path, [{"kind": "run", "x": np.int64(3), "y": np.float32(0.5), "a": np.arange(2)}])
-    append_records(path, [{"kind": "eval", "x": 4}, {"kind": "eval", "x": 5}])
+    append_records(path, [{"run_id": "r1", "kind": "run", "x": np.int64(3), "y": np.float32(0.5), "a": np.arange(2)}])
+    append_records(path, [{"run_id": "r1", "kind": "eval", "x": 4}, {"run_id": "r1", "kind": "eval", "x": 5}])
     assert [json.loads(line)["x"] for line in path.read_text().splitlines()] == [3, 4, 5]
     with open(path, "a") as f:
-        f.write('{"kind": "eval", "x"')  # a crash mid-write
+        f.write('{"run_id": "r1", "kind": "eval", "x"')  # a crash mid-write
     assert read_records(tmp_path)["x"].tolist() == [3, 4, 5]
-    append_records(path, [{"kind": "eval", "x": 6}])  # the next writer closes the torn line first
+    append_records(path, [{"run_id": "r1", "kind": "eval", "x": 6}])  # the next writer closes the torn line first
     with pytest.warns(RuntimeWarning, match="torn"):
         df = read_records(tmp_path)
     assert df["x"].tolist() == [3, 4, 5, 6]

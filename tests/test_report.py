@@ -68,7 +68,7 @@ def test_report_bad_input_is_one_line(smoke, tmp_path):
     for args, needle in [
         (["--results", str(tmp_path / "missing")], "results directory"),
         (["--results", str(smoke), "--out", str(tmp_path / "page.txt")], "must name an .html file"),
-        (["--results", str(tmp_path)], "no *.jsonl records"),
+        (["--results", str(tmp_path)], "no runs/<run_id>/records.jsonl under results directory"),
     ]:
         bad = runner.invoke(app, ["report", *args])
         assert bad.exit_code == 2 and "Traceback" not in bad.output, bad.output

@@ -3,6 +3,7 @@ report matches the paired differences computed by hand on each variant's records
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -283,6 +284,7 @@ def sweep_dir(tmp_path_factory):
 def test_sweep_run_writes_a_results_directory_per_value(sweep_dir):
     top = {p.name for p in sweep_dir.iterdir()}
     assert top == {
+        ".fedbench",
         "protocol.toml",
         "command.txt",
         "domain_task_coupling=0.0",
@@ -294,8 +296,11 @@ def test_sweep_run_writes_a_results_directory_per_value(sweep_dir):
     assert (sweep_dir / "sweep_gain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sweep_proto = protocol.load(str(sweep_dir / "protocol.toml"))
     assert sweep_proto.sweep is not None and sweep_proto.rounds == 1  # --rounds reached the sweep
+    # one protocol per directory: the top holds the sweep's hash, each value directory its variant's
+    assert json.loads((sweep_dir / ".fedbench").read_text())["protocol_hash"] == sweep_proto.hash
     for value, variant in sweep_proto.variants():
         sub = sweep_dir / f"domain_task_coupling={value}"
+        assert json.loads((sub / ".fedbench").read_text())["protocol_hash"] == variant.hash
         for name in ("leaderboard.md", "leaderboard.csv", "protocol.toml", "acc_per_round.png"):
             assert (sub / name).is_file(), name
         written = protocol.load(str(sub / "protocol.toml"))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fedbench.backbone import Backbone, BackboneUnavailable
+from fedbench.checks import is_local_path
 from fedbench.lora import LoRASpec, PeftMix, register_lora_injector
 from fedbench.registry import register_backbone
 
@@ -34,8 +35,16 @@ class HFImageEncoder(nn.Module):
 
 @register_backbone("hf")
 def create_hf_clip(rest: str, spec: str) -> Backbone:
+    from pathlib import Path
+
     from transformers import AutoTokenizer, CLIPModel
 
+    if is_local_path(rest) and not Path(rest).expanduser().is_dir():  # the rule: fedbench.checks.is_local_path
+        what = "is a file, not a model directory" if Path(rest).expanduser().exists() else "does not exist"
+        raise BackboneUnavailable(
+            f"backbone '{spec}' is not on this machine: local path '{rest}' {what} (a hub id is OWNER/NAME, read "
+            "from the hub cache)"
+        )
     try:
         model = CLIPModel.from_pretrained(rest, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(rest, local_files_only=True)

@@ -135,7 +135,6 @@ def _train(msg: FlowerMessage, context: Context) -> FlowerMessage:
             "n_examples": reply.n_examples,
             "compute_s": reply.compute_s,
             "flops": reply.flops,
-            "flops_counted": reply.flops_counted,
         }
     )
     info = ConfigRecord({"timer": reply.timer, "record": json.dumps(reply.record)})
@@ -253,8 +252,8 @@ class FlowerBackend:
                 "down_bytes_flower": self.flower_bytes[(m.round, m.client)],
             }
             timer = str(info["timer"])
-            n, seconds, flops, counted = (metrics[k] for k in ("n_examples", "compute_s", "flops", "flops_counted"))
-            replies.append(TrainReply(upload, int(n), float(seconds), timer, record, int(flops), int(counted)))
+            n, seconds, flops = (metrics[k] for k in ("n_examples", "compute_s", "flops"))
+            replies.append(TrainReply(upload, int(n), float(seconds), timer, record, int(flops)))
         return replies
 
     def evaluate(self, messages: Sequence[Message]) -> list[EvalReply | None]:
