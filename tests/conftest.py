@@ -102,3 +102,21 @@ def tiny_run(tiny_prep, tmp_path_factory):
         return done[name]
 
     return get
+
+
+def kill_in_round(prep, results, monkeypatch, at: int, method: str) -> Run:
+    """Run ``method`` until round ``at`` starts (its checkpoint is after round ``at - 1``), then die
+    as a KeyboardInterrupt would; returns the killed Run."""
+    original = Run._round
+
+    def crash(self, r, *args, **kwargs):
+        if r == at:
+            raise KeyboardInterrupt
+        return original(self, r, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "_round", crash)
+    run = Run(prep, MethodEntry(method), results)
+    with pytest.raises(KeyboardInterrupt):
+        run.execute()
+    monkeypatch.setattr(Run, "_round", original)
+    return run

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_in_round
 
 from fedbench.checkpoint import Checkpoint
 from fedbench.client_store import ClientStore
@@ -72,23 +73,6 @@ def _files(run: Run) -> dict[str, int]:
     }
 
 
-def _kill_in_round(prep, results: Path, monkeypatch, at: int) -> Run:
-    """Run until round ``at`` starts, then die as a KeyboardInterrupt would; the killed Run."""
-    original = Run._round
-
-    def crash(self, r, *args, **kwargs):
-        if r == at:
-            raise KeyboardInterrupt
-        return original(self, r, *args, **kwargs)
-
-    monkeypatch.setattr(Run, "_round", crash)
-    run = Run(prep, MethodEntry(METHOD), results)
-    with pytest.raises(KeyboardInterrupt):
-        run.execute()
-    monkeypatch.setattr(Run, "_round", original)
-    return run
-
-
 # --- the store alone ---------------------------------------------------------------------------------
 def test_each_write_is_a_new_file_and_the_old_one_goes_only_on_commit(tmp_path):
     store = ClientStore(tmp_path)
@@ -148,7 +132,7 @@ def test_a_damaged_client_file_is_one_line_naming_it(tmp_path, damage):
 
 # --- in a run -----------------------------------------------------------------------------------------
 def test_a_run_keeps_only_trained_clients_files_and_no_states_in_memory(prep, tmp_path, monkeypatch):
-    run = _kill_in_round(prep, tmp_path, monkeypatch, at=1)
+    run = kill_in_round(prep, tmp_path, monkeypatch, 1, METHOD)
     rows = read_jsonl(run.records_path)
     store = run.backend.runtime.states
     assert isinstance(store, ClientStore) and store is run.checkpoint.clients
@@ -250,7 +234,7 @@ def test_a_kill_around_the_manifest_resumes_to_identical_records(prep, tmp_path,
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
 def test_a_damaged_client_file_stops_the_resume_in_one_line(prep, tmp_path, monkeypatch, damage):
-    run = _kill_in_round(prep, tmp_path, monkeypatch, at=1)
+    run = kill_in_round(prep, tmp_path, monkeypatch, 1, METHOD)
     manifest = json.loads(run.checkpoint.path.read_text())
     client, (name, _) = sorted(manifest["clients"].items())[0]
     path = run.dir / "clients" / name

@@ -57,10 +57,14 @@ def frozen_sources(monkeypatch):
 
 def _legacy(tmp_path: Path, tiny_run, name: str = "legacy") -> Path:
     """A results directory as an earlier fedbench left it: protocol.toml, command.txt, a completed
-    run's records (no marker, no code.json)."""
+    run's records without seals or code digests (no marker, no code.json)."""
     done = tiny_run("fedavg-lora").run
     results = tmp_path / name
     shutil.copytree(done.dir, results / "runs" / done.run_id, ignore=shutil.ignore_patterns("lock", "code.json"))
+    records = results / "runs" / done.run_id / "records.jsonl"
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    old = ("seal", "code_digest")  # fields an earlier fedbench did not write
+    records.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in old}) + "\n" for r in rows))
     _toml(results / "protocol.toml", TINY)
     (results / "command.txt").write_text("fedbench run --preset tiny.toml\n")
     return results

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import kill_in_round
 from typer.testing import CliRunner
 
 from fedbench.checkpoint import Checkpoint
@@ -58,19 +59,8 @@ def done(clean, tmp_path) -> Run:
 
 
 def _killed_at(prep, results: Path, monkeypatch, at: int) -> Run:
-    """Run until round ``at`` starts (its checkpoint is after round ``at - 1``), then die as a kill would."""
-    original = Run._round
-
-    def crash(self, r, *args, **kwargs):
-        if r == at:
-            raise KeyboardInterrupt
-        return original(self, r, *args, **kwargs)
-
-    monkeypatch.setattr(Run, "_round", crash)
-    run = Run(prep, MethodEntry(METHOD), results)
-    with pytest.raises(KeyboardInterrupt):
-        run.execute()
-    monkeypatch.setattr(Run, "_round", original)
+    """A fresh Run of the run killed when round ``at`` started (what a rerun builds)."""
+    kill_in_round(prep, results, monkeypatch, at, METHOD)
     return Run(prep, MethodEntry(METHOD), results)
 
 
