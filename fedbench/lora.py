@@ -29,10 +29,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fedbench.checks import POSITIVE, Bound, bounded
+
 if TYPE_CHECKING:
     from fedbench.backbone import Backbone
 
 
+@bounded(alpha=POSITIVE, dropout=Bound(0, 1, hi_open=True))
 @dataclass(frozen=True)
 class LoRASpec:
     """LoRA's rank, alpha and dropout (``scale = alpha / rank``, as in the LoRA paper), validated.

@@ -9,15 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedbench.backbone import Backbone
-from fedbench.checks import POSITIVE, Bound, bounded
 from fedbench.lora import LoRASpec, inject_lora
 from fedbench.method import Method, Tag, register_method
 from fedbench.model import ClientModel
 from fedbench.task import TaskSpec
-
-# LoRASpec's float ranges (checked in its own __post_init__), declared for the option parser's messages: a
-# non-finite alpha or dropout is refused naming this range (fedbench.checks)
-bounded(alpha=POSITIVE, dropout=Bound(0, 1, hi_open=True))(LoRASpec)
 
 
 @register_method("fedavg-lora")

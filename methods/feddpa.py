@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fedbench.aggregate import weighted_mean
 from fedbench.backbone import Backbone
-from fedbench.checks import POSITIVE, UNIT, Bound, bounded, check_bounds
+from fedbench.checks import UNIT, Bound, bounded, check_bounds
 from fedbench.lora import LoRADelta, LoRASpec, PeftMix, inject_lora, lora_layers, lora_param
 from fedbench.method import Method, Reply, Tag, register_method
 from fedbench.model import Batch, ClientModel, is_answer_side
@@ -28,11 +28,10 @@ if TYPE_CHECKING:
     from fedbench.context import ClientContext
 
 GLOBAL, LOCAL = "global", "local"
-LORA_DROPOUT = Bound(0, 1, hi_open=True)  # LoRASpec's range (its alpha: POSITIVE), declared for the option messages
 REFERENCE_STREAM = "feddpa-reference"
 
 
-@bounded(alpha=POSITIVE, dropout=LORA_DROPOUT, local_weight=Bound(0, 1, lo_open=True), max_weight=UNIT)
+@bounded(local_weight=Bound(0, 1, lo_open=True), max_weight=UNIT)  # LoRASpec declares alpha's and dropout's
 @dataclass(frozen=True)
 class FedDPAOptions(LoRASpec):
     """FedDPA-T defaults of the official code (LoRA ``rank`` 8 / ``alpha`` 16 / ``dropout`` 0.05 on q,
