@@ -578,7 +578,7 @@ def plot(board_df_records: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.axhline(majority.iloc[0], color="grey", linestyle="--", label=MAJORITY)
     ax.set(
         xlabel="total communication (MB, up + down)",
-        ylabel="mean accuracy (global test)",
+        ylabel="mean accuracy (global test), error bars ± std over seeds",
         title=f"Accuracy vs communication{suffix}",
     )
     ax.legend(fontsize="small")
@@ -714,7 +714,7 @@ def plot_sweep_gain(table: pd.DataFrame, path: Path) -> Path:
             label=label,
         )
     ax.set_xticks(xs, [_tick(v) for v in values])
-    ax.set(xlabel=attrs["field"], ylabel=f"mean_acc − {attrs['reference']} (paired, 95% CI)")
+    ax.set(xlabel=attrs["field"], ylabel=f"mean_acc − {attrs['reference']} (paired, 95% t-interval)")
     fig.suptitle(
         f"Paired gain in mean_acc over {attrs['reference']} vs {attrs['field']}"
         + (" (SYNTHETIC data)" if attrs.get("synthetic") else "")
