@@ -13,7 +13,7 @@ Every run is a ``feddpa`` run of the ``smoke`` preset with ``train_images = 8``,
 clients per round (10; 2 in short mode, with smaller test sets) whatever the number registered, in
 its own subprocess, so that its peak RSS (``ru_maxrss`` of that process) and its wall time are its
 own. A run reports its staging time, each round's time (from the server loop's progress events) and
-each checkpoint's new bytes (:attr:`fedbench.checkpoint.Checkpoint.bytes_written`: server state +
+each checkpoint's new bytes (:attr:`fedbench.runtime.checkpoint.Checkpoint.bytes_written`: server state +
 manifest + the files of the clients trained in the round; ``tests/test_client_store.py`` checks it
 against the files on disk). Ratios land in ``benchmark.extra_info`` and are printed; no time is
 asserted.
@@ -46,12 +46,12 @@ import torch
 config = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 torch.set_num_threads(1)
-from fedbench import protocol as protocol_mod
-from fedbench.checkpoint import Checkpoint
-from fedbench.protocol import ClientsConfig, EvalConfig, MethodEntry
-from fedbench.records import read_jsonl
-from fedbench.server import Run
-from fedbench.staging import prepare
+from fedbench.config import protocol as protocol_mod
+from fedbench.runtime.checkpoint import Checkpoint
+from fedbench.config.protocol import ClientsConfig, EvalConfig, MethodEntry
+from fedbench.utils.records import read_jsonl
+from fedbench.runtime.server import Run
+from fedbench.staging.prepare import prepare
 
 
 class Stop(BaseException):

@@ -30,13 +30,13 @@ import pytest
 import torch
 from best_time import best_seconds
 
-from fedbench import protocol as protocol_mod
-from fedbench.data import PartitionConfig
-from fedbench.feature_cache import backbone_digest
-from fedbench.model import OCR_TOKENS
-from fedbench.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
-from fedbench.server import run_rows
-from fedbench.staging import FeatureCache, TextEncoder, prepare
+from fedbench.api.data import PartitionConfig
+from fedbench.api.model import OCR_TOKENS
+from fedbench.config import protocol as protocol_mod
+from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
+from fedbench.runtime.server import run_rows
+from fedbench.staging.feature_cache import backbone_digest
+from fedbench.staging.prepare import FeatureCache, TextEncoder, prepare
 
 METHOD = (MethodEntry("pilot-ctmoa"),)
 SHORT = Protocol(  # --benchmark-disable (CI): checks that it runs, in seconds

@@ -13,13 +13,13 @@ import pytest
 import torch
 from best_time import best_seconds
 
-from fedbench.context import client_context
-from fedbench.data import GLOBAL_TEST, TRAIN, PartitionConfig
-from fedbench.evaluation import evaluate_rows
-from fedbench.payload import serialize
-from fedbench.protocol import LocalConfig, MethodEntry, Protocol
-from fedbench.server import Run
-from fedbench.staging import prepare
+from fedbench.api.context import client_context
+from fedbench.api.data import GLOBAL_TEST, TRAIN, PartitionConfig
+from fedbench.api.payload import serialize
+from fedbench.config.protocol import LocalConfig, MethodEntry, Protocol
+from fedbench.runtime.evaluation import evaluate_rows
+from fedbench.runtime.server import Run
+from fedbench.staging.prepare import prepare
 
 PROTO = Protocol(
     name="bench",

@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 from best_time import best_seconds_interleaved
 
-from fedbench.client import build_model, trainable_state
-from fedbench.data import TRAIN, PartitionConfig
-from fedbench.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol, load
-from fedbench.records import append_records
-from fedbench.seeding import derive_seed, sample_clients
-from fedbench.server import Federation, Run
-from fedbench.staging import prepare
+from fedbench.api.data import TRAIN, PartitionConfig
+from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol, load
+from fedbench.runtime.client import build_model, trainable_state
+from fedbench.runtime.server import Federation, Run
+from fedbench.staging.prepare import prepare
+from fedbench.utils.records import append_records
+from fedbench.utils.seeding import derive_seed, sample_clients
 
 SHORT = Protocol(
     name="bench-overhead-short",

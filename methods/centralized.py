@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from fedbench.method import register_method
+from fedbench.api.method import register_method
 from fedbench.methods.fedavg_lora import FedAvgLoRA
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedbench.backbone import Backbone
-from fedbench.lora import LoRASpec, inject_lora
-from fedbench.method import Method, Tag, register_method
-from fedbench.model import ClientModel
-from fedbench.task import TaskSpec
+from fedbench.adapters.lora import LoRASpec, inject_lora
+from fedbench.api.backbone import Backbone
+from fedbench.api.method import Method, Tag, register_method
+from fedbench.api.model import ClientModel
+from fedbench.api.task import TaskSpec
 
 
 @register_method("fedavg-lora")

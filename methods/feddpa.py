@@ -15,17 +15,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedbench.aggregate import weighted_mean
-from fedbench.backbone import Backbone
-from fedbench.checks import UNIT, Bound, bounded, check_bounds
-from fedbench.lora import LoRADelta, LoRASpec, PeftMix, inject_lora, lora_layers, lora_param
-from fedbench.method import Method, Reply, Tag, register_method
-from fedbench.model import Batch, ClientModel, is_answer_side
-from fedbench.payload import Payload
-from fedbench.task import TaskSpec
+from fedbench.adapters.lora import LoRADelta, LoRASpec, PeftMix, inject_lora, lora_layers, lora_param
+from fedbench.api.aggregate import weighted_mean
+from fedbench.api.backbone import Backbone
+from fedbench.api.method import Method, Reply, Tag, register_method
+from fedbench.api.model import Batch, ClientModel, is_answer_side
+from fedbench.api.payload import Payload
+from fedbench.api.task import TaskSpec
+from fedbench.utils.checks import UNIT, Bound, bounded, check_bounds
 
 if TYPE_CHECKING:
-    from fedbench.context import ClientContext
+    from fedbench.api.context import ClientContext
 
 GLOBAL, LOCAL = "global", "local"
 REFERENCE_STREAM = "feddpa-reference"
@@ -35,7 +35,7 @@ REFERENCE_STREAM = "feddpa-reference"
 @dataclass(frozen=True)
 class FedDPAOptions(LoRASpec):
     """FedDPA-T defaults of the official code (LoRA ``rank`` 8 / ``alpha`` 16 / ``dropout`` 0.05 on q,
-    v: :class:`~fedbench.lora.LoRASpec`'s fields and checks) and the dual-adapter options."""
+    v: :class:`~fedbench.adapters.lora.LoRASpec`'s fields and checks) and the dual-adapter options."""
 
     local_weight: float = 0.5  # weight of the local adapter in pass (1); the global gets 1 - it
     num_reference: int = 5  # training inputs compared with each test instance

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedbench.aggregate import weighted_mean
-from fedbench.backbone import Backbone
-from fedbench.checks import NON_NEGATIVE, bounded, check_bounds
-from fedbench.method import ClientInfo, Method, Reply, Tag, register_method
-from fedbench.moa import Adapter, entropy
-from fedbench.model import AnswerTrunk, Batch, ClientModel, Features, answer_input, make_heads
-from fedbench.payload import META, Payload
-from fedbench.precision import device_index
-from fedbench.task import TaskSpec
+from fedbench.adapters.moa import Adapter, entropy
+from fedbench.api.aggregate import weighted_mean
+from fedbench.api.backbone import Backbone
+from fedbench.api.method import ClientInfo, Method, Reply, Tag, register_method
+from fedbench.api.model import AnswerTrunk, Batch, ClientModel, Features, answer_input, make_heads
+from fedbench.api.payload import META, Payload
+from fedbench.api.task import TaskSpec
+from fedbench.utils.checks import NON_NEGATIVE, bounded, check_bounds
+from fedbench.utils.precision import device_index
 
 SELECTION = "selection/"  # server-state prefix of the per-client expert selections
 META_SELECTION = META + "selection"

@@ -5,7 +5,7 @@ The class docstring is the description ``fedbench describe`` prints.
 
 from __future__ import annotations
 
-from fedbench.method import Tag, register_method
+from fedbench.api.method import Tag, register_method
 from fedbench.methods.fedavg_lora import FedAvgLoRA
 
 

@@ -2,7 +2,7 @@
 question, the task and the OCR text, plus an OCR expert, with modality-aware aggregation.
 
 The method's description, harness choices included, is the class docstring (shown by
-``fedbench describe``); the shared machinery is :mod:`fedbench.task_experts`.
+``fedbench describe``); the shared machinery is :mod:`fedbench.adapters.task_experts`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedbench.method import ClientInfo, Tag, register_method
-from fedbench.model import Features
-from fedbench.task_experts import (
+from fedbench.adapters.task_experts import (
     AOA,
     CLIENT_ADAPTER,
     OCR_EXPERT,
@@ -30,9 +28,11 @@ from fedbench.task_experts import (
     TaskExpertsMethod,
     in_group,
 )
+from fedbench.api.method import ClientInfo, Tag, register_method
+from fedbench.api.model import Features
 
 if TYPE_CHECKING:
-    from fedbench.context import ClientContext
+    from fedbench.api.context import ClientContext
 
 ROUTER_INPUTS = ("image", "text", "task", "ocr")
 ROUTER_SCOPES = ("global", "local")
@@ -193,7 +193,7 @@ class MMRouterMoA(TaskExpertsMethod):
       Beside the ladder, (h) the cue through pixels alone: (b) with ``router_view="prompt"``, whose
       image-only local router reads the frozen tower's tokens of the row's **prompt view** (the
       task symbol and as much of the question as fits legibly drawn in a band around a shrunken
-      copy of the scene, same pixel size: :mod:`fedbench.prompt_view`) while the experts still act
+      copy of the scene, same pixel size: :mod:`fedbench.staging.prompt_view`) while the experts still act
       on the plain image's tokens.
     - OCR text rides on every row of a client with OCR (the suite's modality axis), so the
       router's OCR branch sees the image's words on every task, not only on OCR-VQA rows.

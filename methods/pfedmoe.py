@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedbench.backbone import Backbone
-from fedbench.method import ClientInfo, Method, Tag, register_method
-from fedbench.moa import Adapter
-from fedbench.model import Batch, ClientModel, Features
-from fedbench.task import TaskSpec
+from fedbench.adapters.moa import Adapter
+from fedbench.api.backbone import Backbone
+from fedbench.api.method import ClientInfo, Method, Tag, register_method
+from fedbench.api.model import Batch, ClientModel, Features
+from fedbench.api.task import TaskSpec
 
 if TYPE_CHECKING:
-    from fedbench.context import ClientContext
+    from fedbench.api.context import ClientContext
 
 PIXEL_SIDE = 16  # the pixel gate sees the image at 16x16x3
 

@@ -1,15 +1,15 @@
 """Pilot's CT-MoA (Xiong et al., AAAI 2025, arXiv 2501.13985; METHODS.md §5).
 
 The method's description, harness choices included, is the class docstring (shown by
-``fedbench describe``); the shared machinery is :mod:`fedbench.task_experts`.
+``fedbench describe``); the shared machinery is :mod:`fedbench.adapters.task_experts`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedbench.method import ClientInfo, Tag, register_method
-from fedbench.task_experts import AOA, CLIENT_ADAPTER, ROUTER, TaskExpertOptions, TaskExpertsMethod
+from fedbench.adapters.task_experts import AOA, CLIENT_ADAPTER, ROUTER, TaskExpertOptions, TaskExpertsMethod
+from fedbench.api.method import ClientInfo, Tag, register_method
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fedbench.records import read_jsonl
+from fedbench.utils.records import read_jsonl
 
 SKIP = {"compute_s", "backend", "machine", "up_bytes_flower", "down_bytes_flower", "git_commit"}
 

@@ -18,12 +18,12 @@ from dataclasses import replace
 
 import torch
 
-from fedbench.context import client_context
-from fedbench.data import TRAIN
-from fedbench.precision import autocast
-from fedbench.protocol import MethodEntry, load
-from fedbench.server import Run
-from fedbench.staging import prepare
+from fedbench.api.context import client_context
+from fedbench.api.data import TRAIN
+from fedbench.config.protocol import MethodEntry, load
+from fedbench.runtime.server import Run
+from fedbench.staging.prepare import prepare
+from fedbench.utils.precision import autocast
 
 METHODS = ("fedavg-lora", "feddpa", "pilot-ctmoa", "mmrouter-moa", "fedmix")
 TIMED = 20

@@ -1,7 +1,7 @@
 """How many seeds would each family of comparisons need for a paired 95% half-width of TARGET on mean_acc?
 
 Per pair of rows, the per-seed paired difference of mean_acc (the seed is the unit, as in
-:mod:`fedbench.statistics`): with k seeds its sample variance s² has k − 1 degrees of freedom and
+:mod:`fedbench.reporting.statistics`): with k seeds its sample variance s² has k − 1 degrees of freedom and
 the paired 95% half-width is t(k − 1, 0.975) · s / √k. With n seeds it would be
 t(n − 1, 0.975) · √(σ² / n), so the seeds needed for TARGET are the smallest n >= 2 with
 t(n − 1, 0.975) · √(σ² / n) <= TARGET (:func:`seeds_needed`, iterating on n).
@@ -51,8 +51,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from fedbench import leaderboard, protocol
-from fedbench.records import read_records
+from fedbench.config import protocol
+from fedbench.reporting import board as leaderboard
+from fedbench.utils.records import read_records
 
 LEVEL = 0.95
 ROOT = "pilot-ctmoa"  # (a): the ladder's first row

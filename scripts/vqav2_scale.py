@@ -86,7 +86,7 @@ def write(root: Path, rows: int, per_image: int = 5, seed: int = 0) -> None:
 def stage(kind: str, root: str, clients: int, train: int, global_test: int) -> None:
     """Run in a fresh process; prints a JSON line with the peak RSS and the wall time."""
     t0 = time.perf_counter()
-    from fedbench.data import ClientPlan, PartitionConfig
+    from fedbench.api.data import ClientPlan, PartitionConfig
     from fedbench.tasks import real
 
     adapter = real.ADAPTERS["vqav2"]

@@ -51,8 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedbench.checks import is_local_path
-from fedbench.data import (
+from fedbench.api.data import (
     GLOBAL_CLIENT,
     GLOBAL_TEST,
     TEST,
@@ -63,10 +62,11 @@ from fedbench.data import (
     ExampleTable,
     PartitionConfig,
 )
-from fedbench.feature_cache import cache_root
-from fedbench.integrity import IntegrityError, sha256_file, write_atomic
-from fedbench.registry import FAMILIES, register_suite, register_task
-from fedbench.task import TaskSpec
+from fedbench.api.registry import FAMILIES, register_suite, register_task
+from fedbench.api.task import TaskSpec
+from fedbench.staging.feature_cache import cache_root
+from fedbench.utils.checks import is_local_path
+from fedbench.utils.integrity import IntegrityError, sha256_file, write_atomic
 
 SUITE = "real"
 CLASSIFICATION_QUESTION = "what is in the image?"
@@ -367,7 +367,7 @@ def _offline() -> bool:
 def resolve_source(source: str, adapter: Adapter) -> Path:
     """A local snapshot directory, or the hub cache's snapshot of a hub id (downloaded only when not offline).
 
-    Which one ``source`` names follows :func:`fedbench.checks.is_local_path`: a local path when it exists,
+    Which one ``source`` names follows :func:`fedbench.utils.checks.is_local_path`: a local path when it exists,
     when it is not ``OWNER/NAME`` (e.g. starts with ``.``, ``/`` or ``~``, or has more or fewer than one
     ``/``), or when ``OWNER`` is a local directory; a missing local path is said not to exist, never looked
     up on the hub."""
@@ -662,7 +662,7 @@ def natural_split(config: PartitionConfig, adapter: Adapter) -> str | None:
 def check_partition_options(config: PartitionConfig, tasks: Sequence[str]) -> None:
     """``data.natural_splits``, ``data.partitioner`` and ``data.classes_per_client`` against the tasks and
     their adapters: one line naming the bad value and the valid ones."""
-    from fedbench.protocol import ProtocolError
+    from fedbench.config.protocol import ProtocolError
 
     for task, name in config.natural_splits.items():
         if task not in tasks:
@@ -740,7 +740,7 @@ def flwr_partition(
     a task without labels (grounding) is split IID. ``inner_dirichlet`` draws the plans' ``sizes`` (so
     ``quantity_skew``), scaled down to fit the pool. Returns the partitioner's name and the pools.
     """
-    from fedbench.protocol import ProtocolError
+    from fedbench.config.protocol import ProtocolError
 
     try:
         from datasets import Dataset

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fedbench.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, TRAIN, ClientPlan, ExampleTable, PartitionConfig
-from fedbench.registry import register_suite, register_task
-from fedbench.task import TaskSpec
+from fedbench.api.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, TRAIN, ClientPlan, ExampleTable, PartitionConfig
+from fedbench.api.registry import register_suite, register_task
+from fedbench.api.task import TaskSpec
 
 SUITE = "scenes"
 SHAPES = ("circle", "square", "triangle", "cross")

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fedbench.backbone import create_backbone
+from fedbench.api.backbone import create_backbone
+from fedbench.api.context import client_context
+from fedbench.api.data import PartitionConfig
+from fedbench.api.payload import deserialize
 from fedbench.backends.inprocess import InProcessBackend
-from fedbench.client import ClientRuntime, Message, TrainReply
-from fedbench.context import client_context
-from fedbench.data import PartitionConfig
-from fedbench.payload import deserialize
-from fedbench.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
-from fedbench.records import read_jsonl
-from fedbench.server import Run
-from fedbench.staging import prepare
+from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
+from fedbench.runtime.client import ClientRuntime, Message, TrainReply
+from fedbench.runtime.server import Run
+from fedbench.staging.prepare import prepare
+from fedbench.utils.records import read_jsonl
 
 TINY = Protocol(
     name="tiny",

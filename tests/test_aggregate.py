@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fedbench.aggregate import weighted_mean
-from fedbench.method import ClientInfo, Method, Reply
+from fedbench.api.aggregate import weighted_mean
+from fedbench.api.method import ClientInfo, Method, Reply
 
 
 def _reply(client: int, n: int, **tensors: torch.Tensor) -> Reply:

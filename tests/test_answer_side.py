@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import TINY
 
-from fedbench.model import AnswerHead, AnswerOutput, BoxHead, BoxOutput, attention_box
-from fedbench.protocol import ModelConfig, ProtocolError, from_dict
-from fedbench.server import Run
+from fedbench.api.model import AnswerHead, AnswerOutput, BoxHead, BoxOutput, attention_box
+from fedbench.config.protocol import ModelConfig, ProtocolError, from_dict
+from fedbench.runtime.server import Run
 
 
 def _run(prep, tmp_path, answer_side):

@@ -6,9 +6,9 @@ import open_clip
 import pytest
 import torch
 
-from fedbench.backbone import BackboneUnavailable, create_backbone
+from fedbench.adapters.lora import LoRASpec, inject_lora
+from fedbench.api.backbone import BackboneUnavailable, create_backbone
 from fedbench.backbones.embedded import load_embedded
-from fedbench.lora import LoRASpec, inject_lora
 
 
 def test_embedded_backbone_is_pretrained_not_random():
@@ -130,8 +130,8 @@ def test_peft_mix_and_detach_match_fedbench_lora_for_two_adapters(tmp_path):
     same outputs, same gradients, and none for the detached adapter; flags come back afterwards."""
     import copy
 
+    from fedbench.adapters.lora import PeftMix, inject_qv_lora, lora_layers
     from fedbench.backbones.hf_clip import inject_peft_lora
-    from fedbench.lora import PeftMix, inject_qv_lora, lora_layers
 
     model = _tiny_hf_clip(tmp_path / "clip")
     spec, adapters = LoRASpec(rank=2, alpha=4.0, dropout=0.0), ("global", "local")
@@ -182,8 +182,8 @@ def hf_prep(tmp_path_factory):
 
     from conftest import TINY
 
-    from fedbench.protocol import BackboneConfig
-    from fedbench.staging import prepare
+    from fedbench.config.protocol import BackboneConfig
+    from fedbench.staging.prepare import prepare
 
     path = tmp_path_factory.mktemp("hf") / "clip"
     _tiny_hf_clip(path)
@@ -202,11 +202,11 @@ def test_tower_lora_methods_go_through_peft_on_the_transformers_family(name, hf_
     from conftest import RecordingRuntime
     from peft.tuners.lora import LoraLayer
 
+    from fedbench.adapters.lora import LoRADelta, lora_param
+    from fedbench.api.payload import deserialize
     from fedbench.backends.inprocess import InProcessBackend
-    from fedbench.lora import LoRADelta, lora_param
-    from fedbench.payload import deserialize
-    from fedbench.protocol import MethodEntry
-    from fedbench.server import Run
+    from fedbench.config.protocol import MethodEntry
+    from fedbench.runtime.server import Run
 
     class KeepingRuntime(RecordingRuntime):  # also keeps the uploads and the LoRA tensors after each update
         def __init__(self, *args, **kwargs) -> None:

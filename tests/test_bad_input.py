@@ -24,12 +24,12 @@ import pytest
 import real_fixtures as rf
 from typer.testing import CliRunner
 
-from fedbench import protocol
-from fedbench.cli import app
-from fedbench.method import create_method
-from fedbench.options import OptionError, build_config, parse_method_spec
-from fedbench.protocol import Protocol, ProtocolError
-from fedbench.registry import METHODS
+from fedbench.api.method import create_method
+from fedbench.api.options import OptionError, build_config, parse_method_spec
+from fedbench.api.registry import METHODS
+from fedbench.cli.app import app
+from fedbench.config import protocol
+from fedbench.config.protocol import Protocol, ProtocolError
 
 runner = CliRunner()
 BAD = ("nan", "inf", "-inf", "1e400")  # 1e400 overflows to inf when read
@@ -203,9 +203,9 @@ def test_a_new_float_option_is_checked_finite_for_free():
 
 
 def test_options_built_directly_are_checked_finite_too():
+    from fedbench.adapters.task_experts import TaskExpertOptions
     from fedbench.methods.feddpa import FedDPAOptions
     from fedbench.methods.fedmix import FedMixOptions
-    from fedbench.task_experts import TaskExpertOptions
 
     for cls, key in (
         (FedMixOptions, "sparsity_weight"),
@@ -329,7 +329,7 @@ def test_a_repeated_option_key_is_refused():
 def test_only_a_failed_write_claims_a_write_and_a_resume(monkeypatch, tmp_path):
     """An OSError that reaches the command names its file and reason; "rerun ... to resume" only for
     what only a write gives (ENOSPC and its kin)."""
-    import fedbench.cli as cli
+    import fedbench.cli.app as cli
 
     cases = [
         (
@@ -370,7 +370,7 @@ def test_a_feature_cache_that_is_a_file_is_said_to_be_one(tmp_path):
 
 
 def test_hub_id_or_local_path_rule(tmp_path, monkeypatch):
-    from fedbench.checks import is_local_path
+    from fedbench.utils.checks import is_local_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -398,7 +398,7 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
 
 def test_a_missing_local_backbone_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
-    from fedbench.backbone import BackboneUnavailable, create_backbone
+    from fedbench.api.backbone import BackboneUnavailable, create_backbone
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()

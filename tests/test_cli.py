@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 import fedbench
-from fedbench.cli import app
+from fedbench.cli.app import app
 
 runner = CliRunner()
-SMOKE = resources.files("fedbench.presets").joinpath("smoke.toml").read_text()
+SMOKE = resources.files("fedbench.config.presets").joinpath("smoke.toml").read_text()
 # a protocol that runs in seconds: one row, two rounds, three clients
 TINY_FIELDS = {
     "name": "tiny-cli",
@@ -109,8 +109,8 @@ def test_malformed_toml_and_unwritable_results(tmp_path):
 
 
 def test_bad_input_leaves_existing_results_untouched(tmp_path, tiny_prep):
-    from fedbench.protocol import MethodEntry
-    from fedbench.server import Run
+    from fedbench.config.protocol import MethodEntry
+    from fedbench.runtime.server import Run
 
     run = Run(tiny_prep, MethodEntry("ffa-lora"), tmp_path)
     run.execute()
@@ -123,8 +123,8 @@ def test_bad_input_leaves_existing_results_untouched(tmp_path, tiny_prep):
 
 
 def test_leaderboard_command_prints_markdown_and_csv(tmp_path, tiny_prep):
-    from fedbench.protocol import MethodEntry
-    from fedbench.server import Run
+    from fedbench.config.protocol import MethodEntry
+    from fedbench.runtime.server import Run
 
     Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path).execute()
     md = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--format", "markdown"])
@@ -146,8 +146,8 @@ def test_list_and_describe():
 
 
 def test_leaderboard_usage_renders_the_routed_methods_matrix(tmp_path, tiny_prep):
-    from fedbench.protocol import MethodEntry
-    from fedbench.server import Run
+    from fedbench.config.protocol import MethodEntry
+    from fedbench.runtime.server import Run
 
     Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path).execute()
     csv = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--usage", "--format", "csv"])
@@ -239,7 +239,7 @@ def test_bad_run_option_is_one_line_exit_2_and_changes_nothing(tmp_path, args, n
 
 
 def test_fewer_tasks_on_the_command_line_than_the_preset_holds_per_client_runs_them():
-    from fedbench.cli import resolve_protocol
+    from fedbench.cli.app import resolve_protocol
 
     assert resolve_protocol("smoke", None, "vqa", None, None).data.tasks_per_client == 1
 
@@ -253,8 +253,8 @@ def test_results_inside_the_installed_package_are_refused():
 
 
 def test_read_only_results_directory_is_refused(tmp_path, monkeypatch):
-    from fedbench.protocol import load
-    from fedbench.results_dir import write_marker
+    from fedbench.config.protocol import load
+    from fedbench.runtime.results_dir import write_marker
 
     results = _results_with_history(tmp_path)
     write_marker(results, load("smoke"))  # fedbench's own directory, of this protocol: only the mode refuses it
@@ -280,8 +280,8 @@ def test_read_only_results_directory_is_refused(tmp_path, monkeypatch):
 def _fault_in_round_2(monkeypatch, kind):
     """From round 2 (index 1) of the run on: ``kind`` "disk" makes every record write fail with ENOSPC,
     "interrupt" raises KeyboardInterrupt (Ctrl-C) as the round starts."""
-    import fedbench.records as records
-    from fedbench.server import Run
+    import fedbench.utils.records as records
+    from fedbench.runtime.server import Run
 
     real_round = Run._round
     state = {"round": 0}

@@ -1,4 +1,4 @@
-"""Clients' stored states on disk (fedbench.client_store): one immutable file per client and version,
+"""Clients' stored states on disk (fedbench.runtime.client_store): one immutable file per client and version,
 written only when it trains; checkpoints that name them and add only the files of the round; a kill
 at any point resumes to the same records; a damaged file is one line naming it."""
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import kill_in_round
 
-from fedbench.checkpoint import Checkpoint
-from fedbench.client_store import ClientStore
-from fedbench.integrity import IntegrityError
-from fedbench.protocol import EvalConfig, MethodEntry
-from fedbench.records import read_jsonl
-from fedbench.server import Run
+from fedbench.config.protocol import EvalConfig, MethodEntry
+from fedbench.runtime.checkpoint import Checkpoint
+from fedbench.runtime.client_store import ClientStore
+from fedbench.runtime.server import Run
+from fedbench.utils.integrity import IntegrityError
+from fedbench.utils.records import read_jsonl
 
 VOLATILE = {"compute_s", "git_commit", "versions"}
 METHOD = "fedsa-lora"  # local state (its B matrices) that must survive rounds and resumes
@@ -186,7 +186,7 @@ def _kill_between_client_files_and_manifest(monkeypatch):
 
 
 def _kill_while_writing_the_manifest(monkeypatch):
-    import fedbench.checkpoint as checkpoint
+    import fedbench.runtime.checkpoint as checkpoint
 
     original = checkpoint.write_atomic
 

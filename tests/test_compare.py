@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from fedbench.cli import app
-from fedbench.compare import CompareError, build_compare, render_compare
-from fedbench.records import append_records
+from fedbench.cli.app import app
+from fedbench.reporting.compare import CompareError, build_compare, render_compare
+from fedbench.utils.records import append_records
 
 REF, OTHER, POOLED = "fedavg-lora", "mmrouter-moa[ocr_expert=false,router_inputs=image]", "centralized"
 

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from fedbench.client import trainable_state
-from fedbench.context import client_context
-from fedbench.protocol import MethodEntry
-from fedbench.server import Run
+from fedbench.api.context import client_context
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime.client import trainable_state
+from fedbench.runtime.server import Run
 
 
 def _setup(tiny_prep, tmp_path, steps=None):

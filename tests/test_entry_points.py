@@ -5,10 +5,10 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from fedbench import registry
-from fedbench.method import Method, create_method
-from fedbench.options import OptionError
-from fedbench.task import TaskSpec
+from fedbench.api import registry
+from fedbench.api.method import Method, create_method
+from fedbench.api.options import OptionError
+from fedbench.api.task import TaskSpec
 
 
 class ThirdPartyMethod(Method):
@@ -66,7 +66,9 @@ def test_entry_point_method_carries_its_registered_name(monkeypatch, value, name
 
 def test_entry_point_task_instance_is_loaded(monkeypatch):
     _entry_points(monkeypatch, "fedbench.tasks", "THIRD_PARTY_TASK", name="third")
-    reg = registry.Registry("task", base="fedbench.task:TaskSpec", instance=True, entry_point_group="fedbench.tasks")
+    reg = registry.Registry(
+        "task", base="fedbench.api.task:TaskSpec", instance=True, entry_point_group="fedbench.tasks"
+    )
     assert reg.get("third") is THIRD_PARTY_TASK
 
 
@@ -76,15 +78,15 @@ def test_entry_point_task_instance_is_loaded(monkeypatch):
         (
             "fedbench.methods",
             "NotAMethod",
-            "fedbench.method:Method",
+            "fedbench.api.method:Method",
             False,
             f"method 'third-party' (entry point '{__name__}:NotAMethod' in group 'fedbench.methods') must be "
-            f"a subclass of fedbench.method.Method; got class {__name__}.NotAMethod",
+            f"a subclass of fedbench.api.method.Method; got class {__name__}.NotAMethod",
         ),
         (
             "fedbench.tasks",
             "ThirdPartyMethod",
-            "fedbench.task:TaskSpec",
+            "fedbench.api.task:TaskSpec",
             True,
             "task 'third-party' (entry point",
         ),

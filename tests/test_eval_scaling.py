@@ -13,18 +13,18 @@ import torch
 from conftest import TINY
 from typer.testing import CliRunner
 
-import fedbench.server
-from fedbench.cli import app
-from fedbench.client import ClientRuntime
-from fedbench.evaluation import eval_clients, model_digest, state_only
-from fedbench.leaderboard import build_leaderboard, render
-from fedbench.method import create_method
-from fedbench.protocol import EvalConfig, MethodEntry, ProtocolError, from_dict, load
-from fedbench.records import read_jsonl
-from fedbench.seeding import derive_seed
-from fedbench.server import Run
-from fedbench.staging import prepare
-from fedbench.terminal_table import render_terminal
+import fedbench.runtime.server
+from fedbench.api.method import create_method
+from fedbench.cli.app import app
+from fedbench.config.protocol import EvalConfig, MethodEntry, ProtocolError, from_dict, load
+from fedbench.reporting.board import build_leaderboard, render
+from fedbench.reporting.terminal_table import render_terminal
+from fedbench.runtime.client import ClientRuntime
+from fedbench.runtime.evaluation import eval_clients, model_digest, state_only
+from fedbench.runtime.server import Run
+from fedbench.staging.prepare import prepare
+from fedbench.utils.records import read_jsonl
+from fedbench.utils.seeding import derive_seed
 
 # measured, not computed (the FLOP meter counts its first use in a process apart): no evaluation figure
 VOLATILE = {"compute_s", "git_commit", "versions", "compute_flops"}
@@ -162,8 +162,8 @@ def test_model_digest_sees_one_changed_value(tiny_prep):
 
 def test_identical_downloads_are_serialized_once(tiny_prep, tmp_path, monkeypatch):
     calls = []
-    original = fedbench.server.serialize
-    monkeypatch.setattr(fedbench.server, "serialize", lambda p: calls.append(1) or original(p))
+    original = fedbench.runtime.server.serialize
+    monkeypatch.setattr(fedbench.runtime.server, "serialize", lambda p: calls.append(1) or original(p))
     rows, _ = _run(tiny_prep, "fedavg-lora", tmp_path)
     # per round: one training download per distinct task set (FedAvg-LoRA sends the held tasks'
     # tensors), then the one evaluation download every client receives
@@ -175,7 +175,7 @@ def test_identical_downloads_are_serialized_once(tiny_prep, tmp_path, monkeypatc
 
 
 # --- bad values -----------------------------------------------------------------------------------
-SMOKE = resources.files("fedbench.presets").joinpath("smoke.toml").read_text()
+SMOKE = resources.files("fedbench.config.presets").joinpath("smoke.toml").read_text()
 
 
 @pytest.mark.parametrize(
@@ -215,7 +215,7 @@ def test_leaderboard_names_the_sampled_evaluation(sampled_prep, tiny_prep, tmp_p
     csv = render(board, "csv")
     assert "eval_sample" in csv.splitlines()[0] and "2 of 6" in csv
     assert "eval_sample" not in render(board, "markdown").splitlines()[0]
-    from fedbench.leaderboard import _round_curves
+    from fedbench.reporting.board import _round_curves
 
     curves = _round_curves(df)
     assert list(curves.index) == [0, 1, 2] and curves["fedavg-lora"].notna().all()

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from fedbench.family import MetricSpec, TaskFamily
-from fedbench.model import make_heads, make_trunk
-from fedbench.registry import FAMILIES, register_family
-from fedbench.staging import majority_scores
-from fedbench.task import TaskSpec
+from fedbench.api.family import MetricSpec, TaskFamily
+from fedbench.api.model import make_heads, make_trunk
+from fedbench.api.registry import FAMILIES, register_family
+from fedbench.api.task import TaskSpec
+from fedbench.staging.prepare import majority_scores
 
 
 class _Within(TaskFamily):
@@ -76,8 +76,8 @@ def test_a_new_family_is_one_registration(toy_family, tiny_prep):
 
 
 def test_the_embedded_families_keep_their_rules(tiny_prep):
-    from fedbench.family import family_of
-    from fedbench.registry import TASKS
+    from fedbench.api.family import family_of
+    from fedbench.api.registry import TASKS
 
     names = {t: family_of(TASKS.get(t)) for t in ("classification", "vqa", "grounding", "ocr_vqa")}
     assert {t: f.metric.name for t, f in names.items()} == {

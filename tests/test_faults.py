@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-from fedbench.checkpoint import Checkpoint
-from fedbench.context import ClientContext
-from fedbench.faults import plan_faults
-from fedbench.protocol import ClientsConfig, FaultsConfig, MethodEntry, ProtocolError, from_dict
-from fedbench.records import read_jsonl
-from fedbench.seeding import sample_clients
-from fedbench.server import Run
+from fedbench.api.context import ClientContext
+from fedbench.config.protocol import ClientsConfig, FaultsConfig, MethodEntry, ProtocolError, from_dict
+from fedbench.runtime.checkpoint import Checkpoint
+from fedbench.runtime.faults import plan_faults
+from fedbench.runtime.server import Run
+from fedbench.utils.records import read_jsonl
+from fedbench.utils.seeding import sample_clients
 
 ALL = ClientsConfig(sample_fraction=1.0)  # every client in every round: each fault hits someone
 

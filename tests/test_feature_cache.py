@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import TINY
 
-from fedbench.backbone import Backbone
-from fedbench.feature_cache import FORMAT, cache_root, entry_key, features_dir, key_parts
-from fedbench.protocol import MethodEntry
-from fedbench.records import read_jsonl
-from fedbench.server import run_rows
-from fedbench.staging import FeatureCache, prepare
+from fedbench.api.backbone import Backbone
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime.server import run_rows
+from fedbench.staging.feature_cache import FORMAT, cache_root, entry_key, features_dir, key_parts
+from fedbench.staging.prepare import FeatureCache, prepare
+from fedbench.utils.records import read_jsonl
 
 VOLATILE = {"compute_s", "git_commit", "versions"}
 CPU = torch.device("cpu")
@@ -187,7 +187,7 @@ def test_cli_flag_turns_the_disk_cache_off_and_says_where_features_came_from(tmp
     from test_cli import TINY_FIELDS, _toml
     from typer.testing import CliRunner
 
-    from fedbench.cli import app
+    from fedbench.cli.app import app
 
     proto = _toml(tmp_path / "p.toml", {**TINY_FIELDS, "methods": ["pilot-ctmoa"], "rounds": 1})
     runner = CliRunner()
@@ -254,7 +254,7 @@ def test_text_embeddings_are_read_back_bit_for_bit_and_a_warm_prepare_skips_the_
 
 
 def test_every_text_key_part_changes_the_entry(backbone):
-    from fedbench.feature_cache import text_key_parts
+    from fedbench.staging.feature_cache import text_key_parts
 
     texts = ["what color is the ball", "how many cars"]
     base = entry_key(text_key_parts(backbone, texts))
@@ -277,7 +277,7 @@ def test_every_text_key_part_changes_the_entry(backbone):
 
 
 def test_a_damaged_text_entry_is_recomputed_with_one_warning_naming_it(backbone, cache, text_calls):
-    from fedbench.staging import TextEncoder
+    from fedbench.staging.prepare import TextEncoder
 
     texts = ["what color is the ball", "how many cars"]
     want = TextEncoder(backbone, cache / "text")(texts)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedbench.client import trainable_state
-from fedbench.context import client_context
-from fedbench.method import ClientInfo, Reply, create_method
+from fedbench.api.context import client_context
+from fedbench.api.method import ClientInfo, Reply, create_method
+from fedbench.api.payload import check_upload
+from fedbench.config.protocol import MethodEntry
 from fedbench.methods.feddpa import (
     REFERENCE_STREAM,
     FedDPAModel,
@@ -15,9 +16,8 @@ from fedbench.methods.feddpa import (
     instance_alphas,
     local_embeddings,
 )
-from fedbench.payload import check_upload
-from fedbench.protocol import MethodEntry
-from fedbench.server import Run
+from fedbench.runtime.client import trainable_state
+from fedbench.runtime.server import Run
 
 
 def _build(tiny_prep, tmp_path, **options):

@@ -6,14 +6,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedbench import client as client_step
-from fedbench.client import trainable_state
-from fedbench.context import ClientContext, client_context
-from fedbench.data import GLOBAL_TEST
-from fedbench.method import ClientInfo, Reply, create_method
-from fedbench.payload import check_upload, serialize
-from fedbench.protocol import ClientsConfig, MethodEntry
-from fedbench.server import Federation, Run
+from fedbench.api.context import ClientContext, client_context
+from fedbench.api.data import GLOBAL_TEST
+from fedbench.api.method import ClientInfo, Reply, create_method
+from fedbench.api.payload import check_upload, serialize
+from fedbench.config.protocol import ClientsConfig, MethodEntry
+from fedbench.runtime import client as client_step
+from fedbench.runtime.client import trainable_state
+from fedbench.runtime.server import Federation, Run
 
 
 def expert_of(name):

@@ -11,15 +11,15 @@ import torch
 from conftest import TINY
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedbench import timing
-from fedbench.client import ClientRuntime, trainable_state
-from fedbench.context import client_context
-from fedbench.flops import CONFIRM, FlopMeter, _Fit, composition, counter
-from fedbench.method import create_method
-from fedbench.protocol import LocalConfig, MethodEntry
-from fedbench.registry import METHODS
-from fedbench.server import Run
-from fedbench.staging import prepare
+from fedbench.api.context import client_context
+from fedbench.api.method import create_method
+from fedbench.api.registry import METHODS
+from fedbench.config.protocol import LocalConfig, MethodEntry
+from fedbench.runtime.client import ClientRuntime, trainable_state
+from fedbench.runtime.server import Run
+from fedbench.staging.prepare import prepare
+from fedbench.utils import timing
+from fedbench.utils.flops import CONFIRM, FlopMeter, _Fit, composition, counter
 
 STEPS = 16  # enough steps per update for fits to confirm and predict
 

@@ -19,10 +19,10 @@ from conftest import TINY
 
 from fedbench.backends.flower import FlowerBackend, run_flower_sim
 from fedbench.backends.flower_deploy import LocalDeployment, run_flower_deploy, write_protocol
-from fedbench.protocol import MethodEntry
-from fedbench.records import read_jsonl
-from fedbench.seeding import sample_clients
-from fedbench.server import Run, run_rows
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime.server import Run, run_rows
+from fedbench.utils.records import read_jsonl
+from fedbench.utils.seeding import sample_clients
 
 PARITY_METHODS = ("fedavg-lora", "feddpa", "pilot-ctmoa", "mmrouter-moa")
 BACKEND_FIELDS = {"compute_s", "backend", "machine", "up_bytes_flower", "down_bytes_flower"}

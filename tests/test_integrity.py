@@ -18,16 +18,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedbench.checkpoint import Checkpoint
-from fedbench.cli import app, protocol_to_toml
-from fedbench.integrity import IntegrityError
-from fedbench.leaderboard import build_leaderboard, render
-from fedbench.method import register_method
-from fedbench.protocol import MethodEntry
-from fedbench.records import DirectoryLock, append_records, read_jsonl, read_records
-from fedbench.registry import METHODS
-from fedbench.server import RowsFailed, Run, run_rows
-from fedbench.terminal_table import render_terminal
+from fedbench.api.method import register_method
+from fedbench.api.registry import METHODS
+from fedbench.cli.app import app, protocol_to_toml
+from fedbench.config.protocol import MethodEntry
+from fedbench.reporting.board import build_leaderboard, render
+from fedbench.reporting.terminal_table import render_terminal
+from fedbench.runtime.checkpoint import Checkpoint
+from fedbench.runtime.server import RowsFailed, Run, run_rows
+from fedbench.utils.integrity import IntegrityError
+from fedbench.utils.records import DirectoryLock, append_records, read_jsonl, read_records
 
 VOLATILE = {"compute_s", "git_commit", "versions"}
 runner = CliRunner()
@@ -148,7 +148,7 @@ def test_the_cli_refuses_a_tampered_checkpoint_in_one_line(tiny_prep, tmp_path, 
 # --- backbone weights -----------------------------------------------------------------------------------
 def test_the_committed_backbone_weights_match_their_recorded_checksum():
     from fedbench.backbones.embedded import WEIGHTS_PATH, checksum_path
-    from fedbench.integrity import sha256_file
+    from fedbench.utils.integrity import sha256_file
 
     assert checksum_path(WEIGHTS_PATH).read_text().split() == [sha256_file(WEIGHTS_PATH), WEIGHTS_PATH.name]
 
@@ -175,7 +175,7 @@ def test_damaged_backbone_weights_are_one_line_naming_the_file(tmp_path, damage)
 
 
 def test_a_tampered_client_state_on_a_flower_node_is_one_line(tmp_path):
-    from fedbench.client_store import ClientStore
+    from fedbench.runtime.client_store import ClientStore
 
     states = ClientStore(tmp_path, shared=True)  # as a Flower node keeps them
     states[3] = {"w": torch.arange(8, dtype=torch.float32)}
@@ -202,7 +202,7 @@ def test_a_locked_run_is_left_for_later_and_waited_for(tiny_prep, tmp_path, monk
         if event == "wait":
             threading.Timer(0.2, lock.release).start()
 
-    monkeypatch.setattr("fedbench.server.prepare", lambda protocol, seed, **_: tiny_prep)
+    monkeypatch.setattr("fedbench.runtime.server.prepare", lambda protocol, seed, **_: tiny_prep)
     run_rows(proto, tmp_path, progress)
     order = [label for event, label in events if event == "row"]
     assert order == ["ffa-lora", "fedavg-lora"] and ("wait", first.run_id) in events
@@ -274,7 +274,7 @@ def test_a_failing_row_stops_no_other_and_the_leaderboard_says_failed(tiny_prep,
     proto = tiny_prep.protocol.replace(
         methods=(MethodEntry("fedavg-lora"), MethodEntry(broken_method), MethodEntry("fedsa-lora"))
     )
-    monkeypatch.setattr("fedbench.server.prepare", lambda protocol, seed, **_: tiny_prep)
+    monkeypatch.setattr("fedbench.runtime.server.prepare", lambda protocol, seed, **_: tiny_prep)
     with pytest.raises(RowsFailed) as err:
         run_rows(proto, tmp_path)
     (failure,) = err.value.failures

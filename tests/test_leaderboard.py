@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedbench.leaderboard import (
+from fedbench.reporting.board import (
     UnknownRowError,
     build_leaderboard,
     build_steps,
@@ -20,7 +20,7 @@ from fedbench.leaderboard import (
     plot,
     render,
 )
-from fedbench.records import append_records, read_records
+from fedbench.utils.records import append_records, read_records
 
 A, B, C = "fedavg-lora", "mmrouter-moa[router_inputs=image]", "local-lora"
 TASKS = ("ref", "vqa")
@@ -537,7 +537,7 @@ def test_rising_flag_and_reference_rows_without_bytes():
 def test_versus_command_and_unknown_row(tmp_path):
     from typer.testing import CliRunner
 
-    from fedbench.cli import app
+    from fedbench.cli.app import app
 
     _write(tmp_path, _paired_records())
     runner = CliRunner()
@@ -558,9 +558,9 @@ def test_versus_command_and_unknown_row(tmp_path):
 
 
 def test_a_run_records_per_example_scores_and_routing_statistics(tiny_prep, tmp_path):
-    from fedbench.protocol import MethodEntry
-    from fedbench.records import read_jsonl
-    from fedbench.server import Run
+    from fedbench.config.protocol import MethodEntry
+    from fedbench.runtime.server import Run
+    from fedbench.utils.records import read_jsonl
 
     run = Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path)
     run.execute()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedbench.lora import LoRASpec, inject_lora
+from fedbench.adapters.lora import LoRASpec, inject_lora
 
 
 def _tower():
@@ -38,7 +38,7 @@ def test_gradients_reach_only_lora_parameters():
 
 
 def test_lora_param_reads_both_families_names():
-    from fedbench.lora import lora_param
+    from fedbench.adapters.lora import lora_param
 
     assert lora_param("backbone.towers.visual.attn.parametrizations.in_proj_weight.0.lora_A.default") == (
         "A",
@@ -55,7 +55,7 @@ def test_lora_param_reads_both_families_names():
 def test_a_backbone_dispatches_to_its_familys_injector(backbone):
     import copy
 
-    from fedbench.lora import LORA_INJECTORS, LoRADelta
+    from fedbench.adapters.lora import LORA_INJECTORS, LoRADelta
 
     assert backbone.lora_backend == "fedbench" and LORA_INJECTORS["fedbench"] is not None
     bb = copy.deepcopy(backbone)

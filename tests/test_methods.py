@@ -7,14 +7,14 @@ import pytest
 import torch
 from conftest import TINY
 
-from fedbench.client import trainable_state
-from fedbench.data import GLOBAL_CLIENT
-from fedbench.method import count_params, create_method
-from fedbench.payload import META, check_upload, serialize
-from fedbench.protocol import MethodEntry
-from fedbench.registry import METHODS
-from fedbench.seeding import sample_clients
-from fedbench.server import Run
+from fedbench.api.data import GLOBAL_CLIENT
+from fedbench.api.method import count_params, create_method
+from fedbench.api.payload import META, check_upload, serialize
+from fedbench.api.registry import METHODS
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime.client import trainable_state
+from fedbench.runtime.server import Run
+from fedbench.utils.seeding import sample_clients
 
 BYTES = ("up_bytes", "down_bytes", "up_bytes_analytic", "down_bytes_analytic")
 

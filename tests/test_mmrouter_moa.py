@@ -5,13 +5,13 @@ equivalence, end-to-end smoke run. The ablation ladder and reference routing: te
 import pytest
 import torch
 
-from fedbench.client import trainable_state
-from fedbench.context import client_context
-from fedbench.method import ClientInfo, Reply, create_method
-from fedbench.payload import check_upload
-from fedbench.protocol import MethodEntry
-from fedbench.server import Run
-from fedbench.task_experts import STAGE1, STAGE2
+from fedbench.adapters.task_experts import STAGE1, STAGE2
+from fedbench.api.context import client_context
+from fedbench.api.method import ClientInfo, Reply, create_method
+from fedbench.api.payload import check_upload
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime.client import trainable_state
+from fedbench.runtime.server import Run
 
 t = torch.tensor
 ALL = ("classification", "vqa", "grounding", "ocr_vqa")

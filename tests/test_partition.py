@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedbench.data import GLOBAL_CLIENT, PartitionConfig
-from fedbench.partition import make_plans, partition_summary
+from fedbench.api.data import GLOBAL_CLIENT, PartitionConfig
+from fedbench.staging.partition import make_plans, partition_summary
 from fedbench.tasks import scenes
 
 TASKS = ["classification", "vqa", "grounding", "ocr_vqa"]

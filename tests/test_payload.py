@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedbench.payload import ContractError, analytic_bytes, check_upload, deserialize, header_bytes, serialize
+from fedbench.api.payload import ContractError, analytic_bytes, check_upload, deserialize, header_bytes, serialize
 
 
 def test_serialized_bytes_equal_analytic_count_plus_header():

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from fedbench.client import trainable_state
-from fedbench.context import client_context
-from fedbench.method import ClientInfo, Reply, create_method
-from fedbench.payload import check_upload
-from fedbench.protocol import MethodEntry
-from fedbench.records import read_jsonl
-from fedbench.server import Run
+from fedbench.api.context import client_context
+from fedbench.api.method import ClientInfo, Reply, create_method
+from fedbench.api.payload import check_upload
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime.client import trainable_state
+from fedbench.runtime.server import Run
+from fedbench.utils.records import read_jsonl
 
 
 def test_only_the_global_expert_is_shared_and_travels(tiny_prep, tmp_path, train_client):

@@ -1,4 +1,4 @@
-"""pilot-ctmoa (methods/pilot_ctmoa.py, fedbench/task_experts.py): tags, payloads, task-wise and
+"""pilot-ctmoa (methods/pilot_ctmoa.py, fedbench/adapters/task_experts.py): tags, payloads, task-wise and
 distance-weighted aggregation, per-client stages, reference routing, local training, end-to-end smoke run."""
 
 import dataclasses
@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedbench.client import trainable_state
-from fedbench.context import client_context
-from fedbench.method import ClientInfo, Reply, create_method
-from fedbench.moa import load_balance_loss, mixture, route
-from fedbench.options import OptionError
-from fedbench.payload import check_upload, serialize
-from fedbench.protocol import MethodEntry
-from fedbench.records import read_jsonl
-from fedbench.server import Run
-from fedbench.task_experts import STAGE1, STAGE2, client_key, stage_of
+from fedbench.adapters.moa import load_balance_loss, mixture, route
+from fedbench.adapters.task_experts import STAGE1, STAGE2, client_key, stage_of
+from fedbench.api.context import client_context
+from fedbench.api.method import ClientInfo, Reply, create_method
+from fedbench.api.options import OptionError
+from fedbench.api.payload import check_upload, serialize
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime.client import trainable_state
+from fedbench.runtime.server import Run
+from fedbench.utils.records import read_jsonl
 
 t = torch.tensor
 ALL = ("classification", "vqa", "grounding", "ocr_vqa")
@@ -276,7 +276,7 @@ def test_stage2_routes_tokens_over_the_task_experts(tiny_prep, tmp_path):
 @pytest.mark.parametrize("name", ["pilot-ctmoa", "mmrouter-moa"])
 def test_top_1_routing_is_refused_because_the_router_would_learn_nothing(name):
     """With one expert kept its renormalised weight is the constant 1: no gradient reaches the router
-    from the mixture nor the load balance (``fedbench.moa``), so ``top_k = 1`` (shared by both
+    from the mixture nor the load balance (``fedbench.adapters.moa``), so ``top_k = 1`` (shared by both
     task-expert methods) is refused when the options are built, naming the value and the valid range."""
     logits = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
     experts = [torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedbench import protocol
+from fedbench.config import protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fedbench_power_script", ROOT / "scripts" / "power.py")

@@ -34,13 +34,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedbench.api.method import Method
+from fedbench.api.registry import METHODS
 from fedbench.backends.inprocess import InProcessBackend
-from fedbench.checkpoint import Checkpoint
-from fedbench.client import ClientRuntime, trainable_state
-from fedbench.method import Method
-from fedbench.protocol import EvalConfig, MethodEntry
-from fedbench.registry import METHODS
-from fedbench.server import Run
+from fedbench.config.protocol import EvalConfig, MethodEntry
+from fedbench.runtime.checkpoint import Checkpoint
+from fedbench.runtime.client import ClientRuntime, trainable_state
+from fedbench.runtime.server import Run
 
 MIN_BYTES = 16
 
@@ -183,7 +183,7 @@ def test_no_local_tensor_reaches_the_server(name, private_prep, tmp_path, monkey
 
 def test_the_search_finds_a_local_tensor_smuggled_in_a_meta_tensor(private_prep, tmp_path, monkeypatch):
     """The name check lets ``meta.*`` tensors through; the byte search must not."""
-    from fedbench.method import register_method
+    from fedbench.api.method import register_method
 
     base = METHODS.get("fedsa-lora")
 
@@ -208,7 +208,7 @@ def test_the_search_finds_a_local_tensor_smuggled_in_a_meta_tensor(private_prep,
 
 @pytest.mark.parametrize("name", ["fedsa-lora", "fedmix"])
 def test_describe_states_the_promise_and_what_crosses(name, tiny_prep):
-    from fedbench.describe import privacy_promise
+    from fedbench.cli.describe import privacy_promise
 
     method = METHODS.get(name)()
     model = ClientRuntime(tiny_prep, method).model

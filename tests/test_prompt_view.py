@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from fedbench.context import client_context
-from fedbench.prompt_view import _font, band_lines, band_width, prompt_view, shrunken_scene
+from fedbench.api.context import client_context
+from fedbench.staging.prompt_view import _font, band_lines, band_width, prompt_view, shrunken_scene
 from fedbench.tasks.scenes import draw_scenes
 
 
@@ -58,8 +58,8 @@ def test_prompt_view_is_the_shrunken_scene_inside_a_band_holding_symbol_and_text
 
 
 def test_prompt_views_are_each_rows_view_through_the_frozen_tower(tiny_prep):
-    from fedbench.family import family_of
-    from fedbench.registry import TASKS
+    from fedbench.api.family import family_of
+    from fedbench.api.registry import TASKS
 
     table, views = tiny_prep.table, tiny_prep.features.prompts
     rows = np.array([0, 1, len(table) - 1])
@@ -75,9 +75,9 @@ def test_prompt_views_are_each_rows_view_through_the_frozen_tower(tiny_prep):
 
 
 def test_prompt_row_routes_on_the_prompt_view_while_experts_read_the_plain_image(tiny_prep, tmp_path):
-    from fedbench.protocol import MethodEntry
-    from fedbench.server import Run
-    from fedbench.task_experts import STAGE2
+    from fedbench.adapters.task_experts import STAGE2
+    from fedbench.config.protocol import MethodEntry
+    from fedbench.runtime.server import Run
 
     options = {"router_inputs": ["image"], "router_scope": "local", "ocr_expert": False, "router_view": "prompt"}
     run = Run(tiny_prep, MethodEntry("mmrouter-moa", options), tmp_path)

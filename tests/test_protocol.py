@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from fedbench import protocol
-from fedbench.protocol import ProtocolError
+from fedbench.config import protocol
+from fedbench.config.protocol import ProtocolError
 
 
 @pytest.mark.parametrize("name", ["smoke", "default", "paper"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from conftest import TINY
 
-from fedbench.records import read_jsonl
-from fedbench.server import Run
-from fedbench.staging import prepare
+from fedbench.runtime.server import Run
+from fedbench.staging.prepare import prepare
+from fedbench.utils.records import read_jsonl
 
 
 def test_run_record_carries_the_data_fingerprint_and_the_machine(tiny_prep, tmp_path):

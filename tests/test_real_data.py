@@ -15,11 +15,11 @@ import real_fixtures as rf
 import torch
 from typer.testing import CliRunner
 
-from fedbench.cli import app
-from fedbench.data import GLOBAL_TEST, TRAIN, ExampleTable
-from fedbench.family import family_of
-from fedbench.model import Batch
-from fedbench.registry import FAMILIES, TASKS
+from fedbench.api.data import GLOBAL_TEST, TRAIN, ExampleTable
+from fedbench.api.family import family_of
+from fedbench.api.model import Batch
+from fedbench.api.registry import FAMILIES, TASKS
+from fedbench.cli.app import app
 from fedbench.tasks import real
 from fedbench.tasks.families.vqa_soft import answer_scores, majority_answer, normalize_answer, vqa_accuracy
 
@@ -93,7 +93,7 @@ def test_every_family_declares_its_metric_and_rules():
     assert family_of(TASKS.get("grounding")).metric.name == TASKS.get("grounding").metric == "acc_iou50"
     assert TASKS.get("refcoco").metric == "acc_iou50" and TASKS.get("vqav2").metric == "vqa_accuracy"
     with pytest.raises(ValueError, match="family 'nope' not in"):
-        from fedbench.task import TaskSpec
+        from fedbench.api.task import TaskSpec
 
         TaskSpec("x", "nope", "real")
 
@@ -248,7 +248,7 @@ def test_smoke_run_on_every_fixture_dataset(tmp_path):
 
 
 def test_partition_natural_domains_and_training_only_vocabulary(tmp_path):
-    from fedbench.data import ClientPlan, PartitionConfig
+    from fedbench.api.data import ClientPlan, PartitionConfig
 
     rf.domainnet(tmp_path / "d")
     rf.vqav2(tmp_path / "v", n_images=30)
@@ -281,8 +281,8 @@ def test_partition_natural_domains_and_training_only_vocabulary(tmp_path):
 def test_a_damaged_image_cache_is_one_line_naming_the_file(tmp_path):
     """The image cache's sha256 is recorded when it is written and checked on every read: a cache
     file cut short (a full disk, a kill) stops with one line naming it, never deep in numpy."""
-    from fedbench.data import ClientPlan, PartitionConfig
-    from fedbench.integrity import IntegrityError
+    from fedbench.api.data import ClientPlan, PartitionConfig
+    from fedbench.utils.integrity import IntegrityError
 
     rf.cifar100(tmp_path / "c")
     config = PartitionConfig(
@@ -351,7 +351,7 @@ def test_gqa_missing_images_are_one_line_naming_them(tmp_path):
 
 
 def test_gqa_rows_show_the_image_their_question_names(tmp_path):
-    from fedbench.data import ClientPlan, PartitionConfig
+    from fedbench.api.data import ClientPlan, PartitionConfig
 
     rf.gqa(tmp_path / "g")
     config = PartitionConfig(
@@ -382,7 +382,7 @@ def test_natural_groups_by_hand():
 
 
 def _natural_table(tmp_path, natural_splits, tasks, n_clients, seed=0):
-    from fedbench.data import ClientPlan, PartitionConfig
+    from fedbench.api.data import ClientPlan, PartitionConfig
 
     config = PartitionConfig(
         suite="real", num_clients=n_clients, train_images=8, test_images=2, global_test_images=6, image_size=16,
@@ -423,7 +423,7 @@ def test_gqa_structural_types_one_per_client(tmp_path):
 
 
 def test_bad_natural_split_or_partitioner_is_one_line_naming_the_choices(tmp_path):
-    from fedbench.protocol import ProtocolError, from_dict
+    from fedbench.config.protocol import ProtocolError, from_dict
 
     rf.vqav2(tmp_path / "vqav2")
     bad = r"'data.natural_splits.vqav2' = 'colour' .* question_type, answer_type, none"
@@ -450,7 +450,7 @@ def test_bad_natural_split_or_partitioner_is_one_line_naming_the_choices(tmp_pat
 
 
 def _flwr_table(tmp_path, partitioner, seed=0, sizes=(8, 8, 8, 8), **extra):
-    from fedbench.data import ClientPlan, PartitionConfig
+    from fedbench.api.data import ClientPlan, PartitionConfig
 
     rf.cifar100(tmp_path / "c", n=200)
     config = PartitionConfig(
@@ -500,7 +500,7 @@ def test_flwr_partition_is_seeded_and_leaves_box_tasks_iid(tmp_path):
     c = _flwr_table(tmp_path, "dirichlet", seed=4)
     assert np.array_equal(a.label, b.label) and np.array_equal(a.client, b.client)
     assert torch.equal(a.images, b.images) and not np.array_equal(a.label, c.label)
-    from fedbench.data import ClientPlan, PartitionConfig
+    from fedbench.api.data import ClientPlan, PartitionConfig
 
     rf.refcoco(tmp_path / "r")
     config = PartitionConfig(

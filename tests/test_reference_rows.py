@@ -7,15 +7,15 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from fedbench.checkpoint import Checkpoint
-from fedbench.context import ClientContext
-from fedbench.data import GLOBAL_CLIENT, TRAIN
-from fedbench.leaderboard import build_leaderboard
-from fedbench.payload import deserialize, serialize
-from fedbench.protocol import ClientsConfig, MethodEntry
-from fedbench.records import read_jsonl, read_records
-from fedbench.seeding import sample_clients
-from fedbench.server import Run
+from fedbench.api.context import ClientContext
+from fedbench.api.data import GLOBAL_CLIENT, TRAIN
+from fedbench.api.payload import deserialize, serialize
+from fedbench.config.protocol import ClientsConfig, MethodEntry
+from fedbench.reporting.board import build_leaderboard
+from fedbench.runtime.checkpoint import Checkpoint
+from fedbench.runtime.server import Run
+from fedbench.utils.records import read_jsonl, read_records
+from fedbench.utils.seeding import sample_clients
 
 
 def _capture_states(monkeypatch):

@@ -1,8 +1,8 @@
 import pytest
 
-from fedbench.method import Method, register_method
-from fedbench.registry import BACKBONES, METHODS, SUITES, TASKS, Registry, UnknownNameError
-from fedbench.task import TaskSpec
+from fedbench.api.method import Method, register_method
+from fedbench.api.registry import BACKBONES, METHODS, SUITES, TASKS, Registry, UnknownNameError
+from fedbench.api.task import TaskSpec
 
 
 def test_unknown_name_suggests_and_lists_choices():
@@ -43,11 +43,15 @@ class NotAMethod:
         (
             METHODS,
             NotAMethod,
-            "method 'bad' must be a subclass of fedbench.method.Method; got class test_registry.NotAMethod",
+            "method 'bad' must be a subclass of fedbench.api.method.Method; got class test_registry.NotAMethod",
         ),
-        (METHODS, Method(), "method 'bad' must be a subclass of fedbench.method.Method; got Method <"),
-        (TASKS, TaskSpec, "task 'bad' must be an instance of fedbench.task.TaskSpec; got class fedbench.task.TaskSpec"),
-        (TASKS, {"family": "vqa"}, "task 'bad' must be an instance of fedbench.task.TaskSpec; got dict {'family'"),
+        (METHODS, Method(), "method 'bad' must be a subclass of fedbench.api.method.Method; got Method <"),
+        (
+            TASKS,
+            TaskSpec,
+            "task 'bad' must be an instance of fedbench.api.task.TaskSpec; got class fedbench.api.task.TaskSpec",
+        ),
+        (TASKS, {"family": "vqa"}, "task 'bad' must be an instance of fedbench.api.task.TaskSpec; got dict {'family'"),
         (SUITES, "scenes", "suite 'bad' must be a callable; got str 'scenes'"),
         (BACKBONES, None, "backbone 'bad' must be a callable; got NoneType None"),
     ],

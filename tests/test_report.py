@@ -8,8 +8,8 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from fedbench.cli import app
-from fedbench.report import PLOTS, SECTIONS
+from fedbench.cli.app import app
+from fedbench.reporting.html import PLOTS, SECTIONS
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"

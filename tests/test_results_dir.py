@@ -15,12 +15,12 @@ import pytest
 from conftest import TINY
 from typer.testing import CliRunner
 
-from fedbench import provenance
-from fedbench.cli import app, protocol_to_toml
-from fedbench.protocol import MethodEntry
-from fedbench.records import read_jsonl
-from fedbench.registry import METHODS
-from fedbench.results_dir import MARKER, claim, legacy_hashes, plan_run
+from fedbench.api.registry import METHODS
+from fedbench.cli.app import app, protocol_to_toml
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime import provenance
+from fedbench.runtime.results_dir import MARKER, claim, legacy_hashes, plan_run
+from fedbench.utils.records import read_jsonl
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def test_a_legacy_directory_of_another_protocol_is_refused_and_untouched(tmp_pat
 def test_the_committed_results_are_fedbench_s_own(name):
     """The committed directories (and a sweep's value directories) are adopted by a rerun of their
     own protocol, and refused for another; checking writes nothing."""
-    from fedbench import protocol as protocol_mod
+    from fedbench.config import protocol as protocol_mod
 
     top = REPO / "results" / name
     proto = protocol_mod.load(str(top / "protocol.toml"))
@@ -207,8 +207,8 @@ def test_leaderboard_of_in_flight_runs_only_is_one_line_and_notes_them_beside_co
 # --- the code that made a row -------------------------------------------------------------------------
 PLUGIN = '''"""A method shipped outside the repo: FedAvg-LoRA under another name."""
 
-from fedbench.method import register_method
-from fedbench.registry import METHODS
+from fedbench.api.method import register_method
+from fedbench.api.registry import METHODS
 
 
 @register_method("toy-plugged")

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedbench.leaderboard import build_leaderboard, render
-from fedbench.method import Method, register_method
-from fedbench.protocol import MethodEntry
-from fedbench.records import read_jsonl, read_records
-from fedbench.registry import METHODS
-from fedbench.server import Run
+from fedbench.api.method import Method, register_method
+from fedbench.api.registry import METHODS
+from fedbench.config.protocol import MethodEntry
+from fedbench.reporting.board import build_leaderboard, render
+from fedbench.runtime.server import Run
+from fedbench.utils.records import read_jsonl, read_records
 
 VOLATILE = {"compute_s", "git_commit", "versions"}
 
@@ -109,7 +109,7 @@ def test_completed_run_is_skipped_not_redone(tiny_prep, tmp_path):
 
 
 def test_routed_methods_get_an_expert_usage_plot(tiny_prep, tmp_path):
-    from fedbench.leaderboard import plot
+    from fedbench.reporting.board import plot
 
     Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path).execute()
     paths = plot(read_records(tmp_path), tmp_path / "plots")
@@ -122,10 +122,10 @@ import hashlib, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from conftest import TINY
-from fedbench.checkpoint import Checkpoint
-from fedbench.protocol import MethodEntry
-from fedbench.server import Run
-from fedbench.staging import prepare
+from fedbench.runtime.checkpoint import Checkpoint
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime.server import Run
+from fedbench.staging.prepare import prepare
 
 torch.set_num_threads(2)
 digest = hashlib.sha256()

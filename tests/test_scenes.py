@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedbench.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, TRAIN, PartitionConfig
-from fedbench.partition import make_plans
-from fedbench.registry import SUITES, TASKS
+from fedbench.api.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, TRAIN, PartitionConfig
+from fedbench.api.registry import SUITES, TASKS
+from fedbench.staging.partition import make_plans
 from fedbench.tasks import scenes
 
 TASK_NAMES = ["classification", "vqa", "grounding", "ocr_vqa"]

@@ -16,12 +16,12 @@ import pytest
 from conftest import kill_in_round
 from typer.testing import CliRunner
 
-from fedbench.checkpoint import Checkpoint
-from fedbench.cli import app
-from fedbench.integrity import IntegrityError, sha256_bytes
-from fedbench.protocol import MethodEntry
-from fedbench.records import append_records, read_jsonl, read_records, scan_records
-from fedbench.server import Run
+from fedbench.cli.app import app
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime.checkpoint import Checkpoint
+from fedbench.runtime.server import Run
+from fedbench.utils.integrity import IntegrityError, sha256_bytes
+from fedbench.utils.records import append_records, read_jsonl, read_records, scan_records
 
 VOLATILE = {"compute_s", "git_commit", "versions"}
 METHOD = "fedsa-lora"  # local state (its B matrices) that a resume must bring back

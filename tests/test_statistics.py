@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fedbench.statistics import (
+from fedbench.reporting.statistics import (
     holm,
     paired_differences,
     pooled_difference,

@@ -12,11 +12,11 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from fedbench import protocol
-from fedbench.cli import app, protocol_to_toml, resolve_protocol
-from fedbench.leaderboard import plot_sweep_gain
-from fedbench.protocol import ProtocolError
-from fedbench.records import read_records
+from fedbench.cli.app import app, protocol_to_toml, resolve_protocol
+from fedbench.config import protocol
+from fedbench.config.protocol import ProtocolError
+from fedbench.reporting.board import plot_sweep_gain
+from fedbench.utils.records import read_records
 
 runner = CliRunner()
 

@@ -10,12 +10,12 @@ import pytest
 import tomllib
 import torch
 
-from fedbench.context import client_context
-from fedbench.method import create_method
-from fedbench.protocol import MethodEntry, from_dict
-from fedbench.records import read_jsonl
-from fedbench.server import Run
-from fedbench.task_experts import STAGE2
+from fedbench.adapters.task_experts import STAGE2
+from fedbench.api.context import client_context
+from fedbench.api.method import create_method
+from fedbench.config.protocol import MethodEntry, from_dict
+from fedbench.runtime.server import Run
+from fedbench.utils.records import read_jsonl
 
 ALL = ("classification", "vqa", "grounding", "ocr_vqa")
 

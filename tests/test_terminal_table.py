@@ -7,10 +7,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from fedbench.cli import app
-from fedbench.leaderboard import _main_columns, build_leaderboard
-from fedbench.records import append_records
-from fedbench.terminal_table import (
+from fedbench.cli.app import app
+from fedbench.reporting.board import _main_columns, build_leaderboard
+from fedbench.reporting.terminal_table import (
     UnknownColumnError,
     abbreviate,
     key_abbreviations,
@@ -18,6 +17,7 @@ from fedbench.terminal_table import (
     select_columns,
     wrap_label,
 )
+from fedbench.utils.records import append_records
 
 LADDER = [
     "pilot-ctmoa",

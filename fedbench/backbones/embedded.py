@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import load_file, save_file
 
-from fedbench.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneUnavailable, normalize_images
-from fedbench.integrity import IntegrityError, read_checked, sha256_file
-from fedbench.registry import register_backbone
+from fedbench.api.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneUnavailable, normalize_images
+from fedbench.api.registry import register_backbone
+from fedbench.utils.integrity import IntegrityError, read_checked, sha256_file
 
 HERE = Path(__file__).parent
 CONFIG_PATH = HERE / "embedded_clip.json"

@@ -11,10 +11,10 @@ import warnings
 import torch
 from torch import nn
 
-from fedbench.backbone import Backbone, BackboneUnavailable
-from fedbench.checks import is_local_path
-from fedbench.lora import LoRASpec, PeftMix, register_lora_injector
-from fedbench.registry import register_backbone
+from fedbench.adapters.lora import LoRASpec, PeftMix, register_lora_injector
+from fedbench.api.backbone import Backbone, BackboneUnavailable
+from fedbench.api.registry import register_backbone
+from fedbench.utils.checks import is_local_path
 
 
 class HFImageEncoder(nn.Module):
@@ -39,7 +39,7 @@ def create_hf_clip(rest: str, spec: str) -> Backbone:
 
     from transformers import AutoTokenizer, CLIPModel
 
-    if is_local_path(rest) and not Path(rest).expanduser().is_dir():  # the rule: fedbench.checks.is_local_path
+    if is_local_path(rest) and not Path(rest).expanduser().is_dir():  # the rule: fedbench.utils.checks.is_local_path
         what = "is a file, not a model directory" if Path(rest).expanduser().exists() else "does not exist"
         raise BackboneUnavailable(
             f"backbone '{spec}' is not on this machine: local path '{rest}' {what} (a hub id is OWNER/NAME, read "
@@ -78,7 +78,7 @@ def peft_lora(tower: nn.Module, spec: LoRASpec, adapter_name: str = "default") -
     ``r = spec.rank``, ``lora_alpha = spec.alpha``, ``lora_dropout = spec.dropout``), injected in place
     into the plain module (no ``PeftModel`` wrapper, so the tower keeps its forward and its names, plus
     ``.lora_A.<adapter>`` / ``.lora_B.<adapter>``). With the same weights, A and B it computes what
-    :func:`fedbench.lora.inject_qv_lora` computes (``tests/test_backbones.py``), up to where dropout acts
+    :func:`fedbench.adapters.lora.inject_qv_lora` computes (``tests/test_backbones.py``), up to where dropout acts
     (peft: on the input; fedbench: on A's columns)."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -91,7 +91,7 @@ def peft_lora(tower: nn.Module, spec: LoRASpec, adapter_name: str = "default") -
 @register_lora_injector("peft")
 def inject_peft_lora(tower: nn.Module, spec: LoRASpec, adapters: tuple[str, ...] = ("default",)) -> list[nn.Module]:
     """The methods' LoRA on a transformers tower: :func:`peft_lora` once per adapter, then fedbench's
-    contract (that of :func:`fedbench.lora.inject_qv_lora`): every adapter trainable (peft freezes the
+    contract (that of :func:`fedbench.adapters.lora.inject_qv_lora`): every adapter trainable (peft freezes the
     inactive ones) and only the first active with weight 1 (``PeftMix.mix``). Returns peft's
     ``LoraLayer`` modules in module order.
 

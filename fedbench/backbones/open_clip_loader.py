@@ -12,8 +12,8 @@ from pathlib import Path
 import open_clip
 import torch
 
-from fedbench.backbone import Backbone, BackboneUnavailable
-from fedbench.registry import register_backbone
+from fedbench.api.backbone import Backbone, BackboneUnavailable
+from fedbench.api.registry import register_backbone
 
 
 def local_weights(model_name: str, tag: str, cache_dir: str | None) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedbench.protocol import Protocol
+from fedbench.config.protocol import Protocol
 
 BACKENDS = ("inprocess", "flower-sim", "flower-deploy")
 
@@ -34,10 +34,10 @@ def run_backend(
     feature_cache: bool = False,
 ) -> None:
     """Every row x seed of ``protocol`` into ``results`` on backend ``name``. ``feature_cache``: frozen
-    image features on disk (:mod:`fedbench.feature_cache`); the Flower backends' nodes stage in memory."""
+    image features on disk (:mod:`fedbench.staging.feature_cache`); the Flower backends' nodes stage in memory."""
     check_backend(name)
     if name == "inprocess":
-        from fedbench.server import run_rows
+        from fedbench.runtime.server import run_rows
 
         run_rows(protocol, results, progress, None, on_seed, feature_cache)
     elif name == "flower-sim":

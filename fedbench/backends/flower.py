@@ -16,7 +16,7 @@ beside it as ``up_bytes_flower`` / ``down_bytes_flower``.
 Client sampling is fedbench's seeded sampler over partition ids (Flower samples node ids from the
 global ``random``); node ids are mapped to partition ids once, by asking every node. A client's
 stored state stays on its node, one safetensors file per partition id under the node's state
-directory (a shared :class:`~fedbench.client_store.ClientStore`), and never travels. A reply that
+directory (a shared :class:`~fedbench.runtime.client_store.ClientStore`), and never travels. A reply that
 is an error, or missing at the deadline, is a dropped client: counted and recorded, and the round
 goes on without it.
 """
@@ -35,14 +35,14 @@ from typing import Any
 
 import torch
 
-from fedbench.client import ClientRuntime, Message, State, TrainReply
-from fedbench.client_store import ClientStore
-from fedbench.evaluation import EvalReply
-from fedbench.method import create_method
-from fedbench.payload import deserialize, serialize
-from fedbench.protocol import Protocol, from_dict
-from fedbench.server import Progress, Run, run_rows
-from fedbench.staging import Prepared, prepare
+from fedbench.api.method import create_method
+from fedbench.api.payload import deserialize, serialize
+from fedbench.config.protocol import Protocol, from_dict
+from fedbench.runtime.client import ClientRuntime, Message, State, TrainReply
+from fedbench.runtime.client_store import ClientStore
+from fedbench.runtime.evaluation import EvalReply
+from fedbench.runtime.server import Progress, Run, run_rows
+from fedbench.staging.prepare import Prepared, prepare
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported: no network calls
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from fedbench import protocol as protocol_mod
 from fedbench.backends import BackendError
 from fedbench.backends.flower import FlowerBackend, quiet_flower
-from fedbench.protocol import Protocol
-from fedbench.server import Progress, RowsFailed, recorded_failures, run_rows
+from fedbench.config import protocol as protocol_mod
+from fedbench.config.protocol import Protocol
+from fedbench.runtime.server import Progress, RowsFailed, recorded_failures, run_rows
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -186,7 +186,7 @@ class LocalDeployment:
 
 def write_protocol(protocol: Protocol, results: Path) -> Path:
     """The protocol as the ServerApp will read it (a TOML file in the results directory)."""
-    from fedbench.cli import protocol_to_toml
+    from fedbench.cli.app import protocol_to_toml
 
     path = results / "flower-deploy" / "protocol.toml"
     path.parent.mkdir(parents=True, exist_ok=True)

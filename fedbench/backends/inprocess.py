@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import TypeVar
 
-from fedbench.client import ClientRuntime, Message, State, TrainReply
-from fedbench.client_store import ClientStore
-from fedbench.evaluation import EvalReply
-from fedbench.faults import error_line
-from fedbench.integrity import IntegrityError
+from fedbench.runtime.client import ClientRuntime, Message, State, TrainReply
+from fedbench.runtime.client_store import ClientStore
+from fedbench.runtime.evaluation import EvalReply
+from fedbench.runtime.faults import error_line
+from fedbench.utils.integrity import IntegrityError
 
 T = TypeVar("T")
 
 
 class InProcessBackend:
-    """Calls :class:`~fedbench.client.ClientRuntime` directly; a run keeps the client states in its
+    """Calls :class:`~fedbench.runtime.client.ClientRuntime` directly; a run keeps the client states in its
     client store, on disk, named by its checkpoints (:meth:`restore`). A client step that raises is
     a dropped client, as an error reply is on Flower: its reply is None, :meth:`drop_reason` says
     why, and the round goes on; a damaged stored state stops the run."""
@@ -51,7 +51,7 @@ class InProcessBackend:
         return self.runtime.states
 
     def restore(self, states: Mapping[int, State]) -> None:
-        """A :class:`~fedbench.client_store.ClientStore` becomes the runtime's store; any other
+        """A :class:`~fedbench.runtime.client_store.ClientStore` becomes the runtime's store; any other
         mapping's states replace the stored ones (a test crafting a federation)."""
         if isinstance(states, ClientStore):
             self.runtime.states = states

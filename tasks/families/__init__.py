@@ -1,1 +1,1 @@
-"""Task families, one registered :class:`fedbench.family.TaskFamily` per module (discovered)."""
+"""Task families, one registered :class:`fedbench.api.family.TaskFamily` per module (discovered)."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch.nn.functional as F
 
-from fedbench.family import MetricSpec, TaskFamily
-from fedbench.model import AnswerHead, AnswerOutput
-from fedbench.registry import register_family
+from fedbench.api.family import MetricSpec, TaskFamily
+from fedbench.api.model import AnswerHead, AnswerOutput
+from fedbench.api.registry import register_family
 
 
 class AnswerFamily(TaskFamily):

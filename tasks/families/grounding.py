@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from fedbench.family import MetricSpec, TaskFamily
-from fedbench.model import BoxHead, BoxOutput
-from fedbench.registry import register_family
+from fedbench.api.family import MetricSpec, TaskFamily
+from fedbench.api.model import BoxHead, BoxOutput
+from fedbench.api.registry import register_family
 
 
 class BoxFamily(TaskFamily):

@@ -22,8 +22,8 @@ from functools import lru_cache
 
 import torch
 
-from fedbench.family import MetricSpec
-from fedbench.registry import register_family
+from fedbench.api.family import MetricSpec
+from fedbench.api.registry import register_family
 from fedbench.tasks.families.answer import AnswerFamily
 
 # The official VQA evaluation's tables (VQA API, vqaEval.py): contractions written without their

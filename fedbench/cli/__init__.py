@@ -1,0 +1,3 @@
+from fedbench.cli.app import app
+
+__all__ = ["app"]
