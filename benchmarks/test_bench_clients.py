@@ -51,6 +51,7 @@ from fedbench.runtime.checkpoint import Checkpoint
 from fedbench.config.protocol import ClientsConfig, EvalConfig, MethodEntry
 from fedbench.utils.records import read_jsonl
 from fedbench.runtime.server import Run
+from fedbench.backends.inprocess import in_process
 from fedbench.staging.prepare import prepare
 
 
@@ -95,7 +96,7 @@ def progress(event, info):
 
 
 try:
-    Run(prep, proto.methods[0], config["results"], progress).execute()
+    Run(prep, proto.methods[0], config["results"], progress, backend=in_process).execute()
 except Stop:
     pass
 out["wall_s"] = time.perf_counter() - t0

@@ -23,7 +23,7 @@ def _run(args: list[str], results: Path, cache: Path) -> float:
     env = {**os.environ, "FEDBENCH_CACHE": str(cache)}
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-c", "from fedbench.cli.app import app; app()", "run", *args, "--results", str(results)],
+        [sys.executable, "-c", "from fedbench.cli import app; app()", "run", *args, "--results", str(results)],
         env=env,
         check=True,
         capture_output=True,

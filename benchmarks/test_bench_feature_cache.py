@@ -32,9 +32,10 @@ from best_time import best_seconds
 
 from fedbench.api.data import PartitionConfig
 from fedbench.api.model import OCR_TOKENS
+from fedbench.backends.inprocess import in_process
 from fedbench.config import protocol as protocol_mod
 from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
-from fedbench.runtime.server import run_rows
+from fedbench.runtime.rows import run_rows
 from fedbench.staging.feature_cache import backbone_digest
 from fedbench.staging.prepare import FeatureCache, TextEncoder, prepare
 
@@ -75,7 +76,7 @@ def test_pilot_ctmoa_run_warm_feature_cache_vs_none(benchmark, tmp_path, monkeyp
     proto, repeat = _protocol(short, _backbone_name(backbone, tmp_path)), 1 if short else 3
     fresh = (tmp_path / f"results{i}" for i in itertools.count())  # a finished run is skipped: new dir each time
 
-    run_rows(proto, next(fresh), feature_cache=True)  # cold: computes and writes the entry
+    run_rows(proto, next(fresh), feature_cache=True, backend=in_process)  # cold: computes and writes the entry
     assert list((tmp_path / "cache" / "features").glob("*/entry.json")), "the cold run wrote no entry"
     baselines: list[float] = []
 
@@ -83,13 +84,13 @@ def test_pilot_ctmoa_run_warm_feature_cache_vs_none(benchmark, tmp_path, monkeyp
         """Untimed by pytest-benchmark: an uncached run just before each timed warm one, so both see
         the same load on this shared machine (interleaved, not one block after the other)."""
         t = time.perf_counter()
-        run_rows(proto, next(fresh), feature_cache=False)
+        run_rows(proto, next(fresh), feature_cache=False, backend=in_process)
         baselines.append(time.perf_counter() - t)
         return (next(fresh),), {}
 
     t0 = time.perf_counter()
     benchmark.pedantic(
-        lambda results: run_rows(proto, results, feature_cache=True),
+        lambda results: run_rows(proto, results, feature_cache=True, backend=in_process),
         setup=baseline_then_fresh_dir,
         rounds=repeat,
         iterations=1,

@@ -13,12 +13,13 @@ import pytest
 import torch
 from best_time import best_seconds
 
-from fedbench.api.context import client_context
 from fedbench.api.data import GLOBAL_TEST, TRAIN, PartitionConfig
 from fedbench.api.payload import serialize
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import LocalConfig, MethodEntry, Protocol
 from fedbench.runtime.evaluation import evaluate_rows
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import client_context
 from fedbench.staging.prepare import prepare
 
 PROTO = Protocol(
@@ -40,7 +41,7 @@ def _measured(benchmark) -> float:
 
 def test_eval_encodes_each_image_once(benchmark, prep, tmp_path):
     """Evaluation encodes unique images once for all their task rows; baseline encodes per row."""
-    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path)
+    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path, backend=in_process)
     model = run.build()
     rows = prep.table.rows(split=GLOBAL_TEST)
 
@@ -60,7 +61,7 @@ def test_eval_encodes_each_image_once(benchmark, prep, tmp_path):
 def test_train_step_runs_the_tower_once_per_distinct_image(benchmark, prep, tmp_path):
     """A LoRA training step (loss + backward through the tower) on a batch drawn with replacement from a
     client's rows, as the harness draws it: the tower once per distinct image vs once per row."""
-    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path)
+    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path, backend=in_process)
     model = run.build().train()
     train_rows = prep.table.rows(client=0, split=TRAIN)
     pick = train_rows[torch.randint(len(train_rows), (32,), generator=torch.Generator().manual_seed(0)).numpy()]
@@ -79,7 +80,7 @@ def test_train_step_runs_the_tower_once_per_distinct_image(benchmark, prep, tmp_
 
 def test_safetensors_payload_vs_torch_save(benchmark, prep, tmp_path):
     """The wire format: safetensors serialization against torch.save of the same payload."""
-    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path)
+    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path, backend=in_process)
     payload = run.method.upload(run.build(), prep.infos[0])
 
     def torch_save():

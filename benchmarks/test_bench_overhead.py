@@ -14,6 +14,7 @@ import torch
 from best_time import best_seconds_interleaved
 
 from fedbench.api.data import TRAIN, PartitionConfig
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol, load
 from fedbench.runtime.client import build_model, trainable_state
 from fedbench.runtime.server import Federation, Run
@@ -89,8 +90,8 @@ def test_one_fedavg_lora_round_vs_a_bare_loop(benchmark, tmp_path):
     proto = SHORT if short else load("default").replace(methods=(MethodEntry("fedavg-lora"),), rounds=1)
     prep = prepare(proto, 0, device=torch.device("cpu"))
     repeat = 1 if short else 3
-    through_fedbench = _fedbench_round(Run(prep, MethodEntry("fedavg-lora"), tmp_path / "fedbench"))
-    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path / "bare")
+    through_fedbench = _fedbench_round(Run(prep, MethodEntry("fedavg-lora"), tmp_path / "fedbench", backend=in_process))
+    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path / "bare", backend=in_process)
     model = build_model(prep, run.method)
     init = trainable_state(model)
     bare, harness = best_seconds_interleaved([lambda: _bare_round(prep, model, init), through_fedbench], repeat)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from fedbench.adapters.lora_method import LoRAMethod
 from fedbench.api.method import register_method
-from fedbench.methods.fedavg_lora import FedAvgLoRA
 
 
 @register_method("centralized")
-class Centralized(FedAvgLoRA):
+class Centralized(LoRAMethod):
     """Centralized reference row (the "Global-Train" row of FL benchmarks such as pFL-Bench, arXiv
     2206.03655): every client's training rows pooled on one trainer, the ceiling a federated method
     approaches. Not federated: nothing is sent, and its bytes are n/a (records carry 0 bytes and

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedbench.adapters.lora import LoRASpec, inject_lora
+from fedbench.adapters.lora_method import LoRAMethod
 from fedbench.api.backbone import Backbone
-from fedbench.api.method import Method, Tag, register_method
+from fedbench.api.method import Tag, register_method
 from fedbench.api.model import ClientModel
 from fedbench.api.task import TaskSpec
 
 
 @register_method("fedavg-lora")
-class FedAvgLoRA(Method):
+class FedAvgLoRA(LoRAMethod):
     """FedIT (Zhang et al., arXiv 2305.05644) / OpenFedLLM (arXiv 2402.06954): FedAvg over LoRA.
 
     - Shared: LoRA (rank 8, alpha 16, dropout 0.05) on the q and v projections of every image-
@@ -32,13 +32,7 @@ class FedAvgLoRA(Method):
     CLIP tower the LoRA is peft's, which drops the layer input element by element.
     """
 
-    Options = LoRASpec  # rank, alpha, dropout (FedIT's defaults: 8, 16, 0.05), validated
     paper = "https://arxiv.org/abs/2305.05644"
-
-    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
-        model = ClientModel(backbone, list(tasks), answer_side)
-        inject_lora(backbone, self.options.lora)  # the backbone family's LoRA (peft for transformers)
-        return model
 
 
 @register_method("ffa-lora")

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,14 +112,14 @@ def local_embeddings(
     """Image embeddings with only the local adapter active (mix {local: 1}): the pooled embedding,
     or the mean of the patch tokens (``token_mean``)."""
     with evaluating(model), model.mixed({LOCAL: 1.0}):
-        tokens, pooled = model.backbone.encode_image(ctx.store.images[image_ids.to(ctx.store.device)])
+        tokens, pooled = model.backbone.encode_image(ctx.images(image_ids))
     return pooled if embedding == "pooled" else tokens.mean(1)
 
 
 def reference_images(ctx: ClientContext, num_reference: int = 5) -> torch.Tensor:
     """Image ids of ``num_reference`` training inputs of the client (the ``feddpa-reference`` stream)."""
     rows = ctx.sample(num_reference, REFERENCE_STREAM)
-    return ctx.store.image_index[np.asarray(rows)]
+    return ctx.image_ids(rows)
 
 
 def instance_alphas(
@@ -233,7 +232,7 @@ class FedDPA(Method):
         assert isinstance(model, FedDPAModel)
         o = self.options
         alphas = instance_alphas(model, image_ids, ctx, o.num_reference, o.max_weight, o.embedding).tolist()
-        images = ctx.store.images[image_ids.to(ctx.store.device)]
+        images = ctx.images(image_ids)
         tokens, pooled = [], []
         with evaluating(model):
             for i, alpha in enumerate(alphas):  # one forward per image: the mix is in the weights

@@ -5,12 +5,12 @@ The class docstring is the description ``fedbench describe`` prints.
 
 from __future__ import annotations
 
+from fedbench.adapters.lora_method import LoRAMethod
 from fedbench.api.method import Tag, register_method
-from fedbench.methods.fedavg_lora import FedAvgLoRA
 
 
 @register_method("local-only")
-class LocalOnly(FedAvgLoRA):
+class LocalOnly(LoRAMethod):
     """Local-only reference row (the "Isolated"/local-training row of FL benchmarks such as
     pFL-Bench, arXiv 2206.03655): the floor a federated method has to beat.
 

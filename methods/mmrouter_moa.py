@@ -224,7 +224,7 @@ class MMRouterMoA(TaskExpertsMethod):
         """As for every task-expert method, plus the prompt view the router reads (``router_view``)."""
         super().prepare_client(model, ctx)
         if self.options.router_view == "prompt":
-            model.router.view = ctx.features.prompts.tokens
+            model.router.view = ctx.prompt_tokens()
 
     def tag(self, name: str) -> Tag:
         if name.startswith((CLIENT_ADAPTER, AOA)):

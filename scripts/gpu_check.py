@@ -18,10 +18,11 @@ from dataclasses import replace
 
 import torch
 
-from fedbench.api.context import client_context
 from fedbench.api.data import TRAIN
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry, load
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import client_context
 from fedbench.staging.prepare import prepare
 from fedbench.utils.precision import autocast
 
@@ -30,7 +31,7 @@ TIMED = 20
 
 
 def step_fn(prep, name: str):
-    run = Run(prep, MethodEntry(name), "/tmp/gpu_check_unused")
+    run = Run(prep, MethodEntry(name), "/tmp/gpu_check_unused", backend=in_process)
     model = run.build().train()
     ctx = client_context(prep, prep.infos[0], 0)
     run.method.prepare_client(model, ctx)

@@ -52,7 +52,7 @@ import pandas as pd
 from scipy import stats
 
 from fedbench.config import protocol
-from fedbench.reporting import board as leaderboard
+from fedbench.reporting import board
 from fedbench.utils.records import read_records
 
 LEVEL = 0.95
@@ -209,11 +209,10 @@ def load_pairs(results: Path) -> tuple[list[str], dict[tuple[str, str], Pair], l
     """Row labels (protocol order), every pair's per-seed differences of mean_acc over the seeds both
     rows ran, and the task names, from the completed runs of a results directory."""
     recs = read_records(results)
-    values = leaderboard.build_seed_values(recs)  # label -> per-seed figures: the units
+    values = board.build_seed_values(recs)  # label -> per-seed figures: the units
     tasks = sorted(c.removeprefix("acc_") for c in next(iter(values.values())).columns if c.startswith("acc_"))
     runs = recs[recs["kind"] == "run"]
-    done = runs.loc[runs["completed"].eq(True), "run_id"] if "completed" in runs else runs["run_id"].iloc[:0]
-    examples = leaderboard.per_example_scores(recs[recs["run_id"].isin(done)], tasks)
+    examples = board.per_example_scores(board.completed_records(recs), tasks)
     toml = Path(results) / "protocol.toml"
     listed = [m.label for m in protocol.load(str(toml)).methods] if toml.is_file() else []
     seen = list(pd.unique(runs["label"]))

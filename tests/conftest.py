@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from fedbench.api.backbone import create_backbone
-from fedbench.api.context import client_context
 from fedbench.api.data import PartitionConfig
 from fedbench.api.payload import deserialize
-from fedbench.backends.inprocess import InProcessBackend
+from fedbench.backends.inprocess import InProcessBackend, in_process
 from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
 from fedbench.runtime.client import ClientRuntime, Message, TrainReply
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import client_context
 from fedbench.staging.prepare import prepare
 from fedbench.utils.records import read_jsonl
 
@@ -115,7 +115,7 @@ def kill_in_round(prep, results, monkeypatch, at: int, method: str) -> Run:
         return original(self, r, *args, **kwargs)
 
     monkeypatch.setattr(Run, "_round", crash)
-    run = Run(prep, MethodEntry(method), results)
+    run = Run(prep, MethodEntry(method), results, backend=in_process)
     with pytest.raises(KeyboardInterrupt):
         run.execute()
     monkeypatch.setattr(Run, "_round", original)

@@ -9,13 +9,14 @@ import torch
 from conftest import TINY
 
 from fedbench.api.model import AnswerHead, AnswerOutput, BoxHead, BoxOutput, attention_box
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import ModelConfig, ProtocolError, from_dict
 from fedbench.runtime.server import Run
 
 
 def _run(prep, tmp_path, answer_side):
     proto = TINY.replace(model=ModelConfig(answer_side))
-    return Run(dataclasses.replace(prep, protocol=proto), proto.methods[0], tmp_path)
+    return Run(dataclasses.replace(prep, protocol=proto), proto.methods[0], tmp_path, backend=in_process)
 
 
 def test_shared_trunk_serves_every_task_and_every_client_exchanges_it(tiny_prep, tmp_path):

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from fedbench.api.method import create_method
 from fedbench.api.options import OptionError, build_config, parse_method_spec
 from fedbench.api.registry import METHODS
-from fedbench.cli.app import app
+from fedbench.cli import app
 from fedbench.config import protocol
 from fedbench.config.protocol import Protocol, ProtocolError
 
@@ -329,7 +329,7 @@ def test_a_repeated_option_key_is_refused():
 def test_only_a_failed_write_claims_a_write_and_a_resume(monkeypatch, tmp_path):
     """An OSError that reaches the command names its file and reason; "rerun ... to resume" only for
     what only a write gives (ENOSPC and its kin)."""
-    import fedbench.cli.app as cli
+    import fedbench.cli.protocol_flags as cli
 
     cases = [
         (

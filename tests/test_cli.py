@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 import fedbench
-from fedbench.cli.app import app
+from fedbench.backends.inprocess import in_process
+from fedbench.cli import app
 
 runner = CliRunner()
 SMOKE = resources.files("fedbench.config.presets").joinpath("smoke.toml").read_text()
@@ -112,7 +113,7 @@ def test_bad_input_leaves_existing_results_untouched(tmp_path, tiny_prep):
     from fedbench.config.protocol import MethodEntry
     from fedbench.runtime.server import Run
 
-    run = Run(tiny_prep, MethodEntry("ffa-lora"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("ffa-lora"), tmp_path, backend=in_process)
     run.execute()
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     _fails_cleanly(["run", "--results", str(tmp_path), "--methods", "nope"], "Unknown method 'nope'")
@@ -126,7 +127,7 @@ def test_leaderboard_command_prints_markdown_and_csv(tmp_path, tiny_prep):
     from fedbench.config.protocol import MethodEntry
     from fedbench.runtime.server import Run
 
-    Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path).execute()
+    Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path, backend=in_process).execute()
     md = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--format", "markdown"])
     assert md.exit_code == 0 and "| fedavg-lora" in md.output and "majority" in md.output
     out = tmp_path / "board.csv"
@@ -149,7 +150,7 @@ def test_leaderboard_usage_renders_the_routed_methods_matrix(tmp_path, tiny_prep
     from fedbench.config.protocol import MethodEntry
     from fedbench.runtime.server import Run
 
-    Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path).execute()
+    Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path, backend=in_process).execute()
     csv = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--usage", "--format", "csv"])
     assert csv.exit_code == 0, csv.output
     lines = csv.output.splitlines()
@@ -239,7 +240,7 @@ def test_bad_run_option_is_one_line_exit_2_and_changes_nothing(tmp_path, args, n
 
 
 def test_fewer_tasks_on_the_command_line_than_the_preset_holds_per_client_runs_them():
-    from fedbench.cli.app import resolve_protocol
+    from fedbench.cli.protocol_flags import resolve_protocol
 
     assert resolve_protocol("smoke", None, "vqa", None, None).data.tasks_per_client == 1
 

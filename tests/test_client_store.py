@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import kill_in_round
 
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import EvalConfig, MethodEntry
 from fedbench.runtime.checkpoint import Checkpoint
 from fedbench.runtime.client_store import ClientStore
@@ -55,7 +56,7 @@ def prep(tiny_prep):
 
 @pytest.fixture(scope="module")
 def clean(prep, tmp_path_factory):
-    run = Run(prep, MethodEntry(METHOD), tmp_path_factory.mktemp("clean"))
+    run = Run(prep, MethodEntry(METHOD), tmp_path_factory.mktemp("clean"), backend=in_process)
     run.execute()
     return read_jsonl(run.records_path)
 
@@ -161,7 +162,7 @@ def test_each_checkpoint_adds_only_the_rounds_files(prep, tmp_path, monkeypatch,
         before = now
 
     monkeypatch.setattr(Checkpoint, "save", spy)
-    run = Run(prep, MethodEntry(METHOD), tmp_path)
+    run = Run(prep, MethodEntry(METHOD), tmp_path, backend=in_process)
     run.execute()
     rows = read_jsonl(run.records_path)
     assert _stable(rows) == _stable(clean)
@@ -217,14 +218,14 @@ def _kill_after_the_manifest(monkeypatch):
 def test_a_kill_around_the_manifest_resumes_to_identical_records(prep, tmp_path, monkeypatch, clean, kill):
     with monkeypatch.context() as patch:
         kill(patch)
-        run = Run(prep, MethodEntry(METHOD), tmp_path)
+        run = Run(prep, MethodEntry(METHOD), tmp_path, backend=in_process)
         with pytest.raises(KeyboardInterrupt):
             run.execute()
     manifest = json.loads(run.checkpoint.path.read_text())
     named = {name for name, _ in manifest["clients"].values()}
     on_disk = {p.name for p in (run.dir / "clients").iterdir()}
     assert named < on_disk  # files of a newer round (or superseded ones) sit beside those the manifest names
-    resumed = Run(prep, MethodEntry(METHOD), tmp_path)
+    resumed = Run(prep, MethodEntry(METHOD), tmp_path, backend=in_process)
     events = []
     resumed.progress = lambda event, info: events.append((event, info.get("round")))
     resumed.execute()
@@ -247,7 +248,9 @@ def test_a_damaged_client_file_stops_the_resume_in_one_line(prep, tmp_path, monk
     else:
         path.unlink()
     with pytest.raises(IntegrityError) as err:
-        Run(prep, MethodEntry(METHOD), tmp_path).execute()  # the last round evaluates every client: reads it
+        Run(
+            prep, MethodEntry(METHOD), tmp_path, backend=in_process
+        ).execute()  # the last round evaluates every client: reads it
     message = str(err.value)
     assert "\n" not in message and f"stored state of client {client} '{path}'" in message
     assert ("is damaged" if damage == "flip" else "is missing" if damage == "missing" else "bytes") in message

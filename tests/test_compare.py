@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from fedbench.cli.app import app
+from fedbench.cli import app
 from fedbench.reporting.compare import CompareError, build_compare, render_compare
 from fedbench.utils.records import append_records
 

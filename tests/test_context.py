@@ -6,15 +6,16 @@ import dataclasses
 import pytest
 import torch
 
-from fedbench.api.context import client_context
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
 from fedbench.runtime.client import trainable_state
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import client_context
 
 
 def _setup(tiny_prep, tmp_path, steps=None):
     """A fedavg-lora model, client 0's context in round 0 (``steps`` local steps), and its head params."""
-    model = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path).build()
+    model = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path, backend=in_process).build()
     ctx = client_context(tiny_prep, tiny_prep.infos[0], 0)
     if steps is not None:
         local = dataclasses.replace(ctx.protocol.local, steps=steps)

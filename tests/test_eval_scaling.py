@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 import fedbench.runtime.server
 from fedbench.api.method import create_method
-from fedbench.cli.app import app
+from fedbench.backends.inprocess import in_process
+from fedbench.cli import app
 from fedbench.config.protocol import EvalConfig, MethodEntry, ProtocolError, from_dict, load
 from fedbench.reporting.board import build_leaderboard, render
 from fedbench.reporting.terminal_table import render_terminal
@@ -150,7 +151,7 @@ def test_methods_whose_forward_reads_the_client_are_never_reused(name):
 
 
 def test_model_digest_sees_one_changed_value(tiny_prep):
-    run = Run(tiny_prep, MethodEntry("fedavg-lora"), "/nonexistent")
+    run = Run(tiny_prep, MethodEntry("fedavg-lora"), "/nonexistent", backend=in_process)
     model = run.build()
     before = model_digest(model)
     param = next(p for p in model.parameters() if p.requires_grad)

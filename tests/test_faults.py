@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 
-from fedbench.api.context import ClientContext
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import ClientsConfig, FaultsConfig, MethodEntry, ProtocolError, from_dict
 from fedbench.runtime.checkpoint import Checkpoint
 from fedbench.runtime.faults import plan_faults
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import TrainingContext
 from fedbench.utils.records import read_jsonl
 from fedbench.utils.seeding import sample_clients
 
@@ -31,7 +32,7 @@ def _train(rows):
 
 
 def _run(prep, tmp_path, name="fedavg-lora", **kwargs):
-    run = Run(prep, MethodEntry(name), tmp_path, **kwargs)
+    run = Run(prep, MethodEntry(name), tmp_path, **{"backend": in_process, **kwargs})
     run.execute()
     return run, read_jsonl(run.records_path)
 
@@ -109,13 +110,13 @@ def test_dropout_is_recorded_paired_across_rows_and_the_round_goes_on(tiny_prep,
 
 def test_stragglers_run_part_of_their_steps_and_say_so(tiny_prep, tmp_path, monkeypatch):
     steps_run = {}
-    train = ClientContext.train
+    train = TrainingContext.train
 
     def count(self, model, params, *args, **kwargs):
         steps_run[(self.round, self.info.client)] = self.protocol.local.steps
         return train(self, model, params, *args, **kwargs)
 
-    monkeypatch.setattr(ClientContext, "train", count)
+    monkeypatch.setattr(TrainingContext, "train", count)
     prep = _prep(tiny_prep, FaultsConfig(stragglers=0.5, straggler_steps=0.5))
     _, rows = _run(prep, tmp_path)
     train_rows = _train(rows)
@@ -166,7 +167,9 @@ def test_a_nan_update_or_a_raising_client_is_left_out_and_recorded(tiny_prep, tm
     states = _server_states(monkeypatch)
     prep = _prep(tiny_prep)
     events = []
-    run = Run(prep, MethodEntry("fedavg-lora"), tmp_path, progress=lambda e, i: events.append((e, i)))
+    run = Run(
+        prep, MethodEntry("fedavg-lora"), tmp_path, progress=lambda e, i: events.append((e, i)), backend=in_process
+    )
     _break(run, 1, how)
     run.execute()
     rows = read_jsonl(run.records_path)

@@ -14,8 +14,9 @@ import torch
 from conftest import TINY
 
 from fedbench.api.backbone import Backbone
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
-from fedbench.runtime.server import run_rows
+from fedbench.runtime.rows import run_rows
 from fedbench.staging.feature_cache import FORMAT, cache_root, entry_key, features_dir, key_parts
 from fedbench.staging.prepare import FeatureCache, prepare
 from fedbench.utils.records import read_jsonl
@@ -59,14 +60,16 @@ def test_records_identical_with_and_without_the_disk_cache_and_a_warm_run_skips_
     tmp_path, cache, encode_calls
 ):
     proto = TINY.replace(rounds=1, methods=(MethodEntry("pilot-ctmoa"), MethodEntry("fedmix")))
-    run_rows(proto, tmp_path / "memory", feature_cache=False)
+    run_rows(proto, tmp_path / "memory", feature_cache=False, backend=in_process)
     assert not cache.exists()  # off: nothing written anywhere
     in_memory_passes = len(encode_calls)
     assert in_memory_passes > 0
-    run_rows(proto, tmp_path / "cold", feature_cache=True)
+    run_rows(proto, tmp_path / "cold", feature_cache=True, backend=in_process)
     assert len(_entries(cache)) == 1
     encode_calls.clear()
-    run_rows(proto, tmp_path / "warm", feature_cache=True)  # a later `fedbench run`: features read from disk
+    run_rows(
+        proto, tmp_path / "warm", feature_cache=True, backend=in_process
+    )  # a later `fedbench run`: features read from disk
     assert encode_calls == []
     memory = _records(tmp_path / "memory")
     assert _records(tmp_path / "cold") == memory
@@ -187,7 +190,7 @@ def test_cli_flag_turns_the_disk_cache_off_and_says_where_features_came_from(tmp
     from test_cli import TINY_FIELDS, _toml
     from typer.testing import CliRunner
 
-    from fedbench.cli.app import app
+    from fedbench.cli import app
 
     proto = _toml(tmp_path / "p.toml", {**TINY_FIELDS, "methods": ["pilot-ctmoa"], "rounds": 1})
     runner = CliRunner()

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedbench.api.context import client_context
 from fedbench.api.method import ClientInfo, Reply, create_method
 from fedbench.api.payload import check_upload
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
 from fedbench.methods.feddpa import (
     REFERENCE_STREAM,
@@ -18,10 +18,11 @@ from fedbench.methods.feddpa import (
 )
 from fedbench.runtime.client import trainable_state
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import client_context
 
 
 def _build(tiny_prep, tmp_path, **options):
-    run = Run(tiny_prep, MethodEntry("feddpa", options), tmp_path)
+    run = Run(tiny_prep, MethodEntry("feddpa", options), tmp_path, backend=in_process)
     return run, run.build()
 
 

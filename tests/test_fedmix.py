@@ -6,14 +6,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedbench.api.context import ClientContext, client_context
 from fedbench.api.data import GLOBAL_TEST
 from fedbench.api.method import ClientInfo, Reply, create_method
 from fedbench.api.payload import check_upload, serialize
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import ClientsConfig, MethodEntry
 from fedbench.runtime import client as client_step
 from fedbench.runtime.client import trainable_state
 from fedbench.runtime.server import Federation, Run
+from fedbench.runtime.training import TrainingContext, client_context
 
 
 def expert_of(name):
@@ -21,7 +22,7 @@ def expert_of(name):
 
 
 def test_every_trainable_tensor_is_a_gate_or_expert_tensor(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("fedmix"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("fedmix"), tmp_path, backend=in_process)
     model = run.build()
     tags = run.method.tags(model)
     assert set(tags.values()) == {"shared"}
@@ -32,7 +33,7 @@ def test_every_trainable_tensor_is_a_gate_or_expert_tensor(tiny_prep, tmp_path):
 
 
 def test_output_is_the_gate_weighted_mixture(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("fedmix", {"num_experts": 3}), tmp_path)
+    run = Run(tiny_prep, MethodEntry("fedmix", {"num_experts": 3}), tmp_path, backend=in_process)
     model = run.build()
     with torch.no_grad():  # make experts differ (up projections start at zero)
         for e in model.experts:
@@ -62,7 +63,7 @@ def test_output_is_the_gate_weighted_mixture(tiny_prep, tmp_path):
 
 
 def test_local_update_trains_and_uploads_only_the_top_m_experts(tiny_prep, tmp_path, train_client):
-    run = Run(tiny_prep, MethodEntry("fedmix"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("fedmix"), tmp_path, backend=in_process)
     model = run.build()
     info = tiny_prep.infos[0]
     before = trainable_state(model)
@@ -202,13 +203,13 @@ def held(info, name):
 
 def test_a_round_selects_with_the_current_gate_then_trains_the_servers_copies(tiny_prep, tmp_path, monkeypatch):
     prep = replace(tiny_prep, protocol=tiny_prep.protocol.replace(clients=ClientsConfig(sample_fraction=1.0)))
-    run = Run(prep, MethodEntry("fedmix"), tmp_path)
+    run = Run(prep, MethodEntry("fedmix"), tmp_path, backend=in_process)
     model = run.build()
     fed = crafted_federation(run, model)
     states = run.backend.runtime.states
     server, stale = dict(fed.server), dict(states[0])
     at_start = {}
-    train = ClientContext.train
+    train = TrainingContext.train
 
     def spy(ctx, model, params, phase="train"):  # the model as local training starts
         names = {id(p): n for n, p in model.named_parameters()}
@@ -216,7 +217,7 @@ def test_a_round_selects_with_the_current_gate_then_trains_the_servers_copies(ti
         at_start[ctx.info.client] = state, {names[id(p)] for p in params}
         return train(ctx, model, params, phase)
 
-    monkeypatch.setattr(ClientContext, "train", spy)
+    monkeypatch.setattr(TrainingContext, "train", spy)
     rows = run._round(0, model, fed)
     assert [r["client"] for r in rows] == [0, 1, 2]
     first = {n: t for n, t in server.items() if expert_of(n) is None and n in stale}  # the gate (+ the trunk)
@@ -253,7 +254,7 @@ def test_a_round_selects_with_the_current_gate_then_trains_the_servers_copies(ti
 def test_evaluation_runs_the_same_exchange(tiny_prep, tmp_path, monkeypatch):
     """A client is evaluated with the final gate, the experts it selects with it (the server's copies,
     every task's heads) and its own stored copies of the others."""
-    run = Run(tiny_prep, MethodEntry("fedmix"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("fedmix"), tmp_path, backend=in_process)
     model = run.build()
     fed = crafted_federation(run, model)
     server, stale = dict(fed.server), dict(run.backend.runtime.states[0])

@@ -11,12 +11,13 @@ import torch
 from conftest import TINY
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedbench.api.context import client_context
 from fedbench.api.method import create_method
 from fedbench.api.registry import METHODS
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import LocalConfig, MethodEntry
 from fedbench.runtime.client import ClientRuntime, trainable_state
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import client_context
 from fedbench.staging.prepare import prepare
 from fedbench.utils import timing
 from fedbench.utils.flops import CONFIRM, FlopMeter, _Fit, composition, counter
@@ -45,7 +46,7 @@ def _updates(run: Run, model, meter: FlopMeter) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_predicted_flops_equal_counting_every_step(name, many_steps_prep, tmp_path):
-    run = Run(many_steps_prep, MethodEntry(name), tmp_path)
+    run = Run(many_steps_prep, MethodEntry(name), tmp_path, backend=in_process)
     model = run.build()
     twin = copy.deepcopy(model)
     torch.manual_seed(0)
@@ -71,8 +72,8 @@ def test_a_later_seed_reuses_the_fits_of_its_model_and_stays_exact(name, many_st
     second = ClientRuntime(seed_one_prep, create_method(name))
     assert second.flops.fits is first.flops.fits
     first.flops.fits.clear()  # what earlier tests of this process left there
-    _updates(Run(many_steps_prep, MethodEntry(name), tmp_path / "0"), first.model, first.flops)
-    run = Run(seed_one_prep, MethodEntry(name), tmp_path / "1")
+    _updates(Run(many_steps_prep, MethodEntry(name), tmp_path / "0", backend=in_process), first.model, first.flops)
+    run = Run(seed_one_prep, MethodEntry(name), tmp_path / "1", backend=in_process)
     twin = copy.deepcopy(second.model)
     torch.manual_seed(0)
     shared = _updates(run, second.model, second.flops)
@@ -91,7 +92,7 @@ def test_fits_are_shared_only_by_models_of_one_row_and_protocol(many_steps_prep)
 
 
 def test_predictions_save_counting_on_a_tower_row(many_steps_prep, tmp_path):
-    run = Run(many_steps_prep, MethodEntry("fedavg-lora"), tmp_path)
+    run = Run(many_steps_prep, MethodEntry("fedavg-lora"), tmp_path, backend=in_process)
     updates = _updates(run, run.build(), FlopMeter())
     steps = STEPS * len(updates)
     counted = sum(c for _, c in updates)
@@ -99,7 +100,7 @@ def test_predictions_save_counting_on_a_tower_row(many_steps_prep, tmp_path):
 
 
 def test_every_step_meter_counts_what_flop_counter_mode_counts(many_steps_prep, tmp_path):
-    run = Run(many_steps_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    run = Run(many_steps_prep, MethodEntry("pilot-ctmoa"), tmp_path, backend=in_process)
     model = run.build()
     twin = copy.deepcopy(model)
     info = many_steps_prep.infos[0]
@@ -165,7 +166,7 @@ def test_a_composition_outside_the_counted_span_is_counted():
 def test_counting_a_step_changes_nothing_the_step_computes(name, many_steps_prep, tmp_path):
     """A counted step is measured on a dry run of its forward and backward (RNG restored) before it
     runs: a local update with every step counted ends in the very state of one with no meter."""
-    run = Run(many_steps_prep, MethodEntry(name), tmp_path)
+    run = Run(many_steps_prep, MethodEntry(name), tmp_path, backend=in_process)
     model = run.build()
     twin = copy.deepcopy(model)
     info = many_steps_prep.infos[0]

@@ -19,8 +19,10 @@ from conftest import TINY
 
 from fedbench.backends.flower import FlowerBackend, run_flower_sim
 from fedbench.backends.flower_deploy import LocalDeployment, run_flower_deploy, write_protocol
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
-from fedbench.runtime.server import Run, run_rows
+from fedbench.runtime.rows import run_rows
+from fedbench.runtime.server import Run
 from fedbench.utils.records import read_jsonl
 from fedbench.utils.seeding import sample_clients
 
@@ -53,7 +55,7 @@ def inprocess(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("inprocess")
     start = time.perf_counter()
-    run_rows(PARITY, root)
+    run_rows(PARITY, root, backend=in_process)
     print(f"\ninprocess: {time.perf_counter() - start:.1f} s wall")
     return _records(root)
 

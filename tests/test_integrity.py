@@ -20,12 +20,14 @@ from typer.testing import CliRunner
 
 from fedbench.api.method import register_method
 from fedbench.api.registry import METHODS
-from fedbench.cli.app import app, protocol_to_toml
-from fedbench.config.protocol import MethodEntry
+from fedbench.backends.inprocess import in_process
+from fedbench.cli import app
+from fedbench.config.protocol import MethodEntry, to_toml
 from fedbench.reporting.board import build_leaderboard, render
 from fedbench.reporting.terminal_table import render_terminal
 from fedbench.runtime.checkpoint import Checkpoint
-from fedbench.runtime.server import RowsFailed, Run, run_rows
+from fedbench.runtime.rows import RowsFailed, run_rows
+from fedbench.runtime.server import Run
 from fedbench.utils.integrity import IntegrityError
 from fedbench.utils.records import DirectoryLock, append_records, read_jsonl, read_records
 
@@ -56,7 +58,7 @@ def test_a_record_cut_by_a_kill_is_dropped_with_a_warning_and_never_parsed(tmp_p
 
 
 def test_a_killed_append_resumes_to_the_same_records(tiny_prep, tmp_path, monkeypatch):
-    clean = Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "clean")
+    clean = Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "clean", backend=in_process)
     clean.execute()
     original = Checkpoint.save
 
@@ -69,9 +71,9 @@ def test_a_killed_append_resumes_to_the_same_records(tiny_prep, tmp_path, monkey
 
     monkeypatch.setattr(Checkpoint, "save", killed_after_a_torn_append)
     with pytest.raises(KeyboardInterrupt):
-        Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "killed").execute()
+        Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "killed", backend=in_process).execute()
     monkeypatch.setattr(Checkpoint, "save", original)
-    resumed = Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "killed")
+    resumed = Run(tiny_prep, MethodEntry("fedsa-lora"), tmp_path / "killed", backend=in_process)
     with pytest.warns(RuntimeWarning, match="incomplete last record"):
         resumed.execute()
     with warnings.catch_warnings():
@@ -90,9 +92,9 @@ def _killed_after_round_0(prep, results, monkeypatch, name="fedsa-lora") -> Run:
 
     monkeypatch.setattr(Run, "_round", crash)
     with pytest.raises(KeyboardInterrupt):
-        Run(prep, MethodEntry(name), results).execute()
+        Run(prep, MethodEntry(name), results, backend=in_process).execute()
     monkeypatch.setattr(Run, "_round", original)
-    return Run(prep, MethodEntry(name), results)
+    return Run(prep, MethodEntry(name), results, backend=in_process)
 
 
 def test_the_checkpoint_is_safetensors_with_a_checked_manifest(tiny_prep, tmp_path, monkeypatch):
@@ -136,7 +138,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(tiny_prep, tmp_path, m
 
 def test_the_cli_refuses_a_tampered_checkpoint_in_one_line(tiny_prep, tmp_path, monkeypatch):
     toml = tmp_path / "tiny.toml"
-    toml.write_text(protocol_to_toml(tiny_prep.protocol.replace(methods=(MethodEntry("fedsa-lora"),))))
+    toml.write_text(to_toml(tiny_prep.protocol.replace(methods=(MethodEntry("fedsa-lora"),))))
     run = _killed_after_round_0(tiny_prep, tmp_path / "results", monkeypatch)
     data = run.checkpoint.path.with_name(json.loads(run.checkpoint.path.read_text())["file"])
     data.write_bytes(data.read_bytes()[:-3] + b"xyz")
@@ -191,10 +193,10 @@ def test_a_locked_run_is_left_for_later_and_waited_for(tiny_prep, tmp_path, monk
     """While another process holds row A's run directory, run_rows does row B first, then waits for A
     (and, once it is free, runs it: the holder here left it unfinished)."""
     proto = tiny_prep.protocol.replace(methods=(MethodEntry("fedavg-lora"), MethodEntry("ffa-lora")))
-    first = Run(tiny_prep, proto.methods[0], tmp_path)
+    first = Run(tiny_prep, proto.methods[0], tmp_path, backend=in_process)
     lock = DirectoryLock(first.dir)
     assert lock.acquire(wait=False)
-    assert Run(tiny_prep, proto.methods[0], tmp_path).execute(wait=False) is None
+    assert Run(tiny_prep, proto.methods[0], tmp_path, backend=in_process).execute(wait=False) is None
     events = []
 
     def progress(event, info):
@@ -202,11 +204,11 @@ def test_a_locked_run_is_left_for_later_and_waited_for(tiny_prep, tmp_path, monk
         if event == "wait":
             threading.Timer(0.2, lock.release).start()
 
-    monkeypatch.setattr("fedbench.runtime.server.prepare", lambda protocol, seed, **_: tiny_prep)
-    run_rows(proto, tmp_path, progress)
+    monkeypatch.setattr("fedbench.runtime.rows.prepare", lambda protocol, seed, **_: tiny_prep)
+    run_rows(proto, tmp_path, progress, backend=in_process)
     order = [label for event, label in events if event == "row"]
     assert order == ["ffa-lora", "fedavg-lora"] and ("wait", first.run_id) in events
-    assert all(Run(tiny_prep, m, tmp_path).completed() for m in proto.methods)
+    assert all(Run(tiny_prep, m, tmp_path, backend=in_process).completed() for m in proto.methods)
 
 
 def test_two_fedbench_run_processes_share_one_results_directory(tiny_prep, tmp_path):
@@ -216,10 +218,10 @@ def test_two_fedbench_run_processes_share_one_results_directory(tiny_prep, tmp_p
     those of one process alone."""
     proto = tiny_prep.protocol.replace(rounds=1, methods=(MethodEntry("fedavg-lora"), MethodEntry("fedsa-lora")))
     toml = tmp_path / "two.toml"
-    toml.write_text(protocol_to_toml(proto))
+    toml.write_text(to_toml(proto))
     results = tmp_path / "shared"
     prep = dataclasses.replace(tiny_prep, protocol=proto)
-    held = Run(prep, proto.methods[0], results)
+    held = Run(prep, proto.methods[0], results, backend=in_process)
     lock = DirectoryLock(held.dir)
     assert lock.acquire(wait=False)
     exe = Path(sys.executable).with_name("fedbench")
@@ -246,7 +248,7 @@ def test_two_fedbench_run_processes_share_one_results_directory(tiny_prep, tmp_p
         assert len(keys) == len(set(keys)) and sum(r["kind"] == "run" for r in rows) == 1, path
     alone = tmp_path / "alone"
     for entry in proto.methods:
-        Run(prep, entry, alone).execute()
+        Run(prep, entry, alone, backend=in_process).execute()
     drop = VOLATILE | {"machine", "device"}
     for path in files:
         other = alone / "runs" / path.parent.name / "records.jsonl"
@@ -274,13 +276,15 @@ def test_a_failing_row_stops_no_other_and_the_leaderboard_says_failed(tiny_prep,
     proto = tiny_prep.protocol.replace(
         methods=(MethodEntry("fedavg-lora"), MethodEntry(broken_method), MethodEntry("fedsa-lora"))
     )
-    monkeypatch.setattr("fedbench.runtime.server.prepare", lambda protocol, seed, **_: tiny_prep)
+    monkeypatch.setattr("fedbench.runtime.rows.prepare", lambda protocol, seed, **_: tiny_prep)
     with pytest.raises(RowsFailed) as err:
-        run_rows(proto, tmp_path)
+        run_rows(proto, tmp_path, backend=in_process)
     (failure,) = err.value.failures
     assert (failure.label, failure.seed) == (broken_method, 0)
     assert failure.error == "ValueError: toy-broken cannot aggregate"
-    assert all(Run(tiny_prep, MethodEntry(m), tmp_path).completed() for m in ("fedavg-lora", "fedsa-lora"))
+    assert all(
+        Run(tiny_prep, MethodEntry(m), tmp_path, backend=in_process).completed() for m in ("fedavg-lora", "fedsa-lora")
+    )
     board = build_leaderboard(read_records(tmp_path), with_failed=True)
     row = board.set_index("method").loc[broken_method]
     assert (
@@ -298,7 +302,7 @@ def test_a_failing_row_stops_no_other_and_the_leaderboard_says_failed(tiny_prep,
 
 def test_fedbench_run_finishes_the_other_rows_and_exits_non_zero(tiny_prep, tmp_path, broken_method):
     toml = tmp_path / "tiny.toml"
-    toml.write_text(protocol_to_toml(tiny_prep.protocol.replace(rounds=1)))
+    toml.write_text(to_toml(tiny_prep.protocol.replace(rounds=1)))
     results = tmp_path / "results"
     args = ["run", "--preset", str(toml), "--results", str(results), "--no-plots"]
     result = runner.invoke(app, [*args, "--methods", f"{broken_method},fedavg-lora"], env={"COLUMNS": "120"})

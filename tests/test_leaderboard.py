@@ -11,15 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedbench.backends.inprocess import in_process
 from fedbench.reporting.board import (
     UnknownRowError,
     build_leaderboard,
     build_steps,
     build_usage,
     build_versus,
-    plot,
-    render,
 )
+from fedbench.reporting.plots import plot
+from fedbench.reporting.text import render
 from fedbench.utils.records import append_records, read_records
 
 A, B, C = "fedavg-lora", "mmrouter-moa[router_inputs=image]", "local-lora"
@@ -352,6 +353,25 @@ def test_plot_files(tmp_path):
     paths = plot(pd.DataFrame(_records()), tmp_path / "plots")
     assert [p.name for p in paths] == ["acc_vs_comm.png", "acc_per_round.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+    again = plot(pd.DataFrame(_records()), tmp_path / "again")  # the same records: the same bytes
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]
+    assert not list((tmp_path / "plots").glob("*.tmp"))
+
+
+def test_reporting_imports_no_heavy_library():
+    """Reading records into tables needs neither matplotlib, scipy.stats nor torch: they load when a
+    plot is drawn or an interval computed, so `fedbench leaderboard` and the CLI start fast."""
+    import subprocess
+    import sys
+
+    names = ("board", "text", "terminal_table", "compare", "sweep", "statistics", "plot_layout", "plots", "html")
+    modules = [f"fedbench.reporting.{m}" for m in names]
+    code = (
+        f"import sys, fedbench.reporting, {', '.join(modules)}; "
+        "print([m for m in ('torch', 'matplotlib', 'scipy.stats', 'scipy.special') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_p_and_ttp_average_own_tasks_and_all_tasks_per_client():
@@ -534,10 +554,23 @@ def test_rising_flag_and_reference_rows_without_bytes():
     assert "Bytes n/a" in md
 
 
+def test_plot_draws_rows_without_bytes_or_intervals(tmp_path):
+    """`fedbench run` plots whatever completed: rows that are not federated only (no bytes, so no
+    Pareto front), and a dense cluster of one-seed rows (a zoomed panel, no intervals to bound it)."""
+    centralized = pd.DataFrame(_scored_run("centralized", 0, REF, federated=False))
+    assert [p.name for p in plot(centralized, tmp_path / "c")] == ["acc_vs_comm.png", "acc_per_round.png"]
+    rows = [r for i in range(5) for r in _scored_run(f"near{i}", 0, REF + 0.01 * i)]
+    rows += [dict(r, up_bytes=10**7) if r["kind"] == "train" else r for r in _scored_run("far", 0, REF)]
+    board = build_leaderboard(pd.DataFrame(rows)).set_index("method")
+    assert board["mean_acc_lo"].isna().all() and board.loc["far", "total_mb"] > 5 * board.loc["near0", "total_mb"]
+    paths = plot(pd.DataFrame(rows), tmp_path / "one-seed")
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+
+
 def test_versus_command_and_unknown_row(tmp_path):
     from typer.testing import CliRunner
 
-    from fedbench.cli.app import app
+    from fedbench.cli import app
 
     _write(tmp_path, _paired_records())
     runner = CliRunner()
@@ -562,7 +595,7 @@ def test_a_run_records_per_example_scores_and_routing_statistics(tiny_prep, tmp_
     from fedbench.runtime.server import Run
     from fedbench.utils.records import read_jsonl
 
-    run = Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path, backend=in_process)
     run.execute()
     rows = read_jsonl(run.records_path)
     glob = [r for r in rows if r["kind"] == "eval" and r["scope"] == "global"]

@@ -11,6 +11,7 @@ from fedbench.api.data import GLOBAL_CLIENT
 from fedbench.api.method import count_params, create_method
 from fedbench.api.payload import META, check_upload, serialize
 from fedbench.api.registry import METHODS
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
 from fedbench.runtime.client import trainable_state
 from fedbench.runtime.server import Run
@@ -21,7 +22,7 @@ BYTES = ("up_bytes", "down_bytes", "up_bytes_analytic", "down_bytes_analytic")
 
 @pytest.fixture(params=METHODS.names())
 def built(request, tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry(request.param), tmp_path)
+    run = Run(tiny_prep, MethodEntry(request.param), tmp_path, backend=in_process)
     model = run.build()
     return run, model
 
@@ -53,7 +54,7 @@ def test_local_training_changes_only_trainable_tensors(built, tiny_prep, train_c
 def test_fedavg_family_bytes_follow_what_is_shared(tiny_prep, tmp_path):
     sizes = {}
     for name in ("fedavg-lora", "ffa-lora", "fedsa-lora"):
-        run = Run(tiny_prep, MethodEntry(name), tmp_path)
+        run = Run(tiny_prep, MethodEntry(name), tmp_path, backend=in_process)
         model = run.build()
         up = run.method.upload(model, tiny_prep.infos[0])
         sizes[name] = {k for k in up}, len(serialize(up))
@@ -66,8 +67,8 @@ def test_fedavg_family_bytes_follow_what_is_shared(tiny_prep, tmp_path):
 
 
 def test_ffa_lora_a_is_identical_on_every_client(tiny_prep, tmp_path):
-    run_a = Run(tiny_prep, MethodEntry("ffa-lora"), tmp_path).build()
-    run_b = Run(tiny_prep, MethodEntry("ffa-lora"), tmp_path / "b").build()
+    run_a = Run(tiny_prep, MethodEntry("ffa-lora"), tmp_path, backend=in_process).build()
+    run_b = Run(tiny_prep, MethodEntry("ffa-lora"), tmp_path / "b", backend=in_process).build()
     a = {n: p for n, p in run_a.named_parameters() if ".lora_A." in n}
     b = {n: p for n, p in run_b.named_parameters() if ".lora_A." in n}
     assert a and all(torch.equal(a[n], b[n]) and not a[n].requires_grad for n in a)
@@ -81,7 +82,7 @@ def test_bad_option_is_named():
 
 
 def test_clients_exchange_only_the_heads_of_their_tasks(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path, backend=in_process)
     model = run.build()
     info = tiny_prep.infos[0]
     up = run.method.upload(model, info)

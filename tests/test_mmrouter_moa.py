@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from fedbench.adapters.task_experts import STAGE1, STAGE2
-from fedbench.api.context import client_context
 from fedbench.api.method import ClientInfo, Reply, create_method
 from fedbench.api.payload import check_upload
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
 from fedbench.runtime.client import trainable_state
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import client_context
 
 t = torch.tensor
 ALL = ("classification", "vqa", "grounding", "ocr_vqa")
@@ -49,7 +50,7 @@ def _features(run, model, rows):
 
 
 def test_tags_and_selective_ocr_payloads(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path, backend=in_process)
     model = run.build()
     shared, local = _split(run, model)
     assert {n.split(".")[0] for n in shared} == {"task_adapters", "heads", "trunk", "router", "ocr_expert"}
@@ -174,9 +175,12 @@ def test_router_entries_are_averaged_over_the_clients_that_train_them():
 
 
 def test_image_only_router_reduces_exactly_to_pilot(tiny_prep, tmp_path):
-    pilot_run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path / "p")
+    pilot_run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path / "p", backend=in_process)
     mm_run = Run(
-        tiny_prep, MethodEntry("mmrouter-moa", {"router_inputs": "image", "ocr_expert": False}), tmp_path / "m"
+        tiny_prep,
+        MethodEntry("mmrouter-moa", {"router_inputs": "image", "ocr_expert": False}),
+        tmp_path / "m",
+        backend=in_process,
     )
     pilot, mm = pilot_run.build(), mm_run.build()
     assert all(torch.equal(a, b) for a, b in zip(pilot.state_dict().values(), mm.state_dict().values(), strict=True))
@@ -195,7 +199,7 @@ def test_image_only_router_reduces_exactly_to_pilot(tiny_prep, tmp_path):
 
 
 def test_router_branches_and_ocr_null(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path, backend=in_process)
     model = run.build()
     _perturb(model)
     table = tiny_prep.table
@@ -220,7 +224,9 @@ def test_router_branches_and_ocr_null(tiny_prep, tmp_path):
         # a client without the OCR branch uses the null logits on every row
         no_ocr = r(f, False)
         assert torch.allclose(no_ocr, image + (text + table[f.task_id] + null)[:, None], atol=1e-5)
-    text_only = Run(tiny_prep, MethodEntry("mmrouter-moa", {"router_inputs": "text+task"}), tmp_path / "b").build()
+    text_only = Run(
+        tiny_prep, MethodEntry("mmrouter-moa", {"router_inputs": "text+task"}), tmp_path / "b", backend=in_process
+    ).build()
     assert not hasattr(text_only.router, "image") and not hasattr(text_only.router, "ocr")
     _perturb(text_only)
     text_only.bind(STAGE2, ALL, True)
@@ -232,7 +238,7 @@ def test_router_branches_and_ocr_null(tiny_prep, tmp_path):
 
 
 def test_client_without_ocr_routes_over_task_experts_only(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path, backend=in_process)
     model = run.build()
     _perturb(model)
     f = _features(run, model, client_context(run.prep, tiny_prep.infos[0], 0).train_rows[:5])
@@ -250,7 +256,7 @@ def test_client_without_ocr_routes_over_task_experts_only(tiny_prep, tmp_path):
 
 @pytest.mark.parametrize("frozen", [False, True])
 def test_non_ocr_client_never_trains_ocr_parts_nor_foreign_task_rows(tiny_prep, tmp_path, frozen, train_client):
-    run = Run(tiny_prep, MethodEntry("mmrouter-moa", {"ocr_frozen_on_non_ocr": frozen}), tmp_path)
+    run = Run(tiny_prep, MethodEntry("mmrouter-moa", {"ocr_frozen_on_non_ocr": frozen}), tmp_path, backend=in_process)
     model = run.build()
     _perturb(model)
     ocr, plain = _infos(tiny_prep)
@@ -293,7 +299,7 @@ def test_clients_route_over_the_ocr_expert_from_their_first_stage2_evaluation(ti
 def test_stage2_update_trains_every_router_branch_from_its_zero_start(tiny_prep, tmp_path, train_client):
     """The text, task, OCR and null branches start at zero (the router starts as Pilot's); stage-2
     updates must move each of them, or the ablation would compare untrained inputs."""
-    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path, backend=in_process)
     model = run.build()
     with torch.no_grad():  # experts that differ, as after stage 1 (fresh adapters all output zero)
         gen = torch.Generator().manual_seed(5)
@@ -319,7 +325,7 @@ def test_stage2_update_trains_every_router_branch_from_its_zero_start(tiny_prep,
 def test_stage1_ocr_expert_acts_on_reading_rows_only(tiny_prep, tmp_path):
     """Every row of an OCR client carries OCR text; in stage 1 the OCR expert still acts only on the rows
     of tasks whose head reads it (OCR-VQA), not on a VQA row that happens to carry the same words."""
-    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("mmrouter-moa"), tmp_path, backend=in_process)
     model = run.build()
     _perturb(model)
     table, store = tiny_prep.table, tiny_prep.store

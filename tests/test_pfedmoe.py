@@ -3,17 +3,18 @@
 import pytest
 import torch
 
-from fedbench.api.context import client_context
 from fedbench.api.method import ClientInfo, Reply, create_method
 from fedbench.api.payload import check_upload
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
 from fedbench.runtime.client import trainable_state
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import client_context
 from fedbench.utils.records import read_jsonl
 
 
 def test_only_the_global_expert_is_shared_and_travels(tiny_prep, tmp_path, train_client):
-    run = Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path, backend=in_process)
     model = run.build()
     tags = run.method.tags(model)
     shared = {n for n, t in tags.items() if t == "shared"}
@@ -49,7 +50,7 @@ def test_aggregation_is_the_example_weighted_mean_of_the_global_expert():
 
 
 def test_representation_is_the_gated_sum_and_pixels_come_from_the_store(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path, backend=in_process)
     model = run.build()
     with torch.no_grad():
         model.global_expert.up.weight.normal_(0, 0.1)
@@ -73,7 +74,12 @@ def test_representation_is_the_gated_sum_and_pixels_come_from_the_store(tiny_pre
 
 
 def test_local_width_masks_the_units_past_the_clients_width(tiny_prep, tmp_path, train_client):
-    run = Run(tiny_prep, MethodEntry("pfedmoe", {"local_widths": "4+8", "gate_input": "features"}), tmp_path)
+    run = Run(
+        tiny_prep,
+        MethodEntry("pfedmoe", {"local_widths": "4+8", "gate_input": "features"}),
+        tmp_path,
+        backend=in_process,
+    )
     model = run.build()
     assert model.local_expert.down.out_features == 8
     with torch.no_grad():
@@ -108,7 +114,7 @@ def test_bad_options_are_rejected():
 
 
 def test_heterogeneous_local_widths_still_send_the_same_global_expert(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("pfedmoe", {"local_widths": "8+16+32"}), tmp_path)
+    run = Run(tiny_prep, MethodEntry("pfedmoe", {"local_widths": "8+16+32"}), tmp_path, backend=in_process)
     records = read_jsonl(tmp_path / "runs" / run.execute() / "records.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     assert len({r["client"] for r in train}) > 1

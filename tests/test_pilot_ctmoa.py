@@ -9,13 +9,14 @@ import torch
 
 from fedbench.adapters.moa import load_balance_loss, mixture, route
 from fedbench.adapters.task_experts import STAGE1, STAGE2, client_key, stage_of
-from fedbench.api.context import client_context
 from fedbench.api.method import ClientInfo, Reply, create_method
 from fedbench.api.options import OptionError
 from fedbench.api.payload import check_upload, serialize
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
 from fedbench.runtime.client import trainable_state
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import client_context
 from fedbench.utils.records import read_jsonl
 
 t = torch.tensor
@@ -44,7 +45,7 @@ def _perturb(model):
 
 
 def test_tags_and_upload_hold_exactly_the_clients_shared_tensors(tiny_prep, tmp_path, train_client):
-    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path, backend=in_process)
     model = run.build()
     shared, local = _split(run, model)
     assert {n.split(".")[0] for n in shared} == {"task_adapters", "heads", "trunk"}
@@ -62,7 +63,7 @@ def test_tags_and_upload_hold_exactly_the_clients_shared_tensors(tiny_prep, tmp_
 
 
 def test_share_router_uploads_router_and_the_trained_adapters_on_adapters(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("pilot-ctmoa", {"share_router": True}), tmp_path)
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa", {"share_router": True}), tmp_path, backend=in_process)
     model = run.build()
     shared, local = _split(run, model)
     assert {n.split(".")[0] for n in local} == {"client_adapter"}
@@ -79,7 +80,7 @@ def test_share_router_uploads_router_and_the_trained_adapters_on_adapters(tiny_p
 
 
 def test_download_carries_all_task_adapters_and_counts_their_bytes(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path, backend=in_process)
     model = run.build()
     shared, _ = _split(run, model)
     state = run.method.init_server_state(model)
@@ -189,7 +190,7 @@ def test_stage_is_per_client_from_its_participations(tiny_prep, tmp_path):
     assert [stage_of(p, 2) for p in range(3)] == [STAGE1, STAGE1, STAGE2]
     assert stage_of(0, 0) == STAGE2  # no stage 1 at all
     # TINY samples clients [0, 1] in rounds 0 and 1, [0, 2] in round 2 (seed 0, 3 clients, fraction 0.5)
-    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path, backend=in_process)
     c0, _, c2 = tiny_prep.infos
     assert [client_context(run.prep, c0, r).participations for r in range(4)] == [0, 1, 2, 3]
     assert [client_context(run.prep, c2, r).participations for r in range(4)] == [0, 0, 0, 1]
@@ -212,12 +213,12 @@ def test_stage_is_per_client_from_its_participations(tiny_prep, tmp_path):
 def test_train_records_carry_each_clients_stage(tiny_prep, tmp_path):
     """Client 2 is first sampled in round 2: it runs stage 1 there while client 0 runs stage 2."""
     prep = dataclasses.replace(tiny_prep, protocol=tiny_prep.protocol.replace(rounds=3))
-    run = Run(prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    run = Run(prep, MethodEntry("pilot-ctmoa"), tmp_path, backend=in_process)
     run.execute()
     records = read_jsonl(tmp_path / "runs" / run.run_id / "records.jsonl")
     stages = {(r["round"], r["client"]): r["stage"] for r in records if r["kind"] == "train"}
     assert stages == {(0, 0): 1, (0, 1): 1, (1, 0): 2, (1, 1): 2, (2, 0): 2, (2, 2): 1}
-    two = Run(prep, MethodEntry("pilot-ctmoa", {"stage1_participations": 2}), tmp_path / "two")
+    two = Run(prep, MethodEntry("pilot-ctmoa", {"stage1_participations": 2}), tmp_path / "two", backend=in_process)
     two.execute()
     records = read_jsonl(tmp_path / "two" / "runs" / two.run_id / "records.jsonl")
     stages = {(r["round"], r["client"]): r["stage"] for r in records if r["kind"] == "train"}
@@ -226,7 +227,7 @@ def test_train_records_carry_each_clients_stage(tiny_prep, tmp_path):
 
 def _bound(prep, tmp_path, stage):
     """A perturbed pilot-ctmoa model bound to client 0 in ``stage``, with that client's features."""
-    run = Run(prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    run = Run(prep, MethodEntry("pilot-ctmoa"), tmp_path, backend=in_process)
     model = run.build()
     _perturb(model)
     info = prep.infos[0]
@@ -294,7 +295,7 @@ def test_top_1_routing_is_refused_because_the_router_would_learn_nothing(name):
 
 
 def test_stage2_trains_own_experts_aoas_router_and_freezes_the_rest(tiny_prep, tmp_path, train_client):
-    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("pilot-ctmoa"), tmp_path, backend=in_process)
     model = run.build()
     _perturb(model)
     info = tiny_prep.infos[0]

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from fedbench.api.context import client_context
+from fedbench.backends.inprocess import in_process
+from fedbench.runtime.training import client_context
 from fedbench.staging.prompt_view import _font, band_lines, band_width, prompt_view, shrunken_scene
 from fedbench.tasks.scenes import draw_scenes
 
@@ -80,7 +81,7 @@ def test_prompt_row_routes_on_the_prompt_view_while_experts_read_the_plain_image
     from fedbench.runtime.server import Run
 
     options = {"router_inputs": ["image"], "router_scope": "local", "ocr_expert": False, "router_view": "prompt"}
-    run = Run(tiny_prep, MethodEntry("mmrouter-moa", options), tmp_path)
+    run = Run(tiny_prep, MethodEntry("mmrouter-moa", options), tmp_path, backend=in_process)
     model = run.build()
     info = tiny_prep.infos[0]
     ctx = client_context(run.prep, info, 0)

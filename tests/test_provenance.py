@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from conftest import TINY
 
+from fedbench.backends.inprocess import in_process
 from fedbench.runtime.server import Run
 from fedbench.staging.prepare import prepare
 from fedbench.utils.records import read_jsonl
 
 
 def test_run_record_carries_the_data_fingerprint_and_the_machine(tiny_prep, tmp_path):
-    run = Run(tiny_prep, TINY.methods[0], tmp_path)
+    run = Run(tiny_prep, TINY.methods[0], tmp_path, backend=in_process)
     run.execute()
     final = next(r for r in read_jsonl(run.records_path) if r["kind"] == "run")
     assert final["data_fingerprint"] == tiny_prep.table.fingerprint()

@@ -19,7 +19,8 @@ from fedbench.api.data import GLOBAL_TEST, TRAIN, ExampleTable
 from fedbench.api.family import family_of
 from fedbench.api.model import Batch
 from fedbench.api.registry import FAMILIES, TASKS
-from fedbench.cli.app import app
+from fedbench.cli import app
+from fedbench.staging.feature_cache import cache_root
 from fedbench.tasks import real
 from fedbench.tasks.families.vqa_soft import answer_scores, majority_answer, normalize_answer, vqa_accuracy
 
@@ -273,7 +274,7 @@ def test_partition_natural_domains_and_training_only_vocabulary(tmp_path):
     assert table.answer_scores[glob].max() <= 1.0 and (table.answer_ids[glob] < len(vocab)).all()
     images = table.images
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 16, 16)
-    cached = [np.load(f, mmap_mode="r") for f in (real.cache_root() / "images").glob("*.npy") if ".sizes" not in f.name]
+    cached = [np.load(f, mmap_mode="r") for f in (cache_root() / "images").glob("*.npy") if ".sizes" not in f.name]
     assert [c.shape for c in cached] == [tuple(images.shape)]  # the table's images are the on-disk cache
     assert np.array_equal(cached[0], images.numpy())
 
@@ -292,7 +293,7 @@ def test_a_damaged_image_cache_is_one_line_naming_the_file(tmp_path):
     plans = [ClientPlan(c, ("cifar100",), 4, 2, (1.0,), None, False) for c in range(2)]
     first = real.build_real(plans, config, ["cifar100"], seed=0).images.clone()
     assert torch.equal(real.build_real(plans, config, ["cifar100"], seed=0).images, first)  # the checked cache
-    cache = next(f for f in (real.cache_root() / "images").glob("*.npy") if ".sizes" not in f.name)
+    cache = next(f for f in (cache_root() / "images").glob("*.npy") if ".sizes" not in f.name)
     cache.write_bytes(cache.read_bytes()[:-100])
     with pytest.raises(IntegrityError, match=f"image cache '{cache}' is missing or damaged") as err:
         real.build_real(plans, config, ["cifar100"], seed=0)

@@ -7,13 +7,14 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from fedbench.api.context import ClientContext
 from fedbench.api.data import GLOBAL_CLIENT, TRAIN
 from fedbench.api.payload import deserialize, serialize
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import ClientsConfig, MethodEntry
 from fedbench.reporting.board import build_leaderboard
 from fedbench.runtime.checkpoint import Checkpoint
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import TrainingContext
 from fedbench.utils.records import read_jsonl, read_records
 from fedbench.utils.seeding import sample_clients
 
@@ -45,7 +46,7 @@ def test_local_only_sends_nothing_and_every_client_keeps_its_own_model(tiny_prep
     # every client sampled every round, so all 3 train (2 rounds x 3 clients = 6 train records)
     prep = dataclasses.replace(tiny_prep, protocol=tiny_prep.protocol.replace(clients=ClientsConfig(1.0)))
     seen = _capture_states(monkeypatch)
-    run = Run(prep, MethodEntry("local-only"), tmp_path)
+    run = Run(prep, MethodEntry("local-only"), tmp_path, backend=in_process)
     model = run.build()
     assert set(run.method.tags(model).values()) == {"local"}
     assert run.method.init_server_state(model) == {}
@@ -77,7 +78,7 @@ def test_local_only_sends_nothing_and_every_client_keeps_its_own_model(tiny_prep
 
 def test_centralized_trains_the_pooled_rows_with_equal_steps(tiny_prep, tmp_path, monkeypatch):
     calls, picks, inside = [], [], []
-    train, inputs = ClientContext.train, ClientContext.inputs
+    train, inputs = TrainingContext.train, TrainingContext.inputs
 
     def spy_train(self, model, params, phase="train"):
         calls.append((self.round, self.info, self.train_rows.copy(), self.protocol.local.steps))
@@ -92,10 +93,10 @@ def test_centralized_trains_the_pooled_rows_with_equal_steps(tiny_prep, tmp_path
             picks.append((self.round, np.asarray(rows).copy()))
         return inputs(self, model, rows)
 
-    monkeypatch.setattr(ClientContext, "train", spy_train)
-    monkeypatch.setattr(ClientContext, "inputs", spy_inputs)
+    monkeypatch.setattr(TrainingContext, "train", spy_train)
+    monkeypatch.setattr(TrainingContext, "inputs", spy_inputs)
     seen = _capture_states(monkeypatch)
-    run = Run(tiny_prep, MethodEntry("centralized"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("centralized"), tmp_path, backend=in_process)
     run.execute()
 
     table, proto = tiny_prep.table, tiny_prep.protocol
@@ -139,8 +140,8 @@ def test_centralized_trains_the_pooled_rows_with_equal_steps(tiny_prep, tmp_path
 
 def test_leaderboard_shows_centralized_bytes_as_na_and_local_only_as_zero(tiny_prep, tmp_path):
     """(Resuming a killed centralized run is tested with the other resume tests, in test_runs.py.)"""
-    Run(tiny_prep, MethodEntry("centralized"), tmp_path / "clean").execute()
-    Run(tiny_prep, MethodEntry("local-only"), tmp_path / "clean").execute()
+    Run(tiny_prep, MethodEntry("centralized"), tmp_path / "clean", backend=in_process).execute()
+    Run(tiny_prep, MethodEntry("local-only"), tmp_path / "clean", backend=in_process).execute()
     board = build_leaderboard(read_records(tmp_path / "clean")).set_index("method")
     for col in ("up_mb_per_round", "down_mb_per_round", "total_mb"):
         assert np.isnan(board.loc["centralized", col])

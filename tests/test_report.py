@@ -8,8 +8,9 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from fedbench.cli.app import app
-from fedbench.reporting.html import PLOTS, SECTIONS
+from fedbench.cli import app
+from fedbench.reporting.html import SECTIONS
+from fedbench.reporting.plots import PLOTS
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"

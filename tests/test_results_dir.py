@@ -16,8 +16,8 @@ from conftest import TINY
 from typer.testing import CliRunner
 
 from fedbench.api.registry import METHODS
-from fedbench.cli.app import app, protocol_to_toml
-from fedbench.config.protocol import MethodEntry
+from fedbench.cli import app
+from fedbench.config.protocol import MethodEntry, to_toml
 from fedbench.runtime import provenance
 from fedbench.runtime.results_dir import MARKER, claim, legacy_hashes, plan_run
 from fedbench.utils.records import read_jsonl
@@ -28,7 +28,7 @@ ONE_ROUND = TINY.replace(rounds=1)
 
 
 def _toml(path: Path, proto=ONE_ROUND) -> Path:
-    path.write_text(protocol_to_toml(proto))
+    path.write_text(to_toml(proto))
     return path
 
 

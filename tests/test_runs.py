@@ -10,6 +10,7 @@ import torch
 
 from fedbench.api.method import Method, register_method
 from fedbench.api.registry import METHODS
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
 from fedbench.reporting.board import build_leaderboard, render
 from fedbench.runtime.server import Run
@@ -23,8 +24,8 @@ def _stable(rows):
 
 
 def test_same_seed_gives_identical_records(tiny_prep, tmp_path):
-    a = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path / "a").execute()
-    b = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path / "b").execute()
+    a = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path / "a", backend=in_process).execute()
+    b = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path / "b", backend=in_process).execute()
     rows_a = read_jsonl(tmp_path / "a" / "runs" / a / "records.jsonl")
     rows_b = read_jsonl(tmp_path / "b" / "runs" / b / "records.jsonl")
     assert _stable(rows_a) == _stable(rows_b)
@@ -35,7 +36,7 @@ def test_same_seed_gives_identical_records(tiny_prep, tmp_path):
 
 @pytest.mark.parametrize("method", ["fedsa-lora", "centralized"])  # centralized: one pooled trainer's state
 def test_killed_run_resumes_to_the_same_numbers(tiny_prep, tmp_path, monkeypatch, method):
-    clean = Run(tiny_prep, MethodEntry(method), tmp_path / "clean").execute()
+    clean = Run(tiny_prep, MethodEntry(method), tmp_path / "clean", backend=in_process).execute()
     original = Run._round
 
     def crash_on_second_round(self, r, *args, **kwargs):
@@ -45,9 +46,9 @@ def test_killed_run_resumes_to_the_same_numbers(tiny_prep, tmp_path, monkeypatch
 
     monkeypatch.setattr(Run, "_round", crash_on_second_round)
     with pytest.raises(KeyboardInterrupt):
-        Run(tiny_prep, MethodEntry(method), tmp_path / "killed").execute()
+        Run(tiny_prep, MethodEntry(method), tmp_path / "killed", backend=in_process).execute()
     monkeypatch.setattr(Run, "_round", original)
-    resumed = Run(tiny_prep, MethodEntry(method), tmp_path / "killed")
+    resumed = Run(tiny_prep, MethodEntry(method), tmp_path / "killed", backend=in_process)
     assert resumed.checkpoint.path.is_file()
     resumed.execute()
     a = read_jsonl(tmp_path / "clean" / "runs" / clean / "records.jsonl")
@@ -71,7 +72,7 @@ def test_toy_method_registered_in_a_test_module_runs_without_harness_changes(tin
             return "local"
 
     try:
-        run_id = Run(tiny_prep, MethodEntry("toy-local-heads"), tmp_path).execute()
+        run_id = Run(tiny_prep, MethodEntry("toy-local-heads"), tmp_path, backend=in_process).execute()
         rows = read_jsonl(tmp_path / "runs" / run_id / "records.jsonl")
         train = [r for r in rows if r["kind"] == "train"]
         assert all(r["up_bytes_analytic"] == 0 for r in train)
@@ -85,7 +86,7 @@ def test_toy_method_registered_in_a_test_module_runs_without_harness_changes(tin
 
 def test_leaderboard_has_method_rows_majority_and_synthetic_label(tiny_prep, tmp_path):
     for name in ("fedavg-lora", "ffa-lora"):
-        Run(tiny_prep, MethodEntry(name), tmp_path).execute()
+        Run(tiny_prep, MethodEntry(name), tmp_path, backend=in_process).execute()
     board = build_leaderboard(read_records(tmp_path))
     assert list(board["method"])[-1] == "majority"
     assert {"fedavg-lora", "ffa-lora"} <= set(board["method"])
@@ -99,11 +100,11 @@ def test_leaderboard_has_method_rows_majority_and_synthetic_label(tiny_prep, tmp
 
 
 def test_completed_run_is_skipped_not_redone(tiny_prep, tmp_path):
-    run = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path)
+    run = Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path, backend=in_process)
     run.execute()
     before = run.records_path.read_bytes()
     events = []
-    Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path, lambda e, i: events.append(e)).execute()
+    Run(tiny_prep, MethodEntry("fedavg-lora"), tmp_path, lambda e, i: events.append(e), backend=in_process).execute()
     assert events == ["skip"] and run.records_path.read_bytes() == before
     assert torch.get_num_threads() >= 1
 
@@ -111,7 +112,7 @@ def test_completed_run_is_skipped_not_redone(tiny_prep, tmp_path):
 def test_routed_methods_get_an_expert_usage_plot(tiny_prep, tmp_path):
     from fedbench.reporting.board import plot
 
-    Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path).execute()
+    Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path, backend=in_process).execute()
     paths = plot(read_records(tmp_path), tmp_path / "plots")
     assert [p.name for p in paths] == ["acc_vs_comm.png", "acc_per_round.png", "expert_usage.png"]
     assert all(p.stat().st_size > 0 for p in paths)
@@ -126,6 +127,7 @@ from fedbench.runtime.checkpoint import Checkpoint
 from fedbench.config.protocol import MethodEntry
 from fedbench.runtime.server import Run
 from fedbench.staging.prepare import prepare
+from fedbench.backends.inprocess import in_process
 
 torch.set_num_threads(2)
 digest = hashlib.sha256()
@@ -142,7 +144,7 @@ def capture(self, next_round, server, clients, init):  # every round's server an
 Checkpoint.save = capture
 prep = prepare(TINY, 0, device=torch.device("cpu"))
 for name in ("fedavg-lora", "feddpa", "mmrouter-moa"):
-    Run(prep, MethodEntry(name), sys.argv[2]).execute()
+    Run(prep, MethodEntry(name), sys.argv[2], backend=in_process).execute()
 print(digest.hexdigest())
 """
 

@@ -16,7 +16,8 @@ import pytest
 from conftest import kill_in_round
 from typer.testing import CliRunner
 
-from fedbench.cli.app import app
+from fedbench.backends.inprocess import in_process
+from fedbench.cli import app
 from fedbench.config.protocol import MethodEntry
 from fedbench.runtime.checkpoint import Checkpoint
 from fedbench.runtime.server import Run
@@ -46,7 +47,7 @@ def prep(tiny_prep):
 @pytest.fixture(scope="module")
 def clean(prep, tmp_path_factory) -> Run:
     """One uninterrupted, completed run."""
-    run = Run(prep, MethodEntry(METHOD), tmp_path_factory.mktemp("clean"))
+    run = Run(prep, MethodEntry(METHOD), tmp_path_factory.mktemp("clean"), backend=in_process)
     run.execute()
     return run
 
@@ -55,13 +56,13 @@ def clean(prep, tmp_path_factory) -> Run:
 def done(clean, tmp_path) -> Run:
     """A copy of the completed run in a results directory of its own."""
     shutil.copytree(clean.dir, tmp_path / "runs" / clean.run_id)
-    return Run(clean.prep, clean.entry, tmp_path)
+    return Run(clean.prep, clean.entry, tmp_path, backend=in_process)
 
 
 def _killed_at(prep, results: Path, monkeypatch, at: int) -> Run:
     """A fresh Run of the run killed when round ``at`` started (what a rerun builds)."""
     kill_in_round(prep, results, monkeypatch, at, METHOD)
-    return Run(prep, MethodEntry(METHOD), results)
+    return Run(prep, MethodEntry(METHOD), results, backend=in_process)
 
 
 # --- the seal --------------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def test_a_damaged_completed_run_runs_again_to_the_same_records(done, clean):
     path.write_bytes(b"".join(lines))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Run(done.prep, done.entry, done.dir.parents[1]).execute()
+        Run(done.prep, done.entry, done.dir.parents[1], backend=in_process).execute()
     assert _stable(read_jsonl(path)) == _stable(read_jsonl(clean.records_path))
     assert any(re.search(rf"{re.escape(str(path))}.* broken .*round 2", str(w.message)) for w in caught), caught
 
@@ -183,9 +184,9 @@ def test_a_kill_between_append_and_checkpoint_still_resumes_from_the_checkpoint(
 
     monkeypatch.setattr(Checkpoint, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        Run(prep, MethodEntry(METHOD), tmp_path).execute()
+        Run(prep, MethodEntry(METHOD), tmp_path, backend=in_process).execute()
     monkeypatch.setattr(Checkpoint, "save", original)
-    run = Run(prep, MethodEntry(METHOD), tmp_path)
+    run = Run(prep, MethodEntry(METHOD), tmp_path, backend=in_process)
     assert json.loads(run.checkpoint.path.read_text())["records"][0] < len(read_jsonl(run.records_path))
     events = []
     run.progress = lambda event, info: events.append((event, info.get("round")))

@@ -18,6 +18,7 @@ from fedbench.reporting.statistics import (
     row_intervals,
     t_interval,
     t_pvalue,
+    t_quantile,
     task_expert_mi,
 )
 
@@ -162,3 +163,12 @@ def test_routing_entropy_and_mutual_information_by_hand():
     assert task_expert_mi(leaning, np.array(["a", "b"])) == pytest.approx(math.log(2) - h)
     # tasks weigh equally, not by their row count: 3 rows of a on e0, 1 row of b on e1 -> log 2
     assert task_expert_mi(np.eye(2)[[0, 0, 0, 1]], np.array(["a", "a", "a", "b"])) == pytest.approx(math.log(2))
+
+
+def test_t_quantile_and_p_value_are_scipy_stats_t():
+    """The module reads scipy.special lazily; the numbers are exactly scipy.stats.t's."""
+    for df in (1, 2, 4, 9, 19, 99):
+        for q in (0.95, 0.975, 0.995):
+            assert t_quantile(q, df) == stats.t.ppf(q, df)
+    x = np.array([0.012, -0.004, 0.021, 0.007, 0.015])
+    assert t_pvalue(x) == pytest.approx(stats.ttest_1samp(x, 0.0).pvalue, rel=1e-12)

@@ -12,10 +12,11 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from fedbench.cli.app import app, protocol_to_toml, resolve_protocol
+from fedbench.cli import app
+from fedbench.cli.protocol_flags import resolve_protocol
 from fedbench.config import protocol
-from fedbench.config.protocol import ProtocolError
-from fedbench.reporting.board import plot_sweep_gain
+from fedbench.config.protocol import ProtocolError, to_toml
+from fedbench.reporting.plots import plot_sweep_gain
 from fedbench.utils.records import read_records
 
 runner = CliRunner()
@@ -215,7 +216,7 @@ def test_per_value_seeds_give_each_variant_its_seeds_and_keep_every_hash(tmp_pat
 def test_per_value_seeds_round_trip_through_the_written_protocol_toml(tmp_path):
     for text in (TINY + PER_VALUE, TINY.replace("seeds = [0]\n", "") + PER_VALUE, TINY + SWEEP):
         proto = protocol.load(_write(tmp_path, text))
-        written = protocol_to_toml(proto)
+        written = to_toml(proto)
         assert ("seeds = [\n    [\n" in written) == (proto.sweep.seeds is not None)
         again = protocol.load(_write(tmp_path, written, "written.toml"))
         assert again == proto and again.hash == proto.hash
@@ -223,7 +224,7 @@ def test_per_value_seeds_round_trip_through_the_written_protocol_toml(tmp_path):
             (v, p.seeds, p.hash) for v, p in proto.variants()
         ]
     frozen = protocol.load("routing-frozen")  # the preset: disjoint seeds, hashes of the committed study
-    again = protocol.load(_write(tmp_path, protocol_to_toml(frozen), "frozen.toml"))
+    again = protocol.load(_write(tmp_path, to_toml(frozen), "frozen.toml"))
     assert again == frozen
     assert [(p.seeds, p.hash) for _, p in frozen.variants()] == [
         ((100, 101, 102, 103, 104), "30e39c5a9a14"),

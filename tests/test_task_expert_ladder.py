@@ -11,10 +11,11 @@ import tomllib
 import torch
 
 from fedbench.adapters.task_experts import STAGE2
-from fedbench.api.context import client_context
 from fedbench.api.method import create_method
+from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry, from_dict
 from fedbench.runtime.server import Run
+from fedbench.runtime.training import client_context
 from fedbench.utils.records import read_jsonl
 
 ALL = ("classification", "vqa", "grounding", "ocr_vqa")
@@ -42,7 +43,7 @@ def _ladder():
 
 
 def _records(prep, entry, path):
-    run = Run(prep, entry, path)
+    run = Run(prep, entry, path, backend=in_process)
     run.execute()
     return read_jsonl(path / "runs" / run.run_id / "records.jsonl")
 
@@ -92,7 +93,7 @@ def test_router_scope_global_shares_the_router_local_keeps_it(tiny_prep, tmp_pat
     _, local, global_ = _ladder()[:3]
     info = tiny_prep.infos[0]
     for entry, scope in ((local, "local"), (global_, "shared")):
-        run = Run(tiny_prep, entry, tmp_path)
+        run = Run(tiny_prep, entry, tmp_path, backend=in_process)
         model = run.build()
         tags = run.method.tags(model)
         assert {n for n in tags if n.startswith("router.")} == {"router.image.weight"}
@@ -105,7 +106,7 @@ def test_router_scope_global_shares_the_router_local_keeps_it(tiny_prep, tmp_pat
 
 def _stage2(prep, tmp_path, entry, info, ocr):
     """A model of ``entry`` with distinct experts, bound to ``info`` in stage 2, and some of its rows' features."""
-    run = Run(prep, entry, tmp_path)
+    run = Run(prep, entry, tmp_path, backend=in_process)
     model = run.build()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -165,7 +166,7 @@ def test_uniform_weighs_the_clients_experts_equally(tiny_prep, tmp_path, method,
 
 @pytest.mark.parametrize("routing", ["oracle", "uniform"])
 def test_reference_routing_has_no_router_to_train_or_send(tiny_prep, tmp_path, routing, train_client):
-    run = Run(tiny_prep, MethodEntry("mmrouter-moa", {"routing": routing}), tmp_path)
+    run = Run(tiny_prep, MethodEntry("mmrouter-moa", {"routing": routing}), tmp_path, backend=in_process)
     model = run.build()
     assert not any(n.startswith("router.") for n in run.method.tags(model))
     info = tiny_prep.infos[1]

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from fedbench.cli.app import app
-from fedbench.reporting.board import _main_columns, build_leaderboard
+from fedbench.cli import app
+from fedbench.reporting.board import build_leaderboard, main_columns
 from fedbench.reporting.terminal_table import (
     UnknownColumnError,
     abbreviate,
@@ -185,7 +185,7 @@ def test_leaderboard_command_in_a_narrow_terminal_and_markdown_keeps_every_colum
     assert table.exit_code == 0, table.output
     assert max(len(line) for line in table.output.splitlines()) <= 80
     md = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--format", "markdown"])
-    assert md.output.splitlines()[0] == "| " + " | ".join(_main_columns(board)) + " |"
+    assert md.output.splitlines()[0] == "| " + " | ".join(main_columns(board)) + " |"
     picked = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--format", "csv", "--columns", "total_mb"])
     assert picked.output.splitlines()[0] == "method,total_mb,total_mb_std,federated"
     bad = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--columns", "mean_acc,bytes"])

@@ -1,19 +1,19 @@
 """The embedded default backbone: a small open_clip CLIP, pretrained offline on synthetic captions.
 
 Architecture lives in ``embedded_clip.json``; ``fedbench backbone pretrain`` trains it with the
-CLIP contrastive loss on captions of a split of the embedded suite that no client ever sees
-(the corpus named in the JSON) and writes ``embedded_clip.safetensors`` beside it (committed,
-~5 MB, so a default run needs no network and no training). A word-level tokenizer whose
-vocabulary is stored in the checkpoint keeps the embedding table (and the file) small.
+CLIP contrastive loss on captions of a split of the embedded suite that no client ever sees (the
+suite's pretraining corpus, handed to :func:`pretrain` by the command) and writes
+``embedded_clip.safetensors`` beside it (committed, ~5 MB, so a default run needs no network and no
+training). A word-level tokenizer whose vocabulary is stored in the checkpoint keeps the embedding
+table (and the file) small.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +77,6 @@ class WordTokenizer:
 
 def _load_config() -> dict:
     return json.loads(CONFIG_PATH.read_text())
-
-
-def _resolve(path: str):
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def build_clip(vocab_size: int, config: dict | None = None) -> open_clip.CLIP:
@@ -182,16 +177,28 @@ def zero_shot_accuracy(
     return float((torch.cat(preds).numpy() == labels).mean())
 
 
-def pretrain(out: Path = WEIGHTS_PATH, steps: int | None = None, log=print) -> dict:
-    """Contrastively pretrain the embedded CLIP on the held-out caption corpus; write safetensors.
+Corpus = Callable[[int, int], tuple[torch.Tensor, list[str], np.ndarray]]
 
-    Deterministic on CPU for a fixed config. Returns the metadata written into the file
-    (zero-shot accuracy, chance, steps, seconds).
+
+def pretrain(
+    corpus: Corpus,
+    prompts_fn: Callable[[], list[str]],
+    out: Path = WEIGHTS_PATH,
+    steps: int | None = None,
+    log: Callable[[str], object] = print,
+) -> dict:
+    """Contrastively pretrain the embedded CLIP on a held-out caption corpus; write safetensors.
+
+    ``corpus(n, seed)`` gives ``n`` images, their captions and class labels, drawn from scenes no
+    client ever sees; ``prompts_fn()`` the zero-shot prompts, one per class (the caller hands both:
+    the embedded suite's, :func:`fedbench.tasks.scenes.pretrain_corpus`). Deterministic on CPU for a
+    fixed config. Returns the metadata written into the file (zero-shot accuracy, chance, steps, seconds).
     """
     config = _load_config()
     pcfg = dict(config["pretrain"])
+    pcfg["corpus"] = f"{corpus.__module__}:{corpus.__qualname__}"  # provenance, as the file has always said
+    pcfg["prompts"] = f"{prompts_fn.__module__}:{prompts_fn.__qualname__}"
     steps = steps or pcfg["steps"]
-    corpus, prompts_fn = _resolve(pcfg["corpus"]), _resolve(pcfg["prompts"])
     torch.manual_seed(pcfg["seed"])
     images, captions, _labels = corpus(pcfg["corpus_images"], pcfg["seed"])
     zs_images, _zs_captions, zs_labels = corpus(pcfg["zero_shot_images"], pcfg["seed"] + 1)

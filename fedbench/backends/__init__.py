@@ -37,9 +37,10 @@ def run_backend(
     image features on disk (:mod:`fedbench.staging.feature_cache`); the Flower backends' nodes stage in memory."""
     check_backend(name)
     if name == "inprocess":
-        from fedbench.runtime.server import run_rows
+        from fedbench.backends.inprocess import in_process
+        from fedbench.runtime.rows import run_rows
 
-        run_rows(protocol, results, progress, None, on_seed, feature_cache)
+        run_rows(protocol, results, progress, backend=in_process, on_seed=on_seed, feature_cache=feature_cache)
     elif name == "flower-sim":
         from fedbench.backends.flower import run_flower_sim
 

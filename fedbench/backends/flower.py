@@ -38,10 +38,12 @@ import torch
 from fedbench.api.method import create_method
 from fedbench.api.payload import deserialize, serialize
 from fedbench.config.protocol import Protocol, from_dict
+from fedbench.runtime.backend import Progress
 from fedbench.runtime.client import ClientRuntime, Message, State, TrainReply
 from fedbench.runtime.client_store import ClientStore
 from fedbench.runtime.evaluation import EvalReply
-from fedbench.runtime.server import Progress, Run, run_rows
+from fedbench.runtime.rows import run_rows
+from fedbench.runtime.server import Run
 from fedbench.staging.prepare import Prepared, prepare
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported: no network calls
@@ -294,7 +296,7 @@ def server_app(
     @app.main()
     def main(grid: Any, context: Context) -> None:
         try:
-            run_rows(protocol, results, progress, lambda run: FlowerBackend(grid, name, run), on_seed)
+            run_rows(protocol, results, progress, backend=lambda run: FlowerBackend(grid, name, run), on_seed=on_seed)
         except BaseException as err:
             failures.append(err)
 

@@ -32,7 +32,8 @@ from fedbench.backends import BackendError
 from fedbench.backends.flower import FlowerBackend, quiet_flower
 from fedbench.config import protocol as protocol_mod
 from fedbench.config.protocol import Protocol
-from fedbench.runtime.server import Progress, RowsFailed, recorded_failures, run_rows
+from fedbench.runtime.backend import Progress
+from fedbench.runtime.rows import RowsFailed, recorded_failures, run_rows
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -186,11 +187,9 @@ class LocalDeployment:
 
 def write_protocol(protocol: Protocol, results: Path) -> Path:
     """The protocol as the ServerApp will read it (a TOML file in the results directory)."""
-    from fedbench.cli.app import protocol_to_toml
-
     path = results / "flower-deploy" / "protocol.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(protocol_to_toml(protocol))
+    path.write_text(protocol_mod.to_toml(protocol))
     return path
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from fedbench.runtime.client import ClientRuntime, Message, State, TrainReply
 from fedbench.runtime.client_store import ClientStore
 from fedbench.runtime.evaluation import EvalReply
 from fedbench.runtime.faults import error_line
 from fedbench.utils.integrity import IntegrityError
+
+if TYPE_CHECKING:
+    from fedbench.runtime.server import Run
 
 T = TypeVar("T")
 
@@ -61,3 +64,8 @@ class InProcessBackend:
 
     def drop_reason(self, client: int) -> str:
         return self.errors.get(client, "")
+
+
+def in_process(run: Run) -> InProcessBackend:
+    """The backend factory a run is handed to run its client steps here (``--backend inprocess``)."""
+    return InProcessBackend(ClientRuntime(run.prep, run.method))

@@ -683,3 +683,18 @@ def load(preset_or_path: str) -> Protocol:
     except tomllib.TOMLDecodeError as err:
         raise ProtocolError(f"malformed TOML in '{preset_or_path}': {err}") from None
     return from_dict(table)
+
+
+def to_toml(proto: Protocol) -> str:
+    """The protocol as a TOML file that :func:`load` reads back to the same protocol (and hash)."""
+    import tomli_w
+
+    body = proto.as_dict()
+    body["methods"] = [m["name"] if not m["options"] else m for m in body["methods"]]
+    head = f"# protocol hash {proto.hash}\n"
+    if proto.sweep is not None:
+        head = (
+            f"# sweep protocol (hash {proto.hash}): [sweep] values replace the {proto.sweep.field} below; each\n"
+            "# variant's records carry its own hash, written in <field>=<value>/protocol.toml\n"
+        )
+    return head + tomli_w.dumps(body)

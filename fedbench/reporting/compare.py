@@ -21,12 +21,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fedbench.reporting.board import _completed
+from fedbench.reporting.board import completed_records
 from fedbench.reporting.terminal_table import MIN_LABEL, abbreviate, key_abbreviations, wrap_label
+from fedbench.reporting.text import FORMATS
 
 REFERENCE = "fedavg-lora"
 ALL_TASKS = "mean_acc"  # the "family" of all tasks together, as the leaderboard's mean_acc
-FORMATS = ("table", "markdown", "csv")
 COLUMNS = ["method", "family", "reached", "rounds", "up_mb", "down_mb", "total_mb", "vs_reference"]
 _MB = ("up_mb", "down_mb", "total_mb")
 
@@ -72,7 +72,7 @@ def build_compare(df: pd.DataFrame, target: float, task: str | None = None, refe
     rounds (as rounds trained)."""
     if not 0.0 <= target <= 1.0:
         raise CompareError(f"--target {target:g} is outside [0, 1]: accuracies are fractions, e.g. 0.35")
-    recs = _completed(df)
+    recs = completed_records(df)
     runs = recs[recs["kind"] == "run"].set_index("run_id")
     glob = recs[(recs["kind"] == "eval") & (recs["scope"] == "global")]
     tasks = sorted(glob["task"].dropna().unique())

@@ -21,13 +21,20 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 LEVEL = 0.95  # every interval the project prints
 INTERVAL = "95% t-interval over seeds (the seed is the unit)"
 PAIRED_INTERVAL = "95% t-interval over seeds of the per-seed paired differences (the seed is the unit)"
 
 Values = Mapping[str, pd.DataFrame]  # label -> per-seed figures (index: seed, columns: figures)
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (``scipy.stats.t.ppf``, which
+    is ``scipy.special.stdtrit``; imported here, not at import time, so reading this module stays cheap)."""
+    from scipy.special import stdtrit
+
+    return float(stdtrit(df, q))
 
 
 def t_interval(values: np.ndarray | Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
@@ -39,7 +46,7 @@ def t_interval(values: np.ndarray | Sequence[float], level: float = LEVEL) -> tu
     mean = float(x.mean())
     if len(x) < 2:
         return mean, np.nan, np.nan
-    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    half = float(t_quantile(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
     return mean, mean - half, mean + half
 
 
@@ -54,7 +61,9 @@ def t_pvalue(values: np.ndarray | Sequence[float]) -> float:
     if s == 0:
         return 1.0 if np.all(x == 0) else 0.0
     tstat = x.mean() / (s / np.sqrt(len(x)))
-    return float(2 * stats.t.sf(abs(tstat), len(x) - 1))
+    from scipy.special import stdtr  # here, not at import: scipy loads only when a p-value is needed
+
+    return float(2 * stdtr(len(x) - 1, -abs(tstat)))  # the t distribution's survival function at |t|
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:

@@ -14,22 +14,19 @@ mean of its differences there. The Holm adjustment runs over every mean_acc comp
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from fedbench.config.protocol import Protocol
-from fedbench.reporting.board import (
-    UnknownRowError,
-    build_leaderboard,
-    build_seed_values,
-    build_versus,
-    gain_text,
-    marks_note,
-    plot_sweep_gain,
-)
+from fedbench.reporting.board import UnknownRowError, build_leaderboard, build_seed_values, build_versus
+from fedbench.reporting.plots import plot_sweep_gain
 from fedbench.reporting.statistics import INTERVAL, PAIRED_INTERVAL, holm, pooled_difference
+from fedbench.reporting.text import gain_text, marks_note
 from fedbench.utils.records import read_records
+
+if TYPE_CHECKING:
+    from fedbench.config.protocol import Protocol  # its import loads torch (fedbench.api.data)
 
 
 def build_sweep(proto: Protocol, results: Path) -> pd.DataFrame:
@@ -126,7 +123,7 @@ def build_sweep(proto: Protocol, results: Path) -> pd.DataFrame:
 
 def _gain(mean: float, lo: float, hi: float, p_holm: float, seeds: int, expected: int) -> str:
     """``+0.012 [-0.010, +0.030] *``: the paired mean_acc difference, its interval and marks
-    (:func:`fedbench.reporting.board.gain_text`), and the seed count where it is short of ``expected``."""
+    (:func:`fedbench.reporting.text.gain_text`), and the seed count where it is short of ``expected``."""
     if not seeds or pd.isna(mean):
         return "n/a (no seed shared with the reference)"
     return gain_text(mean, lo, hi, p_holm) + (f" ({int(seeds)} seeds)" if seeds < expected else "")

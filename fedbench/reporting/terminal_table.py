@@ -22,17 +22,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fedbench.reporting.board import (
-    _BYTES_COLS,
-    _COUNT_COLS,
-    _HIDDEN,
-    COMPUTE_NOTE,
-    LATE,
-    _main_columns,
-    sampling_note,
-    text_cell,
-)
+from fedbench.reporting.board import BYTES_COLS, COUNT_COLS, HIDDEN, LATE, main_columns
 from fedbench.reporting.statistics import INTERVAL
+from fedbench.reporting.text import COMPUTE_NOTE, sampling_note, text_cell
 
 FIRST = ("mean_acc", "local_acc", "up_mb_per_round", "down_mb_per_round", "compute_s", "compute_gflop")  # after acc_
 EXTRA = (
@@ -172,7 +164,7 @@ def _value(board: pd.DataFrame, row: pd.Series, col: str, inline_ci: bool) -> st
     if text is not None:
         return text
     mean = row[col]
-    spec = ",.0f" if col in _COUNT_COLS else ".1f" if col in ("compute_s", "compute_gflop", "total_mb") else ".3f"
+    spec = ",.0f" if col in COUNT_COLS else ".1f" if col in ("compute_s", "compute_gflop", "total_mb") else ".3f"
     text = format(mean, spec)
     lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
     if col == "mean_acc" and pd.notna(lo) and pd.notna(hi):
@@ -190,7 +182,7 @@ def _width(board: pd.DataFrame, col: str, inline_ci: bool) -> int:
 
 def _layout(board: pd.DataFrame, width: int, columns: Sequence[str] | None) -> _Layout:
     """Which columns, how wide the labels, one- or two-line intervals, abbreviated option keys."""
-    main = [c for c in _main_columns(board) if c not in ("method", "failed")]  # errors go under the table
+    main = [c for c in main_columns(board) if c not in ("method", "failed")]  # errors go under the table
     labels = [str(m) for m in board["method"]]
     full = max(map(len, labels), default=3)
     abbreviations = key_abbreviations(labels)
@@ -246,7 +238,7 @@ def _notes(board: pd.DataFrame, layout: _Layout) -> list[str]:
         notes.append("Row options: " + ", ".join(f"{s} = {k}" for k, s in layout.keys.items()) + ".")
     if "converged" in layout.columns:
         notes.append(f"converged: rising = mean_acc gained more than its interval's half-width after {LATE:g}·R.")
-    if set(_BYTES_COLS) & set(layout.columns) and "federated" in board and board["federated"].eq(False).any():
+    if set(BYTES_COLS) & set(layout.columns) and "federated" in board and board["federated"].eq(False).any():
         notes.append("Bytes n/a: a reference row that is not federated.")
     if "failed" in board:
         failed = board[board["failed"].map(lambda v: isinstance(v, str))]
@@ -265,7 +257,7 @@ def _notes(board: pd.DataFrame, layout: _Layout) -> list[str]:
 
 
 def valid_columns(board: pd.DataFrame) -> list[str]:
-    return _main_columns(board)
+    return main_columns(board)
 
 
 def check_columns(board: pd.DataFrame, columns: Sequence[str]) -> list[str]:
@@ -283,9 +275,7 @@ def select_columns(board: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     """The leaderboard restricted to ``columns`` (checked) and their ``_std``/``_lo``/``_hi`` companions
     (and ``federated``, so bytes still read n/a), for markdown and CSV."""
     cols = check_columns(board, columns)
-    keep = [
-        c for c in board.columns if c in cols or c == "federated" or (c.endswith(_HIDDEN) and _companion(c) in cols)
-    ]
+    keep = [c for c in board.columns if c in cols or c == "federated" or (c.endswith(HIDDEN) and _companion(c) in cols)]
     out = board[sorted(keep, key=lambda c: cols.index(_companion(c)) if _companion(c) in cols else len(cols))]
     out.attrs = board.attrs
     return out

@@ -19,13 +19,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedbench.api.context import ClientContext, client_context
+from fedbench.api.context import ClientContext
 from fedbench.api.data import GLOBAL_TEST, TEST, ClientInfo
 from fedbench.api.method import Method
 from fedbench.api.model import ClientModel
 from fedbench.api.payload import META, deserialize, serialize
 from fedbench.runtime.evaluation import EvalReply, GlobalScores, evaluate_rows
 from fedbench.runtime.faults import nonfinite
+from fedbench.runtime.training import client_context
 from fedbench.staging.prepare import Prepared
 from fedbench.utils.flops import FlopMeter, model_identity, shared_fits
 from fedbench.utils.seeding import derive_seed

@@ -5,57 +5,32 @@ which moves :class:`~fedbench.runtime.client.Message` bytes to the client step a
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import traceback
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from typing import Protocol as Interface
 
-from fedbench.api.context import ClientContext
-from fedbench.api.data import GLOBAL_CLIENT, TRAIN, ClientInfo
+from fedbench.api.data import ClientInfo
 from fedbench.api.method import Method, Reply, count_params, create_method
 from fedbench.api.payload import Payload, analytic_bytes, check_upload, deserialize, serialize
-from fedbench.config.protocol import MethodEntry, Protocol
+from fedbench.config.protocol import MethodEntry
+from fedbench.runtime.backend import Backend, Progress
 from fedbench.runtime.checkpoint import Checkpoint, CheckpointMismatch, truncate_records
-from fedbench.runtime.client import ClientRuntime, Message, State, TrainReply, build_model, load_state, trainable_state
-from fedbench.runtime.evaluation import EvalReply, asking_every_task, coverage, eval_clients, eval_records
+from fedbench.runtime.client import Message, State, build_model, trainable_state
+from fedbench.runtime.evaluation import asking_every_task, coverage, eval_clients, eval_records
 from fedbench.runtime.faults import ERROR, NONFINITE, ClientFault, error_line, nonfinite, plan_faults
+from fedbench.runtime.pooled import pooled_round
 from fedbench.runtime.run_records import RunRecords
-from fedbench.staging.prepare import Prepared, prepare
+from fedbench.staging.prepare import Prepared
 from fedbench.utils.flops import FlopMeter
 from fedbench.utils.integrity import IntegrityError
 from fedbench.utils.records import GENESIS, DirectoryLock, append_records, incomplete_run, read_jsonl, scan_records
 from fedbench.utils.seeding import sample_clients
-from fedbench.utils.timing import ComputeTimer, device_label
+from fedbench.utils.timing import device_label
 
-__all__ = ["Backend", "CheckpointMismatch", "Federation", "RowsFailed", "Run", "run_id_for", "run_rows"]
-
-
-class Backend(Interface):
-    """Moves messages to client steps and their replies back, in message order. A reply is None
-    for a client that dropped out (its process died, it timed out): the round goes on without it."""
-
-    name: str
-
-    def query(self, messages: Sequence[Message]) -> Iterable[bytes | None]: ...
-
-    def train(self, messages: Sequence[Message]) -> Iterable[TrainReply | None]: ...
-
-    def evaluate(self, messages: Sequence[Message]) -> Iterable[EvalReply | None]: ...
-
-    def client_states(self) -> MutableMapping[int, State] | None:
-        """The clients' stored states where the server can checkpoint them, else None (they live on
-        the clients' nodes: a run is not resumable mid-way and restarts)."""
-
-    def restore(self, states: Mapping[int, State]) -> None:
-        """From now on the clients' states are ``states``: a run's client store (on disk, named by
-        its checkpoints) becomes the store; the contents of any other mapping replace the stored ones."""
-
-    def drop_reason(self, client: int) -> str:
-        """Why ``client``'s last reply is missing (an error's text, or a timeout)."""
+__all__ = ["FATAL", "CheckpointMismatch", "Federation", "Run", "failure_record", "fault_summary", "run_id_for"]
 
 
 def run_id_for(entry: MethodEntry, seed: int, protocol: Any) -> str:
@@ -75,11 +50,12 @@ class Federation:
     local: set[str]
 
 
-Progress = Callable[[str, dict[str, Any]], None]
-
-
 def _noop(event: str, info: dict[str, Any]) -> None:
     return None
+
+
+# errors of the machine or of files on it, not of a method row: they stop the whole run at once
+FATAL: tuple[type[BaseException], ...] = (CheckpointMismatch, IntegrityError, OSError)
 
 
 class Run:
@@ -91,7 +67,8 @@ class Run:
         entry: MethodEntry,
         results_dir: Path,
         progress: Progress = _noop,
-        backend: Callable[[Run], Backend] | None = None,
+        *,
+        backend: Callable[[Run], Backend],
     ) -> None:
         self.prep, self.entry, self.progress = prep, entry, progress
         self.protocol = prep.protocol
@@ -109,14 +86,10 @@ class Run:
 
     @property
     def backend(self) -> Backend:
-        """Built on first use (a completed run, skipped, never starts one): in process by default."""
+        """Built on first use, by the factory the run was handed (a completed run, skipped, never
+        starts one)."""
         if self._backend is None:
-            if self._make_backend is None:
-                from fedbench.backends.inprocess import InProcessBackend
-
-                self._backend = InProcessBackend(ClientRuntime(self.prep, self.method))
-            else:
-                self._backend = self._make_backend(self)
+            self._backend = self._make_backend(self)
         return self._backend
 
     def completed(self) -> bool:
@@ -288,7 +261,7 @@ class Run:
     def _round(self, r: int, model, fed: Federation) -> list[dict]:
         """Sample, download, train, upload, aggregate (updates ``fed`` in place); train records."""
         if not self.method.federated:
-            return self._pooled_round(r, model, fed)
+            return pooled_round(self, r, model, fed)
         sampled = sample_clients(self.prep.seed, r, len(fed.infos), self.protocol.clients.sample_fraction)
         self._drops: list[dict] = []
         faults = self.protocol.faults
@@ -353,40 +326,6 @@ class Run:
         if fault == ERROR:
             self.progress("drop", {"run_id": self.run_id, "round": msg.round, "client": msg.client, "error": reason})
 
-    def _pooled_round(self, r: int, model, fed: Federation) -> list[dict]:
-        """A reference row that is not federated (``Method.federated`` False): one trainer on the
-        union of every client's training rows (all tasks; OCR as each row has it) for ``local.steps``
-        × (clients sampled this round) steps, so it takes as many gradient steps as a federated row.
-        It trains on the server, whatever the backend. Nothing is sent: one train record per round
-        with 0 bytes and ``federated: false``. The pooled model's trainable state is ``fed.server``,
-        so :meth:`_evaluate` scores it as every client's."""
-        proto, prep = self.protocol, self.prep
-        sampled = sample_clients(prep.seed, r, len(fed.infos), proto.clients.sample_fraction)
-        train_rows = prep.table.rows(split=TRAIN)
-        steps = proto.local.steps * len(sampled)
-        held = {t for info in fed.infos for t in info.tasks}
-        info = ClientInfo(
-            GLOBAL_CLIENT,
-            tuple(t for t in prep.store.task_names if t in held),
-            any(i.has_ocr for i in fed.infos),
-            len(train_rows),
-        )
-        pooled = proto.replace(local=dataclasses.replace(proto.local, steps=steps))
-        ctx = ClientContext(info, r, prep.store, train_rows, pooled, prep.seed, prep.features, amp=prep.amp)
-        load_state(model, fed.init, fed.server)
-        self.method.prepare_client(model, ctx)
-        with ComputeTimer(prep.device) as timer, self.pooled_flops as flops:
-            self.method.local_update(model, ctx)
-        fed.server = trainable_state(model)
-        for c in sampled:  # the clients whose share of steps the pooled trainer took
-            self.progress("client", {"run_id": self.run_id, "round": r, "client": c})
-        nothing = {"up_bytes": 0, "down_bytes": 0, "up_bytes_analytic": 0, "down_bytes_analytic": 0}
-        extra = self.method.train_record(model, ctx)
-        record = self.records.train(
-            r, GLOBAL_CLIENT, nothing, timer.seconds, timer.kind, len(train_rows), extra, flops.total
-        )
-        return [{**record, "federated": False, "steps": steps, "sampled": sampled}]
-
     def _evaluate(self, r: int, model, fed: Federation) -> list[dict]:
         """Every registered client's model after round ``r`` (after an intermediate round, the seeded
         sample ``eval.clients`` asks for), scored by the client step (a client that drops out of
@@ -449,80 +388,3 @@ def failure_record(common: dict[str, Any], err: BaseException) -> dict[str, Any]
         "error_type": type(err).__name__,
         "traceback": "".join(trace[-6:])[-4000:],
     }
-
-
-@dataclass
-class RowFailure:
-    label: str
-    seed: int
-    error: str
-
-
-class RowsFailed(RuntimeError):
-    """Some method rows raised; every other row ran. The message lists each with its first error line."""
-
-    def __init__(self, failures: list[RowFailure]) -> None:
-        self.failures = failures
-        lines = "; ".join(f"{f.label} (seed {f.seed}): {f.error}" for f in failures)
-        super().__init__(f"{len(failures)} method row(s) failed: {lines}")
-
-
-def recorded_failures(results: Path, protocol: Protocol) -> list[RowFailure]:
-    """The failed rows of ``protocol`` that the records under ``results`` hold (a run that failed and
-    did not complete since): what a ServerApp in another process left."""
-    failures = []
-    for path in sorted(Path(results).glob("runs/*/records.jsonl")):
-        rows = read_jsonl(path)
-        if any(r.get("kind") == "run" and r.get("completed") for r in rows):
-            continue
-        failures += [
-            RowFailure(r["label"], r["seed"], r["error"])
-            for r in rows
-            if r.get("kind") == "failed" and r.get("protocol_hash") == protocol.hash
-        ]
-    return failures
-
-
-# errors of the machine or of files on it, not of a method row: they stop the whole run at once
-FATAL: tuple[type[BaseException], ...] = (CheckpointMismatch, IntegrityError, OSError)
-
-
-def run_rows(
-    protocol: Protocol,
-    results: Path,
-    progress: Progress = _noop,
-    backend: Callable[[Run], Backend] | None = None,
-    on_seed: Callable[[Prepared], None] | None = None,
-    feature_cache: bool | Path = False,
-) -> None:
-    """Every method row of ``protocol`` over its seeds, each seed staged once for all its rows
-    (``feature_cache``: frozen image features on disk, see :func:`fedbench.staging.prepare.prepare`).
-
-    A row that raises is recorded (``kind="failed"``) and the other rows run; :class:`RowsFailed`
-    is raised at the end. A row whose run directory another process holds (two ``fedbench run``
-    into one results directory) is left for later and waited for once the others are done: the two
-    processes share the rows and never write one run at once."""
-    failures: list[RowFailure] = []
-
-    def attempt(prep: Prepared, entry: MethodEntry, wait: bool) -> bool:
-        try:
-            done = Run(prep, entry, results, progress, backend).execute(wait=wait) is not None
-        except FATAL:
-            raise
-        except Exception as err:
-            failures.append(RowFailure(entry.label, prep.seed, error_line(err)))
-            progress("failed", {"label": entry.label, "seed": prep.seed, "error": error_line(err)})
-            done = True
-        if done:
-            progress("row", {"label": entry.label, "seed": prep.seed})
-        return done
-
-    for seed in protocol.seeds:
-        prep = prepare(protocol, seed, feature_cache=feature_cache)
-        if on_seed is not None:
-            on_seed(prep)
-        busy = [entry for entry in protocol.methods if not attempt(prep, entry, wait=False)]
-        for entry in busy:
-            attempt(prep, entry, wait=True)
-    if failures:
-        raise RowsFailed(failures)
