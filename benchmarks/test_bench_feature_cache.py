@@ -30,14 +30,14 @@ import pytest
 import torch
 from best_time import best_seconds
 
+from fedbench.api.batch import OCR_TOKENS
 from fedbench.api.data import PartitionConfig
-from fedbench.api.model import OCR_TOKENS
 from fedbench.backends.inprocess import in_process
 from fedbench.config import protocol as protocol_mod
 from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
 from fedbench.runtime.rows import run_rows
-from fedbench.staging.feature_cache import backbone_digest
-from fedbench.staging.prepare import FeatureCache, TextEncoder, prepare
+from fedbench.staging.feature_cache import FeatureCache, backbone_digest
+from fedbench.staging.prepare import TextEncoder, prepare
 
 METHOD = (MethodEntry("pilot-ctmoa"),)
 SHORT = Protocol(  # --benchmark-disable (CI): checks that it runs, in seconds

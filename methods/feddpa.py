@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from fedbench.adapters.lora import LoRADelta, LoRASpec, PeftMix, inject_lora, lora_layers, lora_param
+from fedbench.api import UNIT, Bound, bounded, check_bounds
 from fedbench.api.aggregate import weighted_mean
 from fedbench.api.backbone import Backbone
+from fedbench.api.batch import Batch
 from fedbench.api.method import Method, Reply, Tag, register_method
-from fedbench.api.model import Batch, ClientModel, is_answer_side
+from fedbench.api.model import ClientModel, is_answer_side
 from fedbench.api.payload import Payload
 from fedbench.api.task import TaskSpec
-from fedbench.utils.checks import UNIT, Bound, bounded, check_bounds
 
 if TYPE_CHECKING:
     from fedbench.api.context import ClientContext

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from fedbench.adapters.moa import Adapter, entropy
+from fedbench.api import NON_NEGATIVE, bounded, check_bounds, device_index
 from fedbench.api.aggregate import weighted_mean
 from fedbench.api.backbone import Backbone
+from fedbench.api.batch import Batch, Features
 from fedbench.api.method import ClientInfo, Method, Reply, Tag, register_method
-from fedbench.api.model import AnswerTrunk, Batch, ClientModel, Features, answer_input, make_heads
+from fedbench.api.model import AnswerTrunk, ClientModel, answer_input, make_heads
 from fedbench.api.payload import META, Payload
 from fedbench.api.task import TaskSpec
-from fedbench.utils.checks import NON_NEGATIVE, bounded, check_bounds
-from fedbench.utils.precision import device_index
 
 SELECTION = "selection/"  # server-state prefix of the per-client expert selections
 META_SELECTION = META + "selection"

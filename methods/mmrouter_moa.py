@@ -28,8 +28,8 @@ from fedbench.adapters.task_experts import (
     TaskExpertsMethod,
     in_group,
 )
+from fedbench.api.batch import Features
 from fedbench.api.method import ClientInfo, Tag, register_method
-from fedbench.api.model import Features
 
 if TYPE_CHECKING:
     from fedbench.api.context import ClientContext

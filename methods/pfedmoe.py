@@ -16,8 +16,9 @@ from torch import nn
 
 from fedbench.adapters.moa import Adapter
 from fedbench.api.backbone import Backbone
+from fedbench.api.batch import Batch, Features
 from fedbench.api.method import ClientInfo, Method, Tag, register_method
-from fedbench.api.model import Batch, ClientModel, Features
+from fedbench.api.model import ClientModel
 from fedbench.api.task import TaskSpec
 
 if TYPE_CHECKING:

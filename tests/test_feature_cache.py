@@ -17,8 +17,8 @@ from fedbench.api.backbone import Backbone
 from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
 from fedbench.runtime.rows import run_rows
-from fedbench.staging.feature_cache import FORMAT, cache_root, entry_key, features_dir, key_parts
-from fedbench.staging.prepare import FeatureCache, prepare
+from fedbench.staging.feature_cache import FORMAT, FeatureCache, cache_root, entry_key, features_dir, key_parts
+from fedbench.staging.prepare import prepare
 from fedbench.utils.records import read_jsonl
 
 VOLATILE = {"compute_s", "git_commit", "versions"}

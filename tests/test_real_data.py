@@ -15,9 +15,9 @@ import real_fixtures as rf
 import torch
 from typer.testing import CliRunner
 
+from fedbench.api.batch import Batch
 from fedbench.api.data import GLOBAL_TEST, TRAIN, ExampleTable
 from fedbench.api.family import family_of
-from fedbench.api.model import Batch
 from fedbench.api.registry import FAMILIES, TASKS
 from fedbench.cli import app
 from fedbench.staging.feature_cache import cache_root

@@ -47,8 +47,9 @@ from fedbench.adapters.moa import (
 )
 from fedbench.api.aggregate import weighted_mean
 from fedbench.api.backbone import Backbone
+from fedbench.api.batch import Features
 from fedbench.api.method import ClientInfo, Method, Reply, holds
-from fedbench.api.model import HEADS, TRUNK, ClientModel, Features, is_answer_side
+from fedbench.api.model import HEADS, TRUNK, ClientModel, is_answer_side
 from fedbench.api.payload import Payload
 from fedbench.api.task import TaskSpec
 from fedbench.utils.checks import NON_NEGATIVE, POSITIVE, bounded, check_bounds

@@ -1,1 +1,71 @@
-"""TODO"""
+"""The contract a plug-in author reads: a method (what it trains, tags shared or local, sends and
+aggregates), the client context it trains through, payloads, aggregation helpers, options and
+their bounds, the registries, a task, a task family, the model skeleton and the backbone interface.
+
+Each name is imported from its module on first access (:mod:`fedbench.utils.lazy`)."""
+
+from fedbench.utils.lazy import lazy_exports
+
+_API = {
+    "Method": "method",
+    "Tag": "method",
+    "Reply": "method",
+    "register_method": "method",
+    "create_method": "method",
+    "holds": "method",
+    "count_params": "method",
+    "ClientContext": "context",
+    "Payload": "payload",
+    "ContractError": "payload",
+    "serialize": "payload",
+    "deserialize": "payload",
+    "analytic_bytes": "payload",
+    "check_upload": "payload",
+    "weighted_mean": "aggregate",
+    "OptionError": "options",
+    "parse_method_spec": "options",
+    "Bound": "fedbench.utils.checks",
+    "bounded": "fedbench.utils.checks",
+    "check_bounds": "fedbench.utils.checks",
+    "UNIT": "fedbench.utils.checks",
+    "NON_NEGATIVE": "fedbench.utils.checks",
+    "POSITIVE": "fedbench.utils.checks",
+    "autocast": "fedbench.utils.precision",
+    "device_index": "fedbench.utils.precision",
+    "Registry": "registry",
+    "UnknownNameError": "registry",
+    "METHODS": "registry",
+    "TASKS": "registry",
+    "FAMILIES": "registry",
+    "SUITES": "registry",
+    "BACKBONES": "registry",
+    "register_task": "registry",
+    "register_family": "registry",
+    "register_suite": "registry",
+    "register_backbone": "registry",
+    "TaskSpec": "task",
+    "TaskFamily": "family",
+    "MetricSpec": "family",
+    "family_of": "family",
+    "ClientModel": "model",
+    "Batch": "batch",
+    "Features": "batch",
+    "AnswerTrunk": "model",
+    "ANSWER_SIDES": "model",
+    "Backbone": "backbone",
+    "BackboneUnavailable": "backbone",
+    "create_backbone": "backbone",
+    "ClientInfo": "data",
+    "ClientPlan": "data",
+    "ExampleTable": "data",
+    "PartitionConfig": "data",
+    "DataError": "data",
+    "DatasetUnavailable": "data",
+    "TRAIN": "data",
+    "TEST": "data",
+    "GLOBAL_TEST": "data",
+    "GLOBAL_CLIENT": "data",
+}
+
+__all__ = sorted(_API)
+__getattr__, __dir__ = lazy_exports(__name__, _API)

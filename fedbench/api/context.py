@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fedbench.api.batch import Batch
 from fedbench.api.data import ClientInfo
-from fedbench.api.model import Batch, ClientModel
+from fedbench.api.model import ClientModel
 
 if TYPE_CHECKING:
     from fedbench.config.protocol import Protocol

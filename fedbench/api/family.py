@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
+    from fedbench.api.batch import Batch
     from fedbench.api.data import ExampleTable
-    from fedbench.api.model import Batch
     from fedbench.api.task import TaskSpec
 
 

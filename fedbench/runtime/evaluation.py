@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbench.api.batch import sub_batch
 from fedbench.api.context import ClientContext
 from fedbench.api.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, ClientInfo
 from fedbench.api.method import Method
-from fedbench.api.model import ClientModel, sub_batch
+from fedbench.api.model import ClientModel
 from fedbench.config.protocol import EvalConfig
 from fedbench.runtime.run_records import RunRecords
 from fedbench.utils.precision import autocast

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedbench.api.batch import Batch
 from fedbench.api.context import ClientContext
 from fedbench.api.data import TRAIN, ClientInfo
-from fedbench.api.model import Batch, ClientModel
+from fedbench.api.model import ClientModel
 from fedbench.config.protocol import Protocol
-from fedbench.staging.prepare import FeatureCache, Prepared, RowStore
+from fedbench.staging.feature_cache import FeatureCache
+from fedbench.staging.prepare import Prepared, RowStore
 from fedbench.utils.flops import active_meter, composition
 from fedbench.utils.precision import autocast
 from fedbench.utils.seeding import derive_seed, participations

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import _disable_current_modes
 
 from fedbench.api.backbone import Backbone, create_backbone
+from fedbench.api.batch import OCR_TOKENS, Batch
 from fedbench.api.data import GLOBAL_TEST, TRAIN, ClientInfo, ClientPlan, ExampleTable
 from fedbench.api.family import family_of
-from fedbench.api.model import OCR_TOKENS, Batch
 from fedbench.api.registry import SUITES, TASKS
 from fedbench.api.task import TaskSpec
 from fedbench.config.protocol import Protocol
@@ -29,9 +28,9 @@ from fedbench.staging.feature_cache import (
     TEXT_BATCH,
     TEXT_FILES,
     DiskEntry,
+    FeatureCache,
     backbone_digest,
     features_dir,
-    key_parts,
     text_dir,
     text_key_parts,
 )
@@ -149,76 +148,6 @@ class RowStore:
             None if self.answer_ids is None else self.answer_ids[idx],
             None if self.answer_scores is None else self.answer_scores[idx],
         )
-
-
-class FeatureCache:
-    """Frozen-backbone image features of every image, computed once and shared by all methods whose
-    trainable parts sit after the towers. Filled lazily, on the first :meth:`get` (only such methods
-    call it). With ``disk`` (a directory, see :mod:`fedbench.staging.feature_cache`) they are read from the
-    entry of their key when there is one, else computed and written there, so later seeds and runs on
-    the same images and backbone skip the towers; without it they live in memory for this seed only.
-    ``origin`` says which happened: None (not filled yet), ``memory``, ``disk`` or ``computed``
-    (computed and written to disk); ``entry`` is the on-disk directory, when there is one."""
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        images: torch.Tensor,
-        batch_size: int = 256,
-        prompts: PromptViews | None = None,
-        disk: Path | None = None,
-        amp: torch.dtype | None = None,
-        digest: str | None = None,
-    ) -> None:
-        self.backbone, self.images, self.batch_size = backbone, images, batch_size
-        self.digest = digest  # the backbone's digest (part of the disk key) when the caller has it
-        self.amp = amp  # the towers' autocast dtype (resources.amp), whichever context the first get runs in
-        self.prompts = prompts  # per-row prompt views (text drawn around the image), for routers that read them
-        self.disk = disk
-        self.origin: str | None = None
-        self.entry: Path | None = None
-        self._tokens: torch.Tensor | None = None
-        self._pooled: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The towers over every image. Staging shared by all rows, not a client's local update, so it
-        runs outside any FLOP count (``compute_flops``) that is open when the first ``get`` fills it:
-        otherwise whichever client came first would carry the whole table's tower pass, and only when
-        the features were not already on disk. Its precision is the run's (``amp``), set here, never
-        the autocast of whichever training or evaluation pass happens to call ``get`` first."""
-        tokens, pooled = [], []
-        device = self.backbone.mean.device.type
-        with (
-            _disable_current_modes(),  # suspends torch dispatch modes, FlopCounterMode among them
-            torch.autocast(device, dtype=self.amp or torch.float32, enabled=self.amp is not None),
-        ):
-            for i in range(0, len(self.images), self.batch_size):
-                t, p = self.backbone.encode_image(self.images[i : i + self.batch_size])
-                tokens.append(t)
-                pooled.append(p)
-        return torch.cat(tokens), torch.cat(pooled)
-
-    def _fill(self) -> None:
-        if self.disk is None:
-            (self._tokens, self._pooled), self.origin = self._compute(), "memory"
-            return
-        parts = key_parts(self.backbone, self.images, self.batch_size, self.amp, self.digest)
-        entry = DiskEntry.for_key(self.disk, parts)
-        self.entry = entry.directory
-        loaded = entry.load(self.backbone.mean.device)
-        if loaded is not None:
-            (self._tokens, self._pooled), self.origin = loaded, "disk"
-            return
-        self._tokens, self._pooled = self._compute()
-        entry.save(self._tokens, self._pooled)
-        self.origin = "computed"
-
-    def get(self, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._tokens is None:
-            self._fill()
-        idx = image_index.to(self._tokens.device)
-        return self._tokens[idx], self._pooled[idx]
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""What flows through a client model: a :class:`Batch` of rows and the :class:`Features` the
+answer side reads (the model skeleton, :mod:`fedbench.api.model`, and the task families,
+:mod:`fedbench.api.family`, both speak them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+OCR_TOKENS = 8  # at most this many OCR tokens per row, in reading order
+
+
+@dataclass
+class Batch:
+    """Rows of one or more tasks, gathered for a forward pass."""
+
+    images: torch.Tensor  # uint8 [B,3,H,W]
+    image_index: torch.Tensor  # [B] rows -> image ids (keys a feature cache)
+    task: np.ndarray  # [B] task names
+    task_id: torch.Tensor  # [B] index into the run's task list
+    question: torch.Tensor  # [B,E] frozen text-tower embedding of the question
+    ocr: torch.Tensor  # [B,K,E] embeddings of the OCR tokens in reading order (zeros where absent)
+    ocr_mask: torch.Tensor  # [B,K] bool, True for present OCR tokens
+    label: torch.Tensor  # [B] answer index (-1 for box tasks)
+    box: torch.Tensor  # [B,4] target box (NaN for answer tasks)
+    row_index: torch.Tensor  # [B] rows of the example table (keys per-row views such as the prompt view)
+    answer_ids: torch.Tensor | None = None  # [B,K] the rows' distinct human answers as vocabulary ids (-1: none)
+    answer_scores: torch.Tensor | None = None  # [B,K] the score of predicting each (VQA accuracy)
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+
+@dataclass
+class Features:
+    """What the heads see; methods' adapters transform these."""
+
+    tokens: torch.Tensor  # [B,L,Dt] patch tokens
+    image: torch.Tensor  # [B,E] pooled image embedding
+    question: torch.Tensor  # [B,E]
+    ocr: torch.Tensor  # [B,K,E] OCR token embeddings
+    ocr_mask: torch.Tensor  # [B,K]
+    task_id: torch.Tensor  # [B]
+    row_index: torch.Tensor  # [B] rows of the example table
+
+    def select(self, idx: torch.Tensor) -> Features:
+        return replace(self, **{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
+
+
+def sub_batch(batch: Batch, idx: torch.Tensor) -> Batch:
+    idx_np = idx.cpu().numpy()
+    return Batch(
+        images=batch.images[idx_np],
+        image_index=batch.image_index[idx_np],
+        task=batch.task[idx_np],
+        task_id=batch.task_id[idx],
+        question=batch.question[idx],
+        ocr=batch.ocr[idx],
+        ocr_mask=batch.ocr_mask[idx],
+        label=batch.label[idx],
+        box=batch.box[idx],
+        row_index=batch.row_index[idx],
+        answer_ids=None if batch.answer_ids is None else batch.answer_ids[idx],
+        answer_scores=None if batch.answer_scores is None else batch.answer_scores[idx],
+    )
