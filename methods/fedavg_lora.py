@@ -1,4 +1,4 @@
-"""FedAvg over LoRA and its two frozen/local variants (METHODS.md §1).
+"""FedAvg over LoRA and its two frozen/local variants (docs/methods.md §1).
 
 Each method's description, simplifications included, is its class docstring (shown by
 ``fedbench describe``).

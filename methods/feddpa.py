@@ -140,7 +140,7 @@ def instance_alphas(
 
 @register_method("feddpa")
 class FedDPA(Method):
-    """FedDPA-T (Yang et al., NeurIPS 2024): https://arxiv.org/abs/2403.19211 (METHODS.md §4).
+    """FedDPA-T (Yang et al., NeurIPS 2024): https://arxiv.org/abs/2403.19211 (docs/methods.md §4).
 
     Shared / local / aggregation: two LoRA adapters on the q and v projections of every image-tower
     attention block: the **global** adapter (shared; the only adapter that travels) and the

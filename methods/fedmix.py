@@ -1,4 +1,4 @@
-"""FedMix: Federated Mixture of Experts (Reisser et al., arXiv 2107.06724; METHODS.md §2).
+"""FedMix: Federated Mixture of Experts (Reisser et al., arXiv 2107.06724; docs/methods.md §2).
 
 The method's description, harness choices included, is the class docstring (shown by
 ``fedbench describe``).
@@ -127,7 +127,7 @@ def exchanged(client: ClientInfo, name: str) -> bool:
 
 @register_method("fedmix")
 class FedMix(Method):
-    """FedMix, Federated Mixture of Experts (Reisser et al.): https://arxiv.org/abs/2107.06724 (METHODS.md §2).
+    """FedMix, Federated Mixture of Experts (Reisser et al.): https://arxiv.org/abs/2107.06724 (docs/methods.md §2).
 
     Not the mixup method of the same name (Yoon et al. 2021). No public code exists.
 

@@ -1,4 +1,4 @@
-"""The multimodal-router MoA (METHODS.md §6): Pilot's CT-MoA with a router that also sees the
+"""The multimodal-router MoA (docs/methods.md §6): Pilot's CT-MoA with a router that also sees the
 question, the task and the OCR text, plus an OCR expert, with modality-aware aggregation.
 
 The method's description, harness choices included, is the class docstring (shown by
@@ -148,7 +148,7 @@ class MultimodalRouter(nn.Module):
 
 @register_method("mmrouter-moa")
 class MMRouterMoA(TaskExpertsMethod):
-    """Multimodal-router MoA (the benchmark's method; builds on https://arxiv.org/abs/2501.13985, METHODS.md §6).
+    """Multimodal-router MoA (the benchmark's method; builds on https://arxiv.org/abs/2501.13985, docs/methods.md §6).
 
     - Experts as in ``pilot-ctmoa``: one task adapter per task (shared, averaged within its task;
       all T go down to every client), foreign ones frozen in stage 2 with a local adapter-on-

@@ -1,4 +1,4 @@
-"""pFedMoE (Yi et al., arXiv 2402.01350; METHODS.md §3).
+"""pFedMoE (Yi et al., arXiv 2402.01350; docs/methods.md §3).
 
 The method's description, harness choices included, is the class docstring (shown by
 ``fedbench describe``).
@@ -111,7 +111,7 @@ class PFedMoEModel(ClientModel):
 
 @register_method("pfedmoe")
 class PFedMoE(Method):
-    """pFedMoE (Yi et al.): https://arxiv.org/abs/2402.01350 (METHODS.md §3).
+    """pFedMoE (Yi et al.): https://arxiv.org/abs/2402.01350 (docs/methods.md §3).
 
     - Shared: a small **global expert** G (a bottleneck adapter of width ``global_width`` on the
       patch tokens, the same shape on every client); the server takes its example-weighted mean.

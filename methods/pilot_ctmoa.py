@@ -1,4 +1,4 @@
-"""Pilot's CT-MoA (Xiong et al., AAAI 2025, arXiv 2501.13985; METHODS.md §5).
+"""Pilot's CT-MoA (Xiong et al., AAAI 2025, arXiv 2501.13985; docs/methods.md §5).
 
 The method's description, harness choices included, is the class docstring (shown by
 ``fedbench describe``); the shared machinery is :mod:`fedbench.adapters.task_experts`.
@@ -21,7 +21,7 @@ class PilotOptions(TaskExpertOptions):
 
 @register_method("pilot-ctmoa")
 class PilotCTMoA(TaskExpertsMethod):
-    """Pilot / CT-MoA (Xiong et al., AAAI 2025): https://arxiv.org/abs/2501.13985 (METHODS.md §5).
+    """Pilot / CT-MoA (Xiong et al., AAAI 2025): https://arxiv.org/abs/2501.13985 (docs/methods.md §5).
 
     - Shared: one **task adapter** per task (bottleneck Adapter on the patch tokens); a client
       uploads only its tasks' adapters and the server takes the example-weighted mean within each
@@ -71,7 +71,7 @@ class PilotCTMoA(TaskExpertsMethod):
       client it has never seen and, at evaluation, for the outputs of tasks a client does not
       hold. Under ``answer_side = "per_task"`` (no trunk) the rule runs task by task on the full
       heads, among the clients holding each task.
-    - AoA placement follows METHODS.md (an adapter on the frozen expert's *output*); the released
+    - AoA placement follows docs/methods.md (an adapter on the frozen expert's *output*); the released
       code adds its adapter on the expert's input instead. An AoA exists for every task on every
       client (one model is built before clients are known); a client applies only its foreign
       tasks' AoAs, so its own tasks' AoAs stay untrained and unused.

@@ -20,7 +20,7 @@ from fedbench.runtime.server import Run
 from fedbench.runtime.training import client_context
 from fedbench.staging.prepare import prepare
 from fedbench.utils import timing
-from fedbench.utils.flops import CONFIRM, FlopMeter, _Fit, composition, counter
+from fedbench.utils.flops import CONFIRM, FlopMeter, LinearFit, composition, counter
 
 STEPS = 16  # enough steps per update for fits to confirm and predict
 
@@ -132,7 +132,7 @@ def test_attention_counts_on_the_cpu_as_its_cuda_formula():
 
 
 def test_a_linear_cost_is_predicted_after_confirmation():
-    fit = _Fit()
+    fit = LinearFit()
     cost = lambda x: 7 + 3 * x[1] + 11 * x[2] + 5 * x[4]  # noqa: E731
     xs = [composition(8, i % 5 + 1, [i % 3, 8 - i % 3], 0) for i in range(12)]
     for x in xs:
@@ -144,7 +144,7 @@ def test_a_linear_cost_is_predicted_after_confirmation():
 
 
 def test_a_nonlinear_cost_is_never_predicted():
-    fit = _Fit()
+    fit = LinearFit()
     cost = lambda x: x[2] ** 2  # noqa: E731  (pairwise work between images)
     for i in range(30):
         x = composition(8, i % 7 + 1, [4, 4], 0)
@@ -153,7 +153,7 @@ def test_a_nonlinear_cost_is_never_predicted():
 
 
 def test_a_composition_outside_the_counted_span_is_counted():
-    fit = _Fit()
+    fit = LinearFit()
     cost = lambda x: 2 * x[1] + 9 * x[4]  # noqa: E731
     for i in range(10):  # task 1 always present
         x = composition(8, i % 4 + 1, [8 - i % 3, i % 3 + 1], 0)

@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 
 from fedbench.backends.inprocess import in_process
 from fedbench.runtime.training import client_context
-from fedbench.staging.prompt_view import _font, band_lines, band_width, prompt_view, shrunken_scene
+from fedbench.staging.prompt_view import band_font, band_lines, band_width, prompt_view, shrunken_scene
 from fedbench.tasks.scenes import draw_scenes
 
 
@@ -22,7 +22,7 @@ def _ink(lines: tuple[str, str], size: int) -> np.ndarray:
     band = band_width(size)
     canvas = Image.new("L", (size, size), 255)
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(7, band - 3))
+    font = band_font(max(7, band - 3))
     draw.text((1, 1), lines[0], fill=0, font=font)
     draw.text((1, size - band + 1), lines[1], fill=0, font=font)
     return np.asarray(canvas) < 128

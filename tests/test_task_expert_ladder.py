@@ -1,4 +1,4 @@
-"""The one-factor ablation ladder of mmrouter-moa (METHODS.md §6) and the reference routings of both
+"""The one-factor ablation ladder of mmrouter-moa (docs/methods.md §6) and the reference routings of both
 task-expert methods: each row's options as a preset TOML carries them, (b) bit-identical to
 ``pilot-ctmoa`` end to end, and ``routing = oracle | uniform`` with hand-computed weights."""
 

@@ -51,7 +51,7 @@ _API = {
     "Batch": "batch",
     "Features": "batch",
     "AnswerTrunk": "model",
-    "ANSWER_SIDES": "model",
+    "ANSWER_SIDES": "answer_side",
     "Backbone": "backbone",
     "BackboneUnavailable": "backbone",
     "create_backbone": "backbone",

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # Split codes stored in ExampleTable.split.
 TRAIN, TEST, GLOBAL_TEST = 0, 1, 2

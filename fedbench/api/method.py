@@ -1,4 +1,4 @@
-"""The method contract (DESIGN.md §3): tags, download, upload, aggregate.
+"""The method contract (docs/design.md §3): tags, download, upload, aggregate.
 
 A method builds the client model, tags each trainable parameter ``shared`` (crosses the
 network) or ``local`` (never leaves the client), and decides what the server sends, what a

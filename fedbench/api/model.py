@@ -1,6 +1,6 @@
 """The client model skeleton every method builds on: frozen towers -> (method's adapters) -> answer side.
 
-The answer side follows DESIGN.md §4. It plays the part of a multimodal LLM's language model,
+The answer side follows docs/design.md §4. It plays the part of a multimodal LLM's language model,
 which answers every task: by default one **shared answer trunk** (``trunk.*``: question-conditioned
 pooling of the image tokens, the OCR read-out and a fusion MLP) used by every task, then a thin
 output per task (``heads.<task>.*``): answer logits for classification / VQA / OCR-VQA (the usual
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedbench.api.answer_side import ANSWER_SIDES
 from fedbench.api.backbone import Backbone
 from fedbench.api.batch import OCR_TOKENS, Batch, Features, sub_batch
 from fedbench.api.family import TaskFamily, family_of
@@ -67,7 +68,6 @@ class OCRPointer(nn.Module):
         return torch.where(f.ocr_mask.any(1, keepdim=True), read, self.null.expand_as(read))
 
 
-ANSWER_SIDES = ("shared", "per_task", "frozen_trunk")
 TRUNK, HEADS = "trunk.", "heads."
 
 

@@ -15,17 +15,19 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import load_file, save_file
 
 from fedbench.api.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneUnavailable, normalize_images
 from fedbench.api.registry import register_backbone
 from fedbench.utils.integrity import IntegrityError, read_checked, sha256_file
+
+if TYPE_CHECKING:
+    import open_clip
 
 HERE = Path(__file__).parent
 CONFIG_PATH = HERE / "embedded_clip.json"
@@ -81,6 +83,9 @@ def _load_config() -> dict:
 
 def build_clip(vocab_size: int, config: dict | None = None) -> open_clip.CLIP:
     cfg = (config or _load_config())["model"]
+    import open_clip  # imported on use: `fedbench list` stays fast
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
     text_cfg = CLIPTextCfg(vocab_size=vocab_size, **cfg["text_cfg"])
     return open_clip.CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), text_cfg)
 
@@ -209,6 +214,8 @@ def pretrain(
     tokens = tokenizer(captions)
     mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
     size = config["model"]["vision_cfg"]["image_size"]
+    import open_clip
+
     loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=pcfg["lr"], weight_decay=pcfg["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pcfg["lr"], total_steps=steps, pct_start=0.1)

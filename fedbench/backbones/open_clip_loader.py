@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import open_clip
 import torch
 
 from fedbench.api.backbone import Backbone, BackboneUnavailable
@@ -22,6 +21,7 @@ def local_weights(model_name: str, tag: str, cache_dir: str | None) -> str:
     Looked up without any network call (the Hugging Face cache, then open_clip's URL cache),
     so an offline machine fails at once instead of waiting on retries.
     """
+    import open_clip  # imported on use: `fedbench list` stays fast
     from huggingface_hub import try_to_load_from_cache
 
     cfg = open_clip.pretrained.get_pretrained_cfg(model_name, tag)
@@ -49,6 +49,8 @@ def local_weights(model_name: str, tag: str, cache_dir: str | None) -> str:
 @register_backbone("open_clip")
 def create_open_clip(rest: str, spec: str) -> Backbone:
     """``open_clip:MODEL:TAG`` (weights in the local cache) or ``open_clip:MODEL:/path/to/checkpoint``."""
+    import open_clip  # imported on use: `fedbench list` stays fast
+
     model_name, _, pretrained = rest.partition(":")
     if model_name not in open_clip.list_models():
         raise BackboneUnavailable(f"unknown open_clip model '{model_name}' in '{spec}'")

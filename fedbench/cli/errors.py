@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -12,29 +13,28 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from fedbench.api.backbone import BackboneUnavailable
-from fedbench.api.data import DataError
-from fedbench.api.options import OptionError
-from fedbench.api.payload import ContractError
-from fedbench.api.registry import UnknownNameError
-from fedbench.backends import BackendError
 from fedbench.cli.main import err_console
-from fedbench.config.protocol import ProtocolError
-from fedbench.runtime.checkpoint import CheckpointMismatch
-from fedbench.utils.integrity import IntegrityError
 
+# (module, class) of every error that is the user's input, not a bug: looked up where it is raised
+# from, so a command imports no module just to name its errors (a module not imported raised none)
 USER_ERRORS = (
-    BackendError,
-    CheckpointMismatch,
-    IntegrityError,
-    ProtocolError,
-    OptionError,
-    UnknownNameError,
-    BackboneUnavailable,
-    ContractError,
-    FileNotFoundError,
-    DataError,
+    ("fedbench.backends", "BackendError"),
+    ("fedbench.runtime.checkpoint", "CheckpointMismatch"),
+    ("fedbench.utils.integrity", "IntegrityError"),
+    ("fedbench.config.protocol", "ProtocolError"),
+    ("fedbench.api.options", "OptionError"),
+    ("fedbench.api.registry", "UnknownNameError"),
+    ("fedbench.api.backbone", "BackboneUnavailable"),
+    ("fedbench.api.payload", "ContractError"),
+    ("fedbench.api.data", "DataError"),
 )
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The user-error classes of the modules imported so far, with :class:`FileNotFoundError` and
+    :class:`UsageError`."""
+    found = tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules)
+    return (*found, FileNotFoundError, UsageError)
 
 
 class UsageError(ValueError):
@@ -48,7 +48,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (*USER_ERRORS, UsageError) as err:
+        except user_errors() as err:
             # escape: messages name labels such as mmrouter-moa[router_inputs=image], not markup
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

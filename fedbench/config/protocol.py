@@ -25,8 +25,8 @@ from typing import Any
 
 import tomllib
 
+from fedbench.api.answer_side import ANSWER_SIDES
 from fedbench.api.data import PartitionConfig
-from fedbench.api.model import ANSWER_SIDES
 from fedbench.utils.checks import FINITE, dataclass_leaves, is_finite, number_problem
 
 

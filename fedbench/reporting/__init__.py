@@ -18,9 +18,7 @@ access, so ``import fedbench.reporting`` stays cheap (no matplotlib or scipy unt
 interval needs them).
 """
 
-from __future__ import annotations
-
-import importlib
+from fedbench.utils.lazy import lazy_exports
 
 _API = {
     # board: tables
@@ -60,15 +58,4 @@ _API = {
 }
 
 __all__ = sorted(_API)
-
-
-def __getattr__(name: str):
-    if name not in _API:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
-    globals()[name] = value  # the next access is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _API)

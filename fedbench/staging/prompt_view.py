@@ -28,14 +28,14 @@ def band_width(size: int) -> int:
 
 
 @lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.ImageFont:
+def band_font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
 def band_lines(symbol: str, question: str, size: int) -> tuple[str, str]:
     """The two band lines: the symbol and the question's first words, then the words that follow,
     each line as long as fits the canvas width (a word that does not fit ends the text)."""
-    font = _font(max(MIN_FONT, band_width(size) - 3))
+    font = band_font(max(MIN_FONT, band_width(size) - 3))
     words = question.split()
     lines, current, i = [], symbol, 0
     for _ in range(2):
@@ -55,7 +55,7 @@ def prompt_view(image: torch.Tensor, symbol: str, question: str) -> torch.Tensor
     canvas = Image.new("RGB", (size, size), BAND_RGB)
     canvas.paste(Image.fromarray(shrunken_scene(image).permute(1, 2, 0).numpy()), (band, band))
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(MIN_FONT, band - 3))
+    font = band_font(max(MIN_FONT, band - 3))
     top, bottom = band_lines(symbol, question, size)
     draw.text((1, 1), top, fill=INK_RGB, font=font)
     draw.text((1, size - band + 1), bottom, fill=INK_RGB, font=font)

@@ -89,7 +89,7 @@ def composition(rows: int, images: int, per_task: Sequence[int], ocr_rows: int) 
 
 
 @dataclass
-class _Fit:
+class LinearFit:
     """Counted steps of one key and the least-squares weights that reproduce them. A composition is
     predicted only inside the span of the counted ones (elsewhere the weights are not determined)."""
 
@@ -128,9 +128,9 @@ class FlopMeter:
     in the process when given :func:`shared_fits`; ``total`` and the step counters restart at each
     ``with``."""
 
-    def __init__(self, every_step: bool = False, fits: dict[tuple, _Fit] | None = None) -> None:
+    def __init__(self, every_step: bool = False, fits: dict[tuple, LinearFit] | None = None) -> None:
         self.every_step = every_step  # count every step (what the tests compare predictions with)
-        self.fits: dict[tuple, _Fit] = {} if fits is None else fits  # key -> fit (shared: shared_fits)
+        self.fits: dict[tuple, LinearFit] = {} if fits is None else fits  # key -> fit (shared: shared_fits)
         self.total = self.counted = self.predicted = 0
         self._mode: FlopCounterMode | None = None
         self._token: contextvars.Token | None = None
@@ -164,7 +164,7 @@ class FlopMeter:
         its count refines the fit. The step itself then runs, and is timed, as an uncounted one:
         ``compute_s`` holds no counting overhead for the steps."""
         self._close()
-        fit = self.fits.setdefault(key, _Fit())
+        fit = self.fits.setdefault(key, LinearFit())
         known = None if self.every_step else fit.known(x)
         try:
             if known is None:
@@ -182,10 +182,10 @@ class FlopMeter:
             self._open()
 
 
-_SHARED_FITS: dict[tuple, dict[tuple, _Fit]] = {}
+_SHARED_FITS: dict[tuple, dict[tuple, LinearFit]] = {}
 
 
-def shared_fits(identity: tuple) -> dict[tuple, _Fit]:
+def shared_fits(identity: tuple) -> dict[tuple, LinearFit]:
     """The step fits of every meter in this process whose model has ``identity``: what fixes a
     step's FLOPs besides its key (phase, trained parameters, the client's tasks and OCR) and its
     batch composition, e.g. :func:`model_identity`."""
