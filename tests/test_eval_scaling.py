@@ -18,8 +18,9 @@ from fedbench.api.method import create_method
 from fedbench.backends.inprocess import in_process
 from fedbench.cli import app
 from fedbench.config.protocol import EvalConfig, MethodEntry, ProtocolError, from_dict, load
-from fedbench.reporting.board import build_leaderboard, render
+from fedbench.reporting.board import build_leaderboard
 from fedbench.reporting.terminal_table import render_terminal
+from fedbench.reporting.text import render
 from fedbench.runtime.client import ClientRuntime
 from fedbench.runtime.evaluation import eval_clients, model_digest, state_only
 from fedbench.runtime.server import Run
@@ -216,9 +217,9 @@ def test_leaderboard_names_the_sampled_evaluation(sampled_prep, tiny_prep, tmp_p
     csv = render(board, "csv")
     assert "eval_sample" in csv.splitlines()[0] and "2 of 6" in csv
     assert "eval_sample" not in render(board, "markdown").splitlines()[0]
-    from fedbench.reporting.board import _round_curves
+    from fedbench.reporting.board import round_curves
 
-    curves = _round_curves(df)
+    curves = round_curves(df)
     assert list(curves.index) == [0, 1, 2] and curves["fedavg-lora"].notna().all()
 
     default, _ = _run(tiny_prep, "fedavg-lora", tmp_path / "d")

@@ -23,8 +23,9 @@ from fedbench.api.registry import METHODS
 from fedbench.backends.inprocess import in_process
 from fedbench.cli import app
 from fedbench.config.protocol import MethodEntry, to_toml
-from fedbench.reporting.board import build_leaderboard, render
+from fedbench.reporting.board import build_leaderboard
 from fedbench.reporting.terminal_table import render_terminal
+from fedbench.reporting.text import render
 from fedbench.runtime.checkpoint import Checkpoint
 from fedbench.runtime.rows import RowsFailed, run_rows
 from fedbench.runtime.server import Run

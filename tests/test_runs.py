@@ -12,7 +12,8 @@ from fedbench.api.method import Method, register_method
 from fedbench.api.registry import METHODS
 from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
-from fedbench.reporting.board import build_leaderboard, render
+from fedbench.reporting.board import build_leaderboard
+from fedbench.reporting.text import render
 from fedbench.runtime.server import Run
 from fedbench.utils.records import read_jsonl, read_records
 
@@ -110,7 +111,7 @@ def test_completed_run_is_skipped_not_redone(tiny_prep, tmp_path):
 
 
 def test_routed_methods_get_an_expert_usage_plot(tiny_prep, tmp_path):
-    from fedbench.reporting.board import plot
+    from fedbench.reporting.plots import plot
 
     Run(tiny_prep, MethodEntry("pfedmoe"), tmp_path, backend=in_process).execute()
     paths = plot(read_records(tmp_path), tmp_path / "plots")

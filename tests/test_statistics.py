@@ -14,13 +14,12 @@ from fedbench.reporting.statistics import (
     holm,
     paired_differences,
     pooled_difference,
-    routing_entropy,
     row_intervals,
     t_interval,
     t_pvalue,
     t_quantile,
-    task_expert_mi,
 )
+from fedbench.runtime.router_diagnostics import routing_entropy, task_expert_mi
 
 
 def _values(rows: dict[str, dict[int, tuple[float, float]]]) -> dict[str, pd.DataFrame]:

@@ -23,8 +23,8 @@ def terminal_width() -> int:
 def render_board(board: Any, fmt: str, columns: str | None) -> str:
     """The leaderboard: a table that fits the terminal, or markdown / CSV (every column unless
     ``columns`` picks some)."""
-    from fedbench.reporting.board import render
     from fedbench.reporting.terminal_table import UnknownColumnError, render_terminal, select_columns
+    from fedbench.reporting.text import render
 
     picked = split_list(columns) if columns is not None else None
     try:

@@ -157,7 +157,9 @@ def _run_protocol(
     the rows that failed (every other row ran; the leaderboard shows them as ``failed``). ``plan``
     (:func:`fedbench.runtime.results_dir.plan_run`) says why a skipped row is skipped."""
     from fedbench.backends import run_backend
-    from fedbench.reporting.board import build_leaderboard, build_usage, plot, render
+    from fedbench.reporting.board import build_leaderboard, build_usage
+    from fedbench.reporting.plots import plot
+    from fedbench.reporting.text import render
     from fedbench.runtime.results_dir import skip_reason
     from fedbench.runtime.rows import RowsFailed
     from fedbench.staging.prepare import Prepared

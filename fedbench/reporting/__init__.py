@@ -8,7 +8,7 @@ One module per concern:
 - :mod:`~fedbench.reporting.terminal_table`: the leaderboard fitted to a terminal's width;
 - :mod:`~fedbench.reporting.compare`: bytes and rounds to a target accuracy;
 - :mod:`~fedbench.reporting.sweep`: a sweep's paired gains over its reference at every value;
-- :mod:`~fedbench.reporting.statistics`: t-intervals over seeds, paired differences, Holm, routing statistics;
+- :mod:`~fedbench.reporting.statistics`: t-intervals over seeds, paired differences, Holm;
 - :mod:`~fedbench.reporting.plots`: every plot (the PNGs of a run, of a sweep and of the report);
 - :mod:`~fedbench.reporting.plot_layout`: row styles, label placement and PNG encoding for the plots;
 - :mod:`~fedbench.reporting.html`: the self-contained HTML report page.
@@ -49,8 +49,6 @@ _API = {
     "render_sweep": "sweep",
     "write_sweep_report": "sweep",
     # statistics
-    "routing_entropy": "statistics",
-    "task_expert_mi": "statistics",
     # plots and the report page
     "plot": "plots",
     "plot_sweep_gain": "plots",

@@ -422,23 +422,3 @@ def round_curves(recs: pd.DataFrame, tasks: Sequence[str] | None = None) -> pd.D
         glob = glob[glob["task"].isin(tasks)]
     per_run = glob.groupby(["label", "run_id", "round"])["value"].mean()
     return per_run.groupby(level=["label", "round"]).mean().unstack("label")
-
-
-# Transitional: names that moved out of this module, for callers not yet updated (fedbench/cli/app.py,
-# tests/test_runs.py, tests/test_integrity.py, tests/test_eval_scaling.py). Import them from their
-# new homes; delete this once nothing reads them here.
-_MOVED = {
-    "render": "fedbench.reporting.text",
-    "plot": "fedbench.reporting.plots",
-    "plot_sweep_gain": "fedbench.reporting.plots",
-    "_round_curves": "fedbench.reporting.board:round_curves",
-}
-
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    module, _, attr = _MOVED[name].partition(":")
-    return getattr(importlib.import_module(module), attr or name)

@@ -10,8 +10,8 @@ import numpy as np
 from fedbench.api.data import ExampleTable
 from fedbench.api.registry import TASKS
 from fedbench.config.protocol import MethodEntry, Protocol
-from fedbench.reporting.statistics import routing_entropy, task_expert_mi
 from fedbench.runtime.provenance import code_digest, git_commit, library_versions, machine
+from fedbench.runtime.router_diagnostics import routing_entropy, task_expert_mi
 from fedbench.staging.partition import partition_summary
 
 
