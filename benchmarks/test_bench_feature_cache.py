@@ -33,7 +33,7 @@ from best_time import best_seconds
 from fedbench.api.batch import OCR_TOKENS
 from fedbench.api.data import PartitionConfig
 from fedbench.backends.inprocess import in_process
-from fedbench.config import protocol as protocol_mod
+from fedbench.config import toml_file
 from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
 from fedbench.runtime.rows import run_rows
 from fedbench.staging.feature_cache import FeatureCache, backbone_digest
@@ -64,7 +64,7 @@ def _backbone_name(backbone: str, tmp_path: Path) -> str:
 
 
 def _protocol(short: bool, backbone: str) -> Protocol:
-    proto = SHORT if short else protocol_mod.load("smoke").replace(methods=METHOD)
+    proto = SHORT if short else toml_file.load("smoke").replace(methods=METHOD)
     return proto.replace(backbone=dataclasses.replace(proto.backbone, name=backbone))
 
 

@@ -15,7 +15,8 @@ from best_time import best_seconds_interleaved
 
 from fedbench.api.data import TRAIN, PartitionConfig
 from fedbench.backends.inprocess import in_process
-from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol, load
+from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
+from fedbench.config.toml_file import load
 from fedbench.runtime.client import build_model, trainable_state
 from fedbench.runtime.server import Federation, Run
 from fedbench.staging.prepare import prepare

@@ -20,7 +20,8 @@ import torch
 
 from fedbench.api.data import TRAIN
 from fedbench.backends.inprocess import in_process
-from fedbench.config.protocol import MethodEntry, load
+from fedbench.config.protocol import MethodEntry
+from fedbench.config.toml_file import load
 from fedbench.runtime.server import Run
 from fedbench.runtime.training import client_context
 from fedbench.staging.prepare import prepare

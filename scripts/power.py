@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from fedbench.config import protocol
+from fedbench.config import toml_file
 from fedbench.reporting import board
 from fedbench.utils.records import read_records
 
@@ -214,7 +214,7 @@ def load_pairs(results: Path) -> tuple[list[str], dict[tuple[str, str], Pair], l
     runs = recs[recs["kind"] == "run"]
     examples = board.per_example_scores(board.completed_records(recs), tasks)
     toml = Path(results) / "protocol.toml"
-    listed = [m.label for m in protocol.load(str(toml)).methods] if toml.is_file() else []
+    listed = [m.label for m in toml_file.load(str(toml)).methods] if toml.is_file() else []
     seen = list(pd.unique(runs["label"]))
     order = [lab for lab in [*listed, *seen] if lab in values]
     order = list(dict.fromkeys(order))

@@ -10,7 +10,8 @@ from conftest import TINY
 
 from fedbench.api.model import AnswerHead, AnswerOutput, BoxHead, BoxOutput, attention_box
 from fedbench.backends.inprocess import in_process
-from fedbench.config.protocol import ModelConfig, ProtocolError, from_dict
+from fedbench.config.protocol import ModelConfig, ProtocolError
+from fedbench.config.toml_file import from_dict
 from fedbench.runtime.server import Run
 
 

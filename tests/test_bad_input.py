@@ -28,7 +28,8 @@ from fedbench.api.method import create_method
 from fedbench.api.options import OptionError, build_config, parse_method_spec
 from fedbench.api.registry import METHODS
 from fedbench.cli import app
-from fedbench.config import protocol
+from fedbench.config import protocol as protocol_rules
+from fedbench.config import toml_file
 from fedbench.config.protocol import Protocol, ProtocolError
 
 runner = CliRunner()
@@ -82,12 +83,12 @@ def test_every_float_protocol_field_refuses_non_finite_values(tmp_path, path):
     default = getattr(getattr(Protocol(), section), leaf)
     fine = tmp_path / "fine.toml"  # the same file with a finite value loads: the field is real
     fine.write_text(_protocol_toml(path, "0.5" if isinstance(default, str) else repr(float(default))))
-    protocol.load(str(fine))
+    toml_file.load(str(fine))
     for literal in BAD:
         bad = tmp_path / "bad.toml"
         bad.write_text(_protocol_toml(path, literal))
         with pytest.raises(ProtocolError) as info:
-            protocol.load(str(bad))
+            toml_file.load(str(bad))
         shown = "nan" if literal == "nan" else literal.replace("1e400", "inf")
         message = _one_line(info.value)
         assert message.startswith(f"protocol field '{path}' = {shown} is invalid: not a finite number; expected "), (
@@ -115,7 +116,7 @@ def test_a_non_finite_sweep_value_is_refused(tmp_path):
         'reference = "fedavg-lora"\n'
     )
     with pytest.raises(ProtocolError) as info:
-        protocol.load(str(preset))
+        toml_file.load(str(preset))
     assert _one_line(info.value) == (
         "protocol field 'sweep.values[1]' = inf is invalid: not a finite number; 'local.weight_decay' expects "
         "a number >= 0"
@@ -307,7 +308,7 @@ def test_one_configuration_twice_in_a_protocol_file_is_refused_and_distinct_rows
         "method rows 'fedavg-lora[dropout=0.05,rank=4]' and 'fedavg-lora[rank=4]' are one configuration",
     )
     preset.write_text('methods = ["fedavg-lora", {name = "fedavg-lora", options = {rank = 4}}]\n')
-    protocol.check_method_rows(protocol.load(str(preset)))  # two configurations: accepted
+    protocol_rules.check_method_rows(toml_file.load(str(preset)))  # two configurations: accepted
 
 
 def test_a_repeated_option_key_is_refused():
@@ -344,11 +345,11 @@ def test_only_a_failed_write_claims_a_write_and_a_resume(monkeypatch, tmp_path):
         ),
     ]
     for err, needle in cases:
-        monkeypatch.setattr(cli.protocol_mod, "load", lambda *_a, err=err: (_ for _ in ()).throw(err))
+        monkeypatch.setattr(cli.toml_file, "load", lambda *_a, err=err: (_ for _ in ()).throw(err))
         line = _one_line_exit_2(["run", "--results", str(tmp_path / "r")], needle)
         assert "write" not in line and "resume" not in line, line
     full = OSError(errno.ENOSPC, "No space left on device", "/r/records.jsonl")
-    monkeypatch.setattr(cli.protocol_mod, "load", lambda *_a: (_ for _ in ()).throw(full))
+    monkeypatch.setattr(cli.toml_file, "load", lambda *_a: (_ for _ in ()).throw(full))
     _one_line_exit_2(
         ["run", "--results", str(tmp_path / "r")],
         "cannot write '/r/records.jsonl': No space left on device; completed rounds are checkpointed: rerun",

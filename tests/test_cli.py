@@ -254,7 +254,7 @@ def test_results_inside_the_installed_package_are_refused():
 
 
 def test_read_only_results_directory_is_refused(tmp_path, monkeypatch):
-    from fedbench.config.protocol import load
+    from fedbench.config.toml_file import load
     from fedbench.runtime.results_dir import write_marker
 
     results = _results_with_history(tmp_path)

@@ -17,7 +17,8 @@ import fedbench.runtime.server
 from fedbench.api.method import create_method
 from fedbench.backends.inprocess import in_process
 from fedbench.cli import app
-from fedbench.config.protocol import EvalConfig, MethodEntry, ProtocolError, from_dict, load
+from fedbench.config.protocol import EvalConfig, MethodEntry, ProtocolError
+from fedbench.config.toml_file import from_dict, load
 from fedbench.reporting.board import build_leaderboard
 from fedbench.reporting.terminal_table import render_terminal
 from fedbench.reporting.text import render

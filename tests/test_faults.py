@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fedbench.backends.inprocess import in_process
-from fedbench.config.protocol import ClientsConfig, FaultsConfig, MethodEntry, ProtocolError, from_dict
+from fedbench.config.protocol import ClientsConfig, FaultsConfig, MethodEntry, ProtocolError
+from fedbench.config.toml_file import from_dict
 from fedbench.runtime.checkpoint import Checkpoint
 from fedbench.runtime.faults import plan_faults
 from fedbench.runtime.server import Run

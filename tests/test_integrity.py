@@ -22,7 +22,8 @@ from fedbench.api.method import register_method
 from fedbench.api.registry import METHODS
 from fedbench.backends.inprocess import in_process
 from fedbench.cli import app
-from fedbench.config.protocol import MethodEntry, to_toml
+from fedbench.config.protocol import MethodEntry
+from fedbench.config.toml_file import to_toml
 from fedbench.reporting.board import build_leaderboard
 from fedbench.reporting.terminal_table import render_terminal
 from fedbench.reporting.text import render

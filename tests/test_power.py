@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedbench.config import protocol
+from fedbench.config import toml_file
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fedbench_power_script", ROOT / "scripts" / "power.py")
@@ -58,7 +58,7 @@ def test_family_power_on_synthetic_differences_of_known_variance():
 
 
 def test_families_follow_the_router_ladder_of_the_results_readme():
-    labels = [m.label for m in protocol.load("routing-frozen").methods]
+    labels = [m.label for m in toml_file.load("routing-frozen").methods]
     a, b, c, d, e, f, g, h, oracle, uniform = labels
     fams = power.families(labels)
     ladder, bounds, different, same = fams.values()

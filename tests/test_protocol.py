@@ -2,19 +2,19 @@ import dataclasses
 
 import pytest
 
-from fedbench.config import protocol
+from fedbench.config import toml_file
 from fedbench.config.protocol import ProtocolError
 
 
 @pytest.mark.parametrize("name", ["smoke", "default", "paper"])
 def test_presets_load_and_validate(name):
-    proto = protocol.load(name)
+    proto = toml_file.load(name)
     assert proto.name == name
     assert len(proto.hash) == 12
 
 
 def test_hash_ignores_name_but_not_numbers():
-    p = protocol.load("smoke")
+    p = toml_file.load("smoke")
     assert p.replace(name="other").hash == p.hash
     assert p.replace(seeds=(5, 6)).hash == p.hash  # each record carries its own seed
     assert p.replace(rounds=p.rounds + 1).hash != p.hash
@@ -38,7 +38,7 @@ def test_bad_fields_are_named(tmp_path, toml, needle):
     path = tmp_path / "p.toml"
     path.write_text(toml)
     with pytest.raises(ProtocolError) as info:
-        protocol.load(str(path))
+        toml_file.load(str(path))
     assert needle in str(info.value)
 
 
@@ -47,11 +47,11 @@ def test_unknown_preset_lists_choices():
         ProtocolError,
         match=r"Unknown preset 'smok'\. Available: default, paper, parity, routing, routing-frozen, smoke",
     ):
-        protocol.load("smok")
+        toml_file.load("smok")
 
 
 def test_method_options_make_labels():
-    proto = protocol.from_dict({"methods": ["fedavg-lora", {"name": "ffa-lora", "options": {"rank": 4}}]})
+    proto = toml_file.from_dict({"methods": ["fedavg-lora", {"name": "ffa-lora", "options": {"rank": 4}}]})
     assert [m.label for m in proto.methods] == ["fedavg-lora", "ffa-lora[rank=4]"]
 
 
@@ -61,7 +61,7 @@ def test_retired_optimizer_field_of_older_protocol_files_is_dropped(tmp_path):
     protocol as without the line."""
     path = tmp_path / "p.toml"
     path.write_text('rounds = 3\n[local]\nsteps = 4\noptimizer = "adamw"\n')
-    old = protocol.load(str(path))
+    old = toml_file.load(str(path))
     path.write_text("rounds = 3\n[local]\nsteps = 4\n")
-    assert old == protocol.load(str(path)) and old.local.steps == 4
+    assert old == toml_file.load(str(path)) and old.local.steps == 4
     assert "optimizer" not in dataclasses.asdict(old.local)

@@ -424,7 +424,8 @@ def test_gqa_structural_types_one_per_client(tmp_path):
 
 
 def test_bad_natural_split_or_partitioner_is_one_line_naming_the_choices(tmp_path):
-    from fedbench.config.protocol import ProtocolError, from_dict
+    from fedbench.config.protocol import ProtocolError
+    from fedbench.config.toml_file import from_dict
 
     rf.vqav2(tmp_path / "vqav2")
     bad = r"'data.natural_splits.vqav2' = 'colour' .* question_type, answer_type, none"

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from fedbench.api.registry import METHODS
 from fedbench.cli import app
-from fedbench.config.protocol import MethodEntry, to_toml
+from fedbench.config.protocol import MethodEntry
+from fedbench.config.toml_file import to_toml
 from fedbench.runtime import provenance
 from fedbench.runtime.results_dir import MARKER, claim, legacy_hashes, plan_run
 from fedbench.utils.records import read_jsonl
@@ -136,10 +137,10 @@ def test_a_legacy_directory_of_another_protocol_is_refused_and_untouched(tmp_pat
 def test_the_committed_results_are_fedbench_s_own(name):
     """The committed directories (and a sweep's value directories) are adopted by a rerun of their
     own protocol, and refused for another; checking writes nothing."""
-    from fedbench.config import protocol as protocol_mod
+    from fedbench.config import toml_file
 
     top = REPO / "results" / name
-    proto = protocol_mod.load(str(top / "protocol.toml"))
+    proto = toml_file.load(str(top / "protocol.toml"))
     before = sorted(p.name for p in top.iterdir())
     dirs = [(top, proto)]
     if proto.sweep is not None:

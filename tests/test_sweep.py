@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from fedbench.cli import app
 from fedbench.cli.protocol_flags import resolve_protocol
-from fedbench.config import protocol
-from fedbench.config.protocol import ProtocolError, to_toml
+from fedbench.config import toml_file
+from fedbench.config.protocol import ProtocolError
+from fedbench.config.toml_file import to_toml
 from fedbench.reporting.plots import plot_sweep_gain
 from fedbench.utils.records import read_records
 
@@ -156,7 +157,7 @@ def test_bad_sweep_is_one_line_exit_2(tmp_path, sweep, needle):
     _fails_cleanly(["run", "--preset", path, "--results", str(tmp_path / "out")], needle)
     assert not (tmp_path / "out").exists()  # nothing written before validation passes
     with pytest.raises(ProtocolError):
-        protocol.load(path)
+        toml_file.load(path)
 
 
 def test_overrides_are_validated_against_the_sweep(tmp_path):
@@ -175,20 +176,20 @@ def test_overrides_are_validated_against_the_sweep(tmp_path):
 
 
 def test_variants_have_their_own_hash_equal_to_the_protocol_written_without_sweep(tmp_path):
-    proto = protocol.load(_write(tmp_path, TINY + SWEEP.replace("[0.0, 1.0]", "[0, 0.5, 1]")))
+    proto = toml_file.load(_write(tmp_path, TINY + SWEEP.replace("[0.0, 1.0]", "[0, 0.5, 1]")))
     variants = proto.variants()
     assert [v for v, _ in variants] == [0.0, 0.5, 1.0]  # converted to the field's type
     hashes = [variant.hash for _, variant in variants]
     assert len(set(hashes)) == 3 and proto.hash not in hashes
     for value, variant in variants:
         plain = TINY.replace("tasks_per_client = 2", f"tasks_per_client = 2\ndomain_task_coupling = {value}")
-        written = protocol.load(_write(tmp_path, plain, f"plain{value}.toml"))
+        written = toml_file.load(_write(tmp_path, plain, f"plain{value}.toml"))
         assert variant.hash == written.hash
         assert variant.sweep is None and variant.data.domain_task_coupling == value
         assert variant.name == f"tinysweep[domain_task_coupling={value}]"
         assert variant.methods == proto.methods and variant.rounds == proto.rounds
-    assert protocol.load(_write(tmp_path, TINY, "nosweep.toml")).variants() == []
-    assert "sweep" not in protocol.load("smoke").as_dict()  # protocols without a sweep hash as before
+    assert toml_file.load(_write(tmp_path, TINY, "nosweep.toml")).variants() == []
+    assert "sweep" not in toml_file.load("smoke").as_dict()  # protocols without a sweep hash as before
 
 
 PER_VALUE = SWEEP + "seeds = [[3], [4, 5]]\n"
@@ -197,8 +198,8 @@ PER_VALUE = SWEEP + "seeds = [[3], [4, 5]]\n"
 def test_per_value_seeds_give_each_variant_its_seeds_and_keep_every_hash(tmp_path):
     """``sweep.seeds``: value i runs seeds[i]; seeds are replicates, so the variants' hashes (and the sweep
     protocol's own) are those of the same sweep without them, and the results of before stay valid."""
-    plain = protocol.load(_write(tmp_path, TINY + SWEEP, "plain.toml"))
-    per_value = protocol.load(_write(tmp_path, TINY.replace("seeds = [0]\n", "") + PER_VALUE, "per_value.toml"))
+    plain = toml_file.load(_write(tmp_path, TINY + SWEEP, "plain.toml"))
+    per_value = toml_file.load(_write(tmp_path, TINY.replace("seeds = [0]\n", "") + PER_VALUE, "per_value.toml"))
     assert per_value.sweep.seeds == ((3,), (4, 5))
     assert per_value.seeds == (3, 4, 5)  # left out beside them: every seed the sweep runs
     assert per_value.hash == plain.hash
@@ -206,7 +207,7 @@ def test_per_value_seeds_give_each_variant_its_seeds_and_keep_every_hash(tmp_pat
     assert [p.hash for _, p in per_value.variants()] == [p.hash for _, p in plain.variants()]
     assert [p.name for _, p in per_value.variants()] == [p.name for _, p in plain.variants()]
     # a top-level list written beside them is kept in the file but not run
-    explicit = protocol.load(_write(tmp_path, TINY + PER_VALUE, "explicit.toml"))
+    explicit = toml_file.load(_write(tmp_path, TINY + PER_VALUE, "explicit.toml"))
     assert explicit.seeds == (0,) and [p.seeds for _, p in explicit.variants()] == [(3,), (4, 5)]
     # without the key: every value runs the protocol's seeds, and the table reads as before
     assert [p.seeds for _, p in plain.variants()] == [(0,), (0,)]
@@ -215,16 +216,16 @@ def test_per_value_seeds_give_each_variant_its_seeds_and_keep_every_hash(tmp_pat
 
 def test_per_value_seeds_round_trip_through_the_written_protocol_toml(tmp_path):
     for text in (TINY + PER_VALUE, TINY.replace("seeds = [0]\n", "") + PER_VALUE, TINY + SWEEP):
-        proto = protocol.load(_write(tmp_path, text))
+        proto = toml_file.load(_write(tmp_path, text))
         written = to_toml(proto)
         assert ("seeds = [\n    [\n" in written) == (proto.sweep.seeds is not None)
-        again = protocol.load(_write(tmp_path, written, "written.toml"))
+        again = toml_file.load(_write(tmp_path, written, "written.toml"))
         assert again == proto and again.hash == proto.hash
         assert [(v, p.seeds, p.hash) for v, p in again.variants()] == [
             (v, p.seeds, p.hash) for v, p in proto.variants()
         ]
-    frozen = protocol.load("routing-frozen")  # the preset: disjoint seeds, hashes of the committed study
-    again = protocol.load(_write(tmp_path, to_toml(frozen), "frozen.toml"))
+    frozen = toml_file.load("routing-frozen")  # the preset: disjoint seeds, hashes of the committed study
+    again = toml_file.load(_write(tmp_path, to_toml(frozen), "frozen.toml"))
     assert again == frozen
     assert [(p.seeds, p.hash) for _, p in frozen.variants()] == [
         ((100, 101, 102, 103, 104), "30e39c5a9a14"),
@@ -247,10 +248,10 @@ def test_sweep_run_gives_each_value_directory_exactly_its_seeds(tmp_path):
     path = _write(tmp_path, TINY + SWEEP + "seeds = [[4], [3]]\n")  # disjoint, not in sorted order
     result = runner.invoke(app, ["run", "--preset", path, "--results", str(out), "--rounds", "1", "--no-plots"])
     assert result.exit_code == 0, result.output
-    assert protocol.load(str(out / "protocol.toml")).sweep.seeds == ((4,), (3,))
+    assert toml_file.load(str(out / "protocol.toml")).sweep.seeds == ((4,), (3,))
     for value, seeds in ((0.0, {4}), (1.0, {3})):
         sub = out / f"domain_task_coupling={value}"
-        assert protocol.load(str(sub / "protocol.toml")).seeds == tuple(sorted(seeds))
+        assert toml_file.load(str(sub / "protocol.toml")).seeds == tuple(sorted(seeds))
         runs = read_records(sub).query("kind == 'run'")
         assert set(runs["seed"]) == seeds
         assert sorted(runs["label"]) == sorted(["fedmix", "pfedmoe"] * len(seeds))
@@ -295,7 +296,7 @@ def test_sweep_run_writes_a_results_directory_per_value(sweep_dir):
         "sweep_gain.png",
     }
     assert (sweep_dir / "sweep_gain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    sweep_proto = protocol.load(str(sweep_dir / "protocol.toml"))
+    sweep_proto = toml_file.load(str(sweep_dir / "protocol.toml"))
     assert sweep_proto.sweep is not None and sweep_proto.rounds == 1  # --rounds reached the sweep
     # one protocol per directory: the top holds the sweep's hash, each value directory its variant's
     assert json.loads((sweep_dir / ".fedbench").read_text())["protocol_hash"] == sweep_proto.hash
@@ -304,7 +305,7 @@ def test_sweep_run_writes_a_results_directory_per_value(sweep_dir):
         assert json.loads((sub / ".fedbench").read_text())["protocol_hash"] == variant.hash
         for name in ("leaderboard.md", "leaderboard.csv", "protocol.toml", "acc_per_round.png"):
             assert (sub / name).is_file(), name
-        written = protocol.load(str(sub / "protocol.toml"))
+        written = toml_file.load(str(sub / "protocol.toml"))
         assert written.sweep is None and written.rounds == 1 and written.hash == variant.hash
         records = read_records(sub)
         assert set(records["protocol_hash"]) == {variant.hash}

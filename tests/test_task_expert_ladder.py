@@ -13,7 +13,8 @@ import torch
 from fedbench.adapters.task_experts import STAGE2
 from fedbench.api.method import create_method
 from fedbench.backends.inprocess import in_process
-from fedbench.config.protocol import MethodEntry, from_dict
+from fedbench.config.protocol import MethodEntry
+from fedbench.config.toml_file import from_dict
 from fedbench.runtime.server import Run
 from fedbench.runtime.training import client_context
 from fedbench.utils.records import read_jsonl

@@ -37,7 +37,8 @@ import torch
 
 from fedbench.api.method import create_method
 from fedbench.api.payload import deserialize, serialize
-from fedbench.config.protocol import Protocol, from_dict
+from fedbench.config.protocol import Protocol
+from fedbench.config.toml_file import from_dict
 from fedbench.runtime.backend import Progress
 from fedbench.runtime.client import ClientRuntime, Message, State, TrainReply
 from fedbench.runtime.client_store import ClientStore

@@ -30,7 +30,7 @@ import torch
 
 from fedbench.backends import BackendError
 from fedbench.backends.flower import FlowerBackend, quiet_flower
-from fedbench.config import protocol as protocol_mod
+from fedbench.config import toml_file
 from fedbench.config.protocol import Protocol
 from fedbench.runtime.backend import Progress
 from fedbench.runtime.rows import RowsFailed, recorded_failures, run_rows
@@ -51,7 +51,7 @@ server_app = ServerApp()
 def _main(grid: Any, context: Context) -> None:
     """Every row x seed of the protocol file ``run_config["protocol"]`` into ``run_config["results"]``."""
     quiet_flower()
-    protocol = protocol_mod.load(str(context.run_config["protocol"]))
+    protocol = toml_file.load(str(context.run_config["protocol"]))
     results = Path(str(context.run_config["results"]))
     run_rows(protocol, results, backend=lambda run: FlowerBackend(grid, "flower-deploy", run))
 
@@ -189,7 +189,7 @@ def write_protocol(protocol: Protocol, results: Path) -> Path:
     """The protocol as the ServerApp will read it (a TOML file in the results directory)."""
     path = results / "flower-deploy" / "protocol.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(protocol_mod.to_toml(protocol))
+    path.write_text(toml_file.to_toml(protocol))
     return path
 
 

@@ -12,7 +12,7 @@ from fedbench.api.registry import BACKBONES, FAMILIES, METHODS, SUITES, TASKS
 from fedbench.cli.errors import UsageError, one_line_errors
 from fedbench.cli.main import app, backbone_app, console, data_app
 from fedbench.cli.protocol_flags import resolve_protocol
-from fedbench.config import protocol as protocol_mod
+from fedbench.config import toml_file
 from fedbench.config.protocol import MethodEntry
 
 
@@ -28,7 +28,7 @@ def list_() -> None:
     table.add_row("task families", ", ".join(f"{f.name} ({f.metric.name})" for f in families))
     table.add_row("suites", ", ".join(SUITES.names()))
     table.add_row("backbones", ", ".join(BACKBONES.names()))
-    table.add_row("presets", ", ".join(protocol_mod.preset_names()))
+    table.add_row("presets", ", ".join(toml_file.preset_names()))
     console.print(table)
     console.print("real-data adapters (suite 'real'; [data.sources] TASK = a hub id or a local snapshot directory):")
     for row in SUITES.get("real").adapter_table():

@@ -10,7 +10,7 @@ from typing import Any
 from fedbench.cli.errors import UsageError
 from fedbench.cli.main import console
 from fedbench.cli.protocol_flags import split_list
-from fedbench.config import protocol as protocol_mod
+from fedbench.config import toml_file
 
 
 def terminal_width() -> int:
@@ -44,7 +44,7 @@ def one_results_dir(results: Path) -> None:
         where = f"; results directories in '{parent}': {', '.join(found)}" if found else ""
         raise UsageError(f"results directory '{results}' does not exist{where}")
     written = results / "protocol.toml"
-    if written.is_file() and protocol_mod.load(str(written)).sweep is not None:
+    if written.is_file() and toml_file.load(str(written)).sweep is not None:
         subs = sorted(p.name for p in results.iterdir() if p.is_dir() and "=" in p.name)
         raise UsageError(
             f"'{results}' holds a sweep; point --results at one of its value directories: {', '.join(subs)}"

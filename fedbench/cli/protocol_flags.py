@@ -8,7 +8,8 @@ from typing import Any
 from fedbench.api.options import parse_method_spec
 from fedbench.api.registry import BACKBONES, METHODS, SUITES, TASKS
 from fedbench.cli.errors import UsageError
-from fedbench.config import protocol as protocol_mod
+from fedbench.config import protocol as protocol_rules
+from fedbench.config import toml_file
 from fedbench.config.protocol import MethodEntry, Protocol
 
 
@@ -33,7 +34,7 @@ def resolve_protocol(
     preset: str, methods: str | None, tasks: str | None, seeds: str | None, rounds: int | None
 ) -> Protocol:
     """Load a preset or TOML and apply command-line overrides; every name is validated here."""
-    proto = protocol_mod.load(preset)
+    proto = toml_file.load(preset)
     changes: dict[str, Any] = {}
     if methods is not None:
         if not split_list(methods):
@@ -70,5 +71,5 @@ def resolve_protocol(
         SUITES.get(checked.data.suite)
         BACKBONES.get(checked.backbone.name.partition(":")[0])
     # unknown method or option, or one configuration under two spellings, fails before any write
-    protocol_mod.check_method_rows(proto)
+    protocol_rules.check_method_rows(proto)
     return proto

@@ -10,7 +10,7 @@ import typer
 from fedbench.cli.errors import UsageError, check_writable, one_line_errors
 from fedbench.cli.main import app, console, err_console
 from fedbench.cli.output import completed_runs, one_results_dir, print_sweep, render_board, terminal_width
-from fedbench.config import protocol as protocol_mod
+from fedbench.config import toml_file
 
 
 @app.command("sweep-report")
@@ -27,7 +27,7 @@ def sweep_report(
     toml = results / "protocol.toml"
     if not toml.is_file():
         raise UsageError(f"'{results}' holds no protocol.toml: not a results directory written by `fedbench run`")
-    proto = protocol_mod.load(str(toml))
+    proto = toml_file.load(str(toml))
     if proto.sweep is None:
         raise UsageError(
             f"'{toml}' declares no [sweep]; for one protocol use `fedbench leaderboard --results {results}`"
@@ -74,9 +74,9 @@ def leaderboard(
         check_one_protocol,
         failed_rows,
         in_flight_runs,
-        plot,
-        render,
     )
+    from fedbench.reporting.plots import plot
+    from fedbench.reporting.text import render
     from fedbench.utils.records import read_records
 
     formats = ("table", "markdown", "csv")
@@ -89,7 +89,7 @@ def leaderboard(
     if not results.is_dir():
         raise UsageError(f"results directory '{results}' does not exist")
     written = results / "protocol.toml"
-    if written.is_file() and protocol_mod.load(str(written)).sweep is not None:
+    if written.is_file() and toml_file.load(str(written)).sweep is not None:
         raise UsageError(
             f"'{results}' holds a sweep (one results directory per value): run `fedbench sweep-report "
             f"--results {results}`, or point --results at one of its <field>=<value> directories"
@@ -109,7 +109,7 @@ def leaderboard(
         try:
             if steps:
                 board = completed_runs(
-                    lambda: build_steps(records, [m.label for m in protocol_mod.load(str(written)).methods])
+                    lambda: build_steps(records, [m.label for m in toml_file.load(str(written)).methods])
                 )
             else:
                 board = completed_runs(lambda: build_versus(records, versus))

@@ -17,7 +17,7 @@ from fedbench.cli.errors import UsageError, check_writable, one_line_errors
 from fedbench.cli.main import app, console, err_console
 from fedbench.cli.output import completed_runs, print_sweep, render_board
 from fedbench.cli.protocol_flags import resolve_protocol
-from fedbench.config import protocol as protocol_mod
+from fedbench.config import toml_file
 from fedbench.config.protocol import Protocol
 
 
@@ -105,7 +105,7 @@ def run(
         f"sweep [bold]{proto.name}[/]: {sweep.field} = {', '.join(map(str, sweep.values))} "
         f"({len(variants)} variant(s)), gains over {sweep.reference}"
     )
-    (results / "protocol.toml").write_text(protocol_mod.to_toml(proto))
+    (results / "protocol.toml").write_text(toml_file.to_toml(proto))
     (results / "command.txt").write_text(command)
     failures = []
     for i, (value, variant) in enumerate(variants, start=1):
@@ -170,7 +170,7 @@ def _run_protocol(
         f"protocol [bold]{proto.name}[/] ({proto.hash}): {len(proto.methods)} method row(s) x "
         f"{len(proto.seeds)} seed(s), {proto.rounds} rounds, backbone {proto.backbone.name}"
     )
-    (results / "protocol.toml").write_text(protocol_mod.to_toml(proto))
+    (results / "protocol.toml").write_text(toml_file.to_toml(proto))
     (results / "command.txt").write_text(command)
     with Progress(
         TextColumn("{task.description}"),

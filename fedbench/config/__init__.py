@@ -1,5 +1,7 @@
-"""The protocol: frozen dataclasses validated on load, read from and written to TOML, and the
-presets shipped with fedbench (``config/presets/*.toml``)."""
+"""The protocol: frozen dataclasses and their rules (:mod:`~fedbench.config.protocol`,
+:mod:`~fedbench.config.sections`), typed values from TOML (:mod:`~fedbench.config.coerce`), TOML in
+and out (:mod:`~fedbench.config.toml_file`), and the presets shipped with fedbench
+(``config/presets/*.toml``)."""
 
 from fedbench.utils.lazy import lazy_exports
 
@@ -7,11 +9,13 @@ _API = {
     "Protocol": "protocol",
     "MethodEntry": "protocol",
     "ProtocolError": "protocol",
-    "load": "protocol",
-    "from_dict": "protocol",
-    "to_toml": "protocol",
-    "preset_names": "protocol",
+    "SweepConfig": "protocol",
+    "load": "toml_file",
+    "from_dict": "toml_file",
+    "to_toml": "toml_file",
+    "preset_names": "toml_file",
     "validate": "protocol",
+    "check_method_rows": "protocol",
     "canonical_label": "protocol",
 }
 

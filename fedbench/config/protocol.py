@@ -16,202 +16,31 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import re
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedbench.api.answer_side import ANSWER_SIDES
 from fedbench.api.data import PartitionConfig
+from fedbench.config.coerce import coerce
+from fedbench.config.sections import (
+    AMP_MODES,
+    DEVICES,
+    EVERY_CLIENT,
+    RETIRED,
+    BackboneConfig,
+    ClientsConfig,
+    EvalConfig,
+    FaultsConfig,
+    LocalConfig,
+    MethodEntry,
+    ModelConfig,
+    ProtocolError,
+    ResourcesConfig,
+    SweepConfig,
+    format_value,
+)
 from fedbench.utils.checks import FINITE, dataclass_leaves, is_finite, number_problem
-
-
-class ProtocolError(ValueError):
-    """A protocol that does not validate; the message names the field and the valid values."""
-
-
-@dataclass(frozen=True)
-class ClientsConfig:
-    """Client sampling per round."""
-
-    sample_fraction: float = 0.5
-
-
-@dataclass(frozen=True)
-class LocalConfig:
-    """Local training every sampled client runs, identical for all methods (AdamW, the one optimiser
-    of ``ClientContext.train``)."""
-
-    steps: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-
-
-EVERY_CLIENT = "all"
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """When and on how much the harness evaluates.
-
-    ``clients``: whom an intermediate evaluation (``every``) scores: ``"all"`` (default) every
-    registered client; an integer k >= 1, a seeded sample of k clients drawn afresh each evaluated
-    round; a fraction in (0, 1), that share of the clients (at least one). The last round always
-    scores every client, so the leaderboard's figures never rest on a sample; only the per-round
-    curves and the convergence flag read the sampled rounds. With the default the table is left out of
-    the hash (protocols written before the option keep their runs)."""
-
-    every: int = 0  # evaluate every N rounds (0: only after the last round)
-    batch_size: int = 128
-    clients: Any = EVERY_CLIENT  # "all" | an int >= 1 | a float in (0, 1)
-
-    @property
-    def sampled(self) -> bool:
-        """True when intermediate evaluations score a sample of the clients."""
-        return self.clients != EVERY_CLIENT
-
-    def sample_size(self, num_clients: int) -> int:
-        """How many of ``num_clients`` an intermediate evaluation scores."""
-        if not self.sampled:
-            return num_clients
-        if isinstance(self.clients, float):
-            return min(num_clients, max(1, round(self.clients * num_clients)))
-        return min(num_clients, int(self.clients))
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    """Frozen CLIP towers: ``embedded`` or ``open_clip:MODEL:TAG_OR_PATH`` or ``hf:PATH``."""
-
-    name: str = "embedded"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The answer side every method's client model carries (applied to every row alike).
-
-    ``shared`` (default): one answer trunk for every task + a thin output per task, as a multimodal
-    LLM's language model answers every task; ``per_task``: a full head per task, nothing shared
-    across tasks on the answer side; ``frozen_trunk``: the shared trunk frozen at its seeded init
-    (only the thin outputs train on the answer side), the setting in which task specialisation of
-    the adapters before it matters.
-    """
-
-    answer_side: str = "shared"
-
-
-DEVICES = ("auto", "cpu", "cuda")
-AMP_MODES = ("auto", "off", "bf16")
-
-
-@dataclass(frozen=True)
-class ResourcesConfig:
-    """Where clients run: the device (``auto``: CUDA when there is one, else the CPU), mixed precision
-    on it, and what each client may use when a Flower backend runs it (Ray's client resources: CPUs,
-    and a fraction of a GPU). Out of the hash: like the machine, it is recorded with every run (rows
-    on other devices agree within their CIs, not bit for bit).
-
-    ``amp``: ``auto`` runs the forward passes of training and evaluation under bfloat16 autocast on a
-    CUDA device that supports it (the frozen-feature cache, the backward pass and the optimizer stay
-    float32), and nothing on a CPU; ``off`` never; ``bf16`` asks for it (refused where unsupported).
-    """
-
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    device: str = "auto"
-    amp: str = "auto"
-
-
-@dataclass(frozen=True)
-class FaultsConfig:
-    """``[faults]``: what goes wrong in a federated round, drawn by the server loop from seeded streams
-    (:func:`fedbench.runtime.faults.plan_faults`), the same for every method row and on every backend. The
-    defaults are the fault-free protocol (a protocol without ``[faults]`` hashes as before faults).
-
-    - ``dropout``: probability that a sampled client drops out of a round after its download was sent
-      (it never replies; nothing of it is aggregated).
-    - ``stragglers``: probability that a sampled client is a straggler, a device that runs at
-      ``straggler_steps`` of full speed (a fraction in (0, 1]).
-    - ``deadline``: how long the server waits for the replies of a round, in the time a full-speed
-      client takes for one local step (0: no deadline). Without a deadline the round ends when the
-      full-speed clients are done (``local.steps``), and a straggler sends what it finished by then:
-      ``floor(straggler_steps * local.steps)`` steps, at least one. With a deadline, a client that
-      needs longer than it for its ``local.steps`` (a straggler: ``local.steps / straggler_steps``)
-      misses it and is dropped; one that makes it sends its full update.
-
-    Faults hit the training rounds of federated rows (evaluation scores every client); a reference
-    row that is not federated (``centralized``) has no clients to fault.
-    """
-
-    dropout: float = 0.0
-    stragglers: float = 0.0
-    straggler_steps: float = 0.5
-    deadline: float = 0.0
-
-    @property
-    def active(self) -> bool:
-        return self != FaultsConfig()
-
-
-@dataclass(frozen=True)
-class MethodEntry:
-    """One leaderboard row: a registered method and its option overrides."""
-
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        if not self.options:
-            return self.name
-        inner = ",".join(f"{k}={_fmt(v)}" for k, v in sorted(self.options.items()))
-        return f"{self.name}[{inner}]"
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """``[sweep]``: every method row runs at each of ``values`` of the protocol field ``field`` (a
-    dotted path such as ``data.domain_task_coupling``); gains are paired differences to the row
-    labelled ``reference``.
-
-    ``seeds`` (optional): one list of seeds per value, in the order of ``values``; value i then runs
-    ``seeds[i]`` instead of the protocol's ``seeds`` (e.g. disjoint seeds per value, so that the seed
-    is the unit when pooling across values); a protocol file that gives them may leave out its
-    top-level ``seeds``, which then lists every seed the sweep runs (a top-level list written beside
-    them is not run). ``fedbench run --seeds`` replaces them: every value runs the given seeds. Left
-    out (``None``), every value runs the protocol's ``seeds``, and the table reads, writes and hashes
-    as before the option. Seeds are replicates, so like the protocol's ``seeds`` they stay out of
-    every hash: a variant hashes the same with or without per-value seeds, and so does the sweep
-    protocol itself."""
-
-    field: str
-    values: tuple[Any, ...]
-    reference: str
-    seeds: tuple[tuple[int, ...], ...] | None = None
-
-    def seeds_of(self, index: int, default: tuple[int, ...]) -> tuple[int, ...]:
-        """The seeds value ``index`` runs: its own list, or ``default`` (the protocol's seeds)."""
-        return default if self.seeds is None else self.seeds[index]
-
-    @property
-    def short(self) -> str:
-        """The field's last name: ``domain_task_coupling``."""
-        return self.field.rpartition(".")[2]
-
-    def dir_name(self, value: Any) -> str:
-        """The results subdirectory of one value: ``domain_task_coupling=0.5``."""
-        return re.sub(r"[^A-Za-z0-9._=+-]+", "_", f"{self.short}={_fmt(value)}")
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "+".join(str(v) for v in value)
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass(frozen=True)
@@ -257,7 +86,7 @@ class Protocol:
         variant's records carry the variant's own hash. The ``[faults]`` table changes numbers and is
         hashed, except when it is the fault-free default: it is then left out, so every protocol
         written before faults existed keeps its hash (and its runs). Retired fields are hashed at the
-        one value they could hold (``_RETIRED``), so results recorded before a field's removal keep
+        one value they could hold (``RETIRED``), so results recorded before a field's removal keep
         their run ids: resumed, skipped and swept as before. A sweep's per-value seeds
         (``sweep.seeds``) are left out like ``seeds``: adding or moving seeds keeps the hash."""
         body = self.as_dict()
@@ -265,7 +94,7 @@ class Protocol:
             body.pop(key)
         if "sweep" in body:
             body["sweep"].pop("seeds", None)
-        for path, value in _RETIRED.items():
+        for path, value in RETIRED.items():
             section, _, leaf = path.rpartition(".")
             body[section][leaf] = value
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -282,13 +111,13 @@ class Protocol:
         ``[sweep]`` table), named ``<name>[<field>=<value>]``."""
         if self.sweep is None:
             return []
-        return [(value, _variant(self, value, i)) for i, value in enumerate(self.sweep.values)]
+        return [(value, variant(self, value, i)) for i, value in enumerate(self.sweep.values)]
 
 
-def _variant(proto: Protocol, value: Any, index: int) -> Protocol:
+def variant(proto: Protocol, value: Any, index: int) -> Protocol:
     sweep = proto.sweep
     assert sweep is not None
-    name = f"{proto.name}[{sweep.short}={_fmt(value)}]"
+    name = f"{proto.name}[{sweep.short}={format_value(value)}]"
     proto = dataclasses.replace(proto, name=name, seeds=sweep.seeds_of(index, proto.seeds), sweep=None)
     section, _, leaf = sweep.field.rpartition(".")
     if not section:
@@ -442,7 +271,7 @@ def check_method_rows(proto: Protocol) -> None:
         seen[canonical] = entry.label
 
 
-def _sweep_field_type(name: str) -> Any:
+def sweep_field_type(name: str) -> Any:
     fields = sweep_fields()
     if name not in fields:
         close = difflib.get_close_matches(name, list(fields), n=1)
@@ -454,10 +283,10 @@ def _sweep_field_type(name: str) -> Any:
     return fields[name]
 
 
-def _sweep_value(index: int, value: Any, name: str, tp: Any) -> Any:
+def sweep_value(index: int, value: Any, name: str, tp: Any) -> Any:
     """The value as the field's type, or a one-line error naming it and what the field accepts."""
     try:
-        return _coerce(value, tp, name)
+        return coerce(value, tp, name)
     except ProtocolError:
         allowed = _RANGES[name][1] if name in _RANGES else f"a {getattr(tp, '__name__', tp)}"
         raise ProtocolError(
@@ -465,10 +294,10 @@ def _sweep_value(index: int, value: Any, name: str, tp: Any) -> Any:
         ) from None
 
 
-_SWEEP_SEEDS = "a non-empty list of distinct integers >= 0"
+SWEEP_SEEDS = "a non-empty list of distinct integers >= 0"
 
 
-def _valid_seed_list(seeds: Any) -> bool:
+def valid_seed_list(seeds: Any) -> bool:
     if not isinstance(seeds, (list, tuple)) or not seeds:
         return False
     return all(type(s) is int and s >= 0 for s in seeds) and len(set(seeds)) == len(seeds)
@@ -485,10 +314,10 @@ def _validate_sweep_seeds(sweep: SweepConfig) -> None:
             "expected one list of seeds per entry of sweep.values, in the same order"
         )
     for i, seeds in enumerate(sweep.seeds):
-        if not _valid_seed_list(seeds):
+        if not valid_seed_list(seeds):
             shown = list(seeds) if isinstance(seeds, tuple) else seeds
             raise ProtocolError(
-                f"protocol field 'sweep.seeds[{i}]' = {shown!r} is invalid: expected {_SWEEP_SEEDS} "
+                f"protocol field 'sweep.seeds[{i}]' = {shown!r} is invalid: expected {SWEEP_SEEDS} "
                 f"(the seeds of sweep.values[{i}])"
             )
 
@@ -499,15 +328,15 @@ def _validate_sweep(proto: Protocol) -> None:
     reference is one of the method rows."""
     sweep = proto.sweep
     assert sweep is not None
-    tp = _sweep_field_type(sweep.field)
+    tp = sweep_field_type(sweep.field)
     if not sweep.values:
         raise ProtocolError("protocol field 'sweep.values' = [] is invalid: expected a non-empty list of values")
     _validate_sweep_seeds(sweep)
     seen: dict[str, int] = {}
     for i, value in enumerate(sweep.values):
-        _sweep_value(i, value, sweep.field, tp)
+        sweep_value(i, value, sweep.field, tp)
         try:
-            validate(_variant(proto, value, i))
+            validate(variant(proto, value, i))
         except ProtocolError:
             allowed = _RANGES[sweep.field][1] if sweep.field in _RANGES else "a valid value"
             finite = "" if is_finite(value) else "not a finite number; "
@@ -529,172 +358,25 @@ def _validate_sweep(proto: Protocol) -> None:
         )
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Convert a TOML value to the annotated type, or raise naming the field."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ProtocolError(f"protocol field '{path}' must be a table, got {value!r}")
-        return _build(tp, value, path + ".")
-    if origin is tuple:
-        (inner, *_rest) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ProtocolError(f"protocol field '{path}' must be a list, got {value!r}")
-        return tuple(_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ProtocolError(f"protocol field '{path}' must be a table, got {value!r}")
-        (_key, inner) = typing.get_args(tp)
-        return {k: _coerce(v, inner, f"{path}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and type(value) is tp:
-        return value
-    expected = getattr(tp, "__name__", str(tp))
-    raise ProtocolError(f"protocol field '{path}' must be {expected}, got {value!r}")
-
-
-# fields a protocol no longer has -> the one value older protocol files (e.g. the committed results'
-# protocol.toml) carry: accepted there and dropped on load; any other value is an error
-_RETIRED: dict[str, Any] = {"local.optimizer": "adamw"}
-
-
-def _build(cls: type, table: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in [k for k in table if prefix + k in _RETIRED and k not in names]:
-        if table[key] != _RETIRED[prefix + key]:
-            raise ProtocolError(
-                f"protocol field '{prefix}{key}' = {table[key]!r} is invalid: the field is retired "
-                f"(only {_RETIRED[prefix + key]!r} was ever run); remove it"
-            )
-        table = {k: v for k, v in table.items() if k != key}
-    unknown = sorted(set(table) - set(names))
-    if unknown:
-        raise ProtocolError(
-            f"unknown protocol field '{prefix}{unknown[0]}'. Valid fields: {', '.join(prefix + n for n in names)}"
-        )
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in table.items()})
-
-
-def _method_entry(item: Any, index: int) -> MethodEntry:
-    if isinstance(item, str):
-        return MethodEntry(item)
-    if isinstance(item, dict) and isinstance(item.get("name"), str):
-        extra = sorted(set(item) - {"name", "options"})
-        if extra:
-            raise ProtocolError(f"unknown protocol field 'methods[{index}].{extra[0]}'. Valid fields: name, options")
-        options = item.get("options", {})
-        if not isinstance(options, dict):
-            raise ProtocolError(
-                f"protocol field 'methods[{index}].options' must be a table of option = value, got {options!r}"
-            )
-        return MethodEntry(item["name"], dict(options))
-    raise ProtocolError(f"protocol field 'methods[{index}]' must be a method name or {{name, options}}, got {item!r}")
-
-
-def _sweep_config(table: Any) -> SweepConfig:
-    """``[sweep]`` with its three keys and the optional ``seeds``; values converted to the swept
-    field's type, per-value seeds to tuples (checked by :func:`_validate_sweep`)."""
-    if not isinstance(table, dict):
-        raise ProtocolError(f"protocol field 'sweep' must be a table (field, values, reference), got {table!r}")
-    keys = ("field", "values", "reference")
-    unknown = sorted(set(table) - {*keys, "seeds"})
-    if unknown:
-        raise ProtocolError(
-            f"unknown protocol field 'sweep.{unknown[0]}'. Valid fields: sweep.field, sweep.values, sweep.reference, "
-            "sweep.seeds"
-        )
-    missing = [k for k in keys if k not in table]
-    if missing:
-        raise ProtocolError(f"protocol table 'sweep' lacks '{missing[0]}': it needs field, values and reference")
-    for key in ("field", "reference"):
-        if not isinstance(table[key], str):
-            raise ProtocolError(f"protocol field 'sweep.{key}' must be str, got {table[key]!r}")
-    if not isinstance(table["values"], list):
-        raise ProtocolError(f"protocol field 'sweep.values' must be a list, got {table['values']!r}")
-    tp = _sweep_field_type(table["field"])
-    values = tuple(_sweep_value(i, v, table["field"], tp) for i, v in enumerate(table["values"]))
-    seeds = table.get("seeds")
-    if seeds is None:
-        return SweepConfig(table["field"], values, table["reference"])
-    if not isinstance(seeds, list):
-        raise ProtocolError(
-            f"protocol field 'sweep.seeds' must be a list of seed lists (one per entry of sweep.values), got {seeds!r}"
-        )
-    for i, item in enumerate(seeds):
-        if not _valid_seed_list(item):
-            raise ProtocolError(
-                f"protocol field 'sweep.seeds[{i}]' = {item!r} is invalid: expected {_SWEEP_SEEDS} "
-                f"(the seeds of sweep.values[{i}])"
-            )
-    return SweepConfig(table["field"], values, table["reference"], tuple(tuple(s) for s in seeds))
-
-
-def from_dict(table: dict[str, Any]) -> Protocol:
-    """Build and validate a protocol from a parsed TOML table."""
-    table = dict(table)
-    methods = table.pop("methods", None)
-    sweep = table.pop("sweep", None)
-    proto = _build(Protocol, table)
-    if methods is not None:
-        if not isinstance(methods, list):
-            raise ProtocolError(f"protocol field 'methods' must be a list, got {methods!r}")
-        proto = dataclasses.replace(proto, methods=tuple(_method_entry(m, i) for i, m in enumerate(methods)))
-    if sweep is not None:
-        proto = dataclasses.replace(proto, sweep=_sweep_config(sweep))
-        if proto.sweep is not None and proto.sweep.seeds and "seeds" not in table:
-            # left out beside per-value seeds: every seed the sweep runs (so a written protocol.toml names them)
-            proto = dataclasses.replace(proto, seeds=tuple(sorted({s for ss in proto.sweep.seeds for s in ss})))
-    validate(proto)
-    return proto
-
-
-def preset_names() -> list[str]:
-    files = resources.files("fedbench.config.presets")
-    return sorted(p.name[: -len(".toml")] for p in files.iterdir() if p.name.endswith(".toml"))
-
-
-def load(preset_or_path: str) -> Protocol:
-    """Load a preset by name or a protocol TOML file by path."""
-    if preset_or_path.endswith(".toml") or "/" in preset_or_path:
-        path = Path(preset_or_path)
-        if not path.is_file():
-            what = "is a directory, not a TOML file" if path.is_dir() else "does not exist"
-            raise ProtocolError(f"protocol file '{preset_or_path}' {what}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ProtocolError(
-                f"protocol file '{preset_or_path}' is not UTF-8 text (byte {err.start}: {err.reason}): "
-                "a protocol is a TOML file"
-            ) from None
-        except OSError as err:
-            raise ProtocolError(f"cannot read protocol file '{preset_or_path}': {err.strerror or err}") from None
-    else:
-        names = preset_names()
-        if preset_or_path not in names:
-            raise ProtocolError(f"Unknown preset '{preset_or_path}'. Available: {', '.join(names)}")
-        text = resources.files("fedbench.config.presets").joinpath(f"{preset_or_path}.toml").read_text()
-    try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ProtocolError(f"malformed TOML in '{preset_or_path}': {err}") from None
-    return from_dict(table)
-
-
-def to_toml(proto: Protocol) -> str:
-    """The protocol as a TOML file that :func:`load` reads back to the same protocol (and hash)."""
-    import tomli_w
-
-    body = proto.as_dict()
-    body["methods"] = [m["name"] if not m["options"] else m for m in body["methods"]]
-    head = f"# protocol hash {proto.hash}\n"
-    if proto.sweep is not None:
-        head = (
-            f"# sweep protocol (hash {proto.hash}): [sweep] values replace the {proto.sweep.field} below; each\n"
-            "# variant's records carry its own hash, written in <field>=<value>/protocol.toml\n"
-        )
-    return head + tomli_w.dumps(body)
+# the sections are part of a protocol's public names: importable from here as from fedbench.config.sections
+__all__ = [
+    "AMP_MODES",
+    "DEVICES",
+    "EVERY_CLIENT",
+    "BackboneConfig",
+    "ClientsConfig",
+    "EvalConfig",
+    "FaultsConfig",
+    "LocalConfig",
+    "MethodEntry",
+    "ModelConfig",
+    "Protocol",
+    "ProtocolError",
+    "ResourcesConfig",
+    "SweepConfig",
+    "canonical_label",
+    "check_method_rows",
+    "sweep_fields",
+    "validate",
+    "variant",
+]
