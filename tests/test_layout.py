@@ -47,3 +47,27 @@ def _private_imports(path: Path) -> list[str]:
 def test_no_module_imports_a_private_name_from_another():
     found = [hit for folder in CODE for path in sorted((ROOT / folder).rglob("*.py")) for hit in _private_imports(path)]
     assert found == []
+
+
+START_UP = """
+import sys
+from fedbench.cli import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    heavy = ("torch", "open_clip", "torchvision", "peft", "transformers", "scipy.stats")
+    print("HEAVY", sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
+"""
+
+
+def test_leaderboard_starts_without_torch():
+    """`fedbench leaderboard` reads records: it imports no torch nor model libraries (start-up time is
+    measured in the closing notes, not asserted here). ``report`` does import torch: it groups tasks
+    by family through the task registry, whose plug-ins define torch modules."""
+    import subprocess
+    import sys
+
+    args = ["leaderboard", "--results", str(ROOT / "results" / "router-diagnostics")]
+    run = subprocess.run([sys.executable, "-c", START_UP, *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "HEAVY []" in run.stderr, run.stderr[-500:]
