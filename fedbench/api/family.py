@@ -87,6 +87,29 @@ class TaskFamily:
         """The reference row's score: a constant prediction made from the ``train`` rows, on ``test``."""
         raise NotImplementedError
 
+    # --- on a generative VLM (the ``vlm`` backbone family): the LM writes the answer as text --------
+    instruction: str = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
+    max_new_tokens: int = 8  # generation stops here at the latest (a cut answer is counted, and parsed as is)
+
+    def user_text(self, question: str, ocr_text: str) -> str:
+        """The user turn of a row's chat prompt, after the image: the OCR tokens when the row has them
+        (every row alike, whichever its task: LLaVA-style TextVQA prompts), the question, the family's
+        instruction."""
+        ocr = [f"OCR: {ocr_text}"] if ocr_text else []
+        return "\n".join([*ocr, question, self.instruction])
+
+    def target_text(self, spec: TaskSpec, table: ExampleTable, row: int) -> str:
+        """The answer the LM is trained to write for ``row`` (teacher forcing; the prompt is masked)."""
+        raise NotImplementedError
+
+    def score_text(
+        self, spec: TaskSpec, table: ExampleTable, row: int, text: str, vqa_metric: str
+    ) -> tuple[float, bool]:
+        """(score in [0, 1], parsed) of the generated ``text`` for ``row``: an output the family cannot
+        parse scores 0 and is counted as a parse failure. ``vqa_metric``: ``official`` | ``normalized``
+        (how VQA accuracy normalises answers; families without VQA accuracy ignore it)."""
+        raise NotImplementedError
+
 
 def family_of(spec: TaskSpec) -> TaskFamily:
     """The registered family of a task."""
