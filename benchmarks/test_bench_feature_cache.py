@@ -37,7 +37,8 @@ from fedbench.config import toml_file
 from fedbench.config.protocol import EvalConfig, LocalConfig, MethodEntry, Protocol
 from fedbench.runtime.rows import run_rows
 from fedbench.staging.feature_cache import FeatureCache, backbone_digest
-from fedbench.staging.prepare import TextEncoder, prepare
+from fedbench.staging.prepare import prepare
+from fedbench.staging.row_store import TextEncoder
 
 METHOD = (MethodEntry("pilot-ctmoa"),)
 SHORT = Protocol(  # --benchmark-disable (CI): checks that it runs, in seconds

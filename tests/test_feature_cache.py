@@ -280,7 +280,7 @@ def test_every_text_key_part_changes_the_entry(backbone):
 
 
 def test_a_damaged_text_entry_is_recomputed_with_one_warning_naming_it(backbone, cache, text_calls):
-    from fedbench.staging.prepare import TextEncoder
+    from fedbench.staging.row_store import TextEncoder
 
     texts = ["what color is the ball", "how many cars"]
     want = TextEncoder(backbone, cache / "text")(texts)

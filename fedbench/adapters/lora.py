@@ -182,15 +182,14 @@ def register_lora_injector(name: str) -> Callable[[LoRAInjector], LoRAInjector]:
 def inject_lora(
     target: Backbone | nn.Module, spec: LoRASpec, adapters: tuple[str, ...] = ("default",)
 ) -> list[nn.Module]:
-    """LoRA on the q and v projections of a backbone's image tower, by the backbone family's injector.
+    """LoRA on the q and v projections where the backbone family puts it, by the family's injector:
+    a CLIP backbone's image tower, a generative VLM's language model (its ``lora_target``).
 
-    ``target`` is a :class:`~fedbench.api.backbone.Backbone` (what methods pass: its ``lora_backend``
-    picks the injector, so the transformers family goes through peft) or a bare tower, which gets
-    fedbench's own LoRA. Returns the adapted layers (:class:`LoRADelta` or peft ``LoraLayer``).
+    ``target`` is a backbone (what methods pass: its ``lora_backend`` picks the injector, so the
+    transformers families go through peft) or a bare tower, which gets fedbench's own LoRA. Returns
+    the adapted layers (:class:`LoRADelta` or peft ``LoraLayer``).
     """
-    from fedbench.api.backbone import Backbone
-
-    if not isinstance(target, Backbone):
+    if getattr(target, "lora_backend", None) is None:
         return list(inject_qv_lora(target, spec, adapters))
     try:
         injector = LORA_INJECTORS[target.lora_backend]
@@ -199,7 +198,7 @@ def inject_lora(
             f"backbone '{target.name}' asks for LoRA backend '{target.lora_backend}', which is not registered "
             f"(available: {', '.join(sorted(LORA_INJECTORS))})"
         ) from None
-    return injector(target.image_tower, spec, adapters)
+    return injector(getattr(target, "lora_target", None) or target.image_tower, spec, adapters)
 
 
 def lora_param(name: str) -> tuple[str, str] | None:

@@ -11,15 +11,24 @@ from fedbench.api.backbone import Backbone
 from fedbench.api.method import Method
 from fedbench.api.model import ClientModel
 from fedbench.api.task import TaskSpec
+from fedbench.api.vlm_model import VLMClientModel
 
 
 class LoRAMethod(Method):
     """The client model with LoRA (rank, alpha, dropout from the row's options) where the backbone
-    family puts it, and the answer side; every trainable tensor shared unless a row tags it."""
+    family puts it: on q and v of every attention block of the CLIP image tower (with the answer
+    trunk and task outputs), or of the generative VLM's language model (with the connector when
+    ``vlm.connector = "shared"``); every trainable tensor shared unless a row tags it."""
 
     Options = LoRASpec  # rank, alpha, dropout (FedIT's defaults: 8, 16, 0.05), validated
+    families = ("clip", "vlm")
 
-    def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
-        model = ClientModel(backbone, list(tasks), answer_side)
+    def build_model(
+        self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared"
+    ) -> ClientModel | VLMClientModel:
+        if getattr(backbone, "family", "clip") == "vlm":
+            model = VLMClientModel(backbone, tasks, backbone.train_connector)
+        else:
+            model = ClientModel(backbone, list(tasks), answer_side)
         inject_lora(backbone, self.options.lora)  # the backbone family's LoRA (peft for transformers)
         return model

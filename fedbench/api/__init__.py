@@ -55,6 +55,7 @@ _API = {
     "Backbone": "backbone",
     "BackboneUnavailable": "backbone",
     "create_backbone": "backbone",
+    "VisionLanguageModel": "vlm",
     "ClientInfo": "data",
     "ClientPlan": "data",
     "ExampleTable": "data",

@@ -33,7 +33,7 @@ def normalize_images(images: torch.Tensor, size: int, mean: torch.Tensor, std: t
 
 
 class Backbone(nn.Module):
-    """Frozen image and text towers.
+    """Frozen image and text towers (the ``clip`` backbone family: CLIP towers + answer trunk).
 
     Args:
         towers: the library's model (owns every weight, so ``.to(device)`` moves all).
@@ -65,6 +65,7 @@ class Backbone(nn.Module):
         lora_backend: str = "fedbench",
     ) -> None:
         super().__init__()
+        self.family = "clip"
         self.meta = dict(meta or {})  # provenance, e.g. the embedded backbone's zero-shot accuracy
         self.towers = towers
         self._image_tower_name = next(n for n, m in towers.named_modules() if m is image_tower)

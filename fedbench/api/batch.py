@@ -28,6 +28,10 @@ class Batch:
     row_index: torch.Tensor  # [B] rows of the example table (keys per-row views such as the prompt view)
     answer_ids: torch.Tensor | None = None  # [B,K] the rows' distinct human answers as vocabulary ids (-1: none)
     answer_scores: torch.Tensor | None = None  # [B,K] the score of predicting each (VQA accuracy)
+    # a generative VLM's rows (the ``vlm`` backbone family): each row's chat prompt and answer, as token ids
+    prompt_ids: list[list[int]] | None = None
+    target_ids: list[list[int]] | None = None
+    width: int | None = None  # teacher forcing pads every batch to this length (fedbench.utils.flops)
 
     def __len__(self) -> int:
         return len(self.task)
@@ -64,4 +68,7 @@ def sub_batch(batch: Batch, idx: torch.Tensor) -> Batch:
         row_index=batch.row_index[idx],
         answer_ids=None if batch.answer_ids is None else batch.answer_ids[idx],
         answer_scores=None if batch.answer_scores is None else batch.answer_scores[idx],
+        prompt_ids=None if batch.prompt_ids is None else [batch.prompt_ids[i] for i in idx_np],
+        target_ids=None if batch.target_ids is None else [batch.target_ids[i] for i in idx_np],
+        width=batch.width,
     )

@@ -53,6 +53,11 @@ class ExampleTable:
             human answers (``vqa_soft``); None when no task needs it.
         answer_scores: optional float32 [n, K]: the score of predicting each of those answers (the
             official VQA accuracy); 0 where ``answer_ids`` is -1.
+        human_answers: optional object array [n]: each row's human answers as the dataset wrote them (a
+            tuple of str, before any normalisation; ``()`` for rows of tasks without them), so that a
+            generated answer can be scored as the official VQA script does (its rules read the raw answers);
+            None when no task has them. Derived from the same examples as ``answer_ids``: not in the
+            fingerprint.
 
     ``images`` may be a tensor backed by a memory-mapped file (real data: decoded once into an on-disk
     cache, see :mod:`fedbench.tasks.real`); the harness only ever indexes it.
@@ -72,6 +77,7 @@ class ExampleTable:
     meta: dict = field(default_factory=dict)
     answer_ids: np.ndarray | None = None
     answer_scores: np.ndarray | None = None
+    human_answers: np.ndarray | None = None
 
     def fingerprint(self) -> str:
         """SHA-256 (16 hex digits) of the pixels, questions, OCR text and answers: two runs on the same

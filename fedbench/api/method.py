@@ -61,6 +61,9 @@ class Method:
     # pooled trainer on every client's training rows, sends nothing, and evaluates that one model as
     # every client's (server.Run._pooled_round); its server state is the pooled model's trainable tensors.
     federated: ClassVar[bool] = True
+    # the backbone families the method has a form on (``clip``: CLIP towers + answer trunk; ``vlm``: a
+    # generative VLM, docs/methods.md §7); a run of another family is refused before it starts
+    families: ClassVar[tuple[str, ...]] = ("clip",)
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -152,6 +152,9 @@ def _evaluate(msg: FlowerMessage, context: Context) -> FlowerMessage:
     scores = {"own": torch.from_numpy(reply.own), "global": torch.from_numpy(reply.global_)}
     if reply.routing is not None:
         scores["routing"] = torch.from_numpy(reply.routing)
+    for name in ("own_status", "global_status"):  # a generative VLM's parse / cut bits
+        if getattr(reply, name) is not None:
+            scores[name] = torch.from_numpy(getattr(reply, name))
     return FlowerMessage(RecordDict({"scores": _arrays(scores)}), reply_to=msg)
 
 
@@ -267,7 +270,8 @@ class FlowerBackend:
                 continue
             scores = _tensors(c["scores"])
             routing = scores["routing"].numpy() if "routing" in scores else None
-            replies.append(EvalReply(scores["own"].numpy(), scores["global"].numpy(), routing))
+            status = {k: scores[k].numpy() for k in ("own_status", "global_status") if k in scores}
+            replies.append(EvalReply(scores["own"].numpy(), scores["global"].numpy(), routing, **status))
         return replies
 
     def client_states(self) -> None:

@@ -42,6 +42,7 @@ def describe_method(proto: Protocol, console: Console) -> dict:
         groups[key] = groups.get(key, 0) + params[name].numel()
     console.print(f"[bold]{escape(entry.label)}[/]  {method.paper}")
     console.print(f"options: {method.describe()['options']}", markup=False)
+    console.print(f"backbone families: {', '.join(type(method).families)}", markup=False)
     doc = inspect.getdoc(type(method)) or ""
     if doc:
         console.print(doc, markup=False, soft_wrap=True)  # the terminal wraps; rich would re-wrap mid-line

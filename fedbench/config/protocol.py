@@ -28,6 +28,8 @@ from fedbench.config.sections import (
     DEVICES,
     EVERY_CLIENT,
     RETIRED,
+    VLM_CONNECTORS,
+    VQA_METRICS,
     BackboneConfig,
     ClientsConfig,
     EvalConfig,
@@ -38,6 +40,7 @@ from fedbench.config.sections import (
     ProtocolError,
     ResourcesConfig,
     SweepConfig,
+    VLMConfig,
     format_value,
 )
 from fedbench.utils.checks import FINITE, dataclass_leaves, is_finite, number_problem
@@ -60,6 +63,7 @@ class Protocol:
     model: ModelConfig = field(default_factory=ModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
     sweep: SweepConfig | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -73,6 +77,8 @@ class Protocol:
                 del body["data"][key]
         if not self.faults.active:  # a fault-free protocol reads (and hashes) as before faults
             del body["faults"]
+        if self.vlm == VLMConfig():  # likewise one at the VLM family's defaults
+            del body["vlm"]
         if not self.eval.sampled:  # likewise one that evaluates every client at every evaluated round
             del body["eval"]["clients"]
         return body
@@ -179,6 +185,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "resources.num_gpus": (lambda v: 0 <= v <= 1, "a number in [0, 1] (a fraction of one GPU per client)"),
     "resources.device": (lambda v: v in DEVICES or v.startswith("cuda:"), "one of: " + ", ".join(DEVICES) + ", cuda:N"),
     "resources.amp": (lambda v: v in AMP_MODES, "one of: " + ", ".join(AMP_MODES)),
+    "vlm.connector": (lambda v: v in VLM_CONNECTORS, "one of: " + ", ".join(VLM_CONNECTORS)),
+    "vlm.vqa_metric": (lambda v: v in VQA_METRICS, "one of: " + ", ".join(VQA_METRICS)),
     "faults.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "faults.stragglers": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "faults.straggler_steps": (lambda v: 0 < v <= 1, "a fraction of local.steps in (0, 1]"),

@@ -105,6 +105,33 @@ class ResourcesConfig:
     amp: str = "auto"
 
 
+VLM_CONNECTORS = ("shared", "frozen")
+VQA_METRICS = ("official", "normalized")
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    """``[vlm]``: options of the generative-VLM backbone family (``backbone.name = "embedded-vlm"`` or
+    ``"llava:/path"``), the same for every row. At their defaults a protocol reads (and hashes) as
+    before the family existed; a CLIP-family protocol that sets them is refused (nothing is ignored).
+
+    - ``connector``: ``shared`` (the connector trains in every row whose connector is not a method's
+      own mixture, and is averaged as a shared tensor: LLaVA fine-tuning trains it, and FedVLMBench
+      finds its tuning matters) or ``frozen`` (it keeps its pretrained weights).
+    - ``vqa_metric``: how VQA accuracy treats generated answers. ``official`` is the VQA evaluation
+      script bit for bit: it normalises punctuation, number words and articles only when the human
+      answers are not all identical, so "Yes" against ten "yes" scores 0; ``normalized`` always
+      normalises (lmms-eval). Default ``official``: the number a VQA paper reports, and the one
+      published checkpoints are compared on; records carry which was used.
+    - ``gradient_checkpointing``: recompute the LM's activations in the backward pass (a GPU memory
+      option for large checkpoints; results are the same).
+    """
+
+    connector: str = "shared"
+    vqa_metric: str = "official"
+    gradient_checkpointing: bool = False
+
+
 @dataclass(frozen=True)
 class FaultsConfig:
     """``[faults]``: what goes wrong in a federated round, drawn by the server loop from seeded streams

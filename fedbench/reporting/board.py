@@ -107,6 +107,10 @@ def _per_run(recs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     for task in tasks:
         out[f"acc_{task}"] = glob[task]
     out["mean_acc"] = glob[tasks].mean(axis=1)
+    if "parse_fail" in ev:  # a generative VLM's rows: the share of its answers it could not parse, per task
+        fails = ev[(ev["scope"] == "global") & ev["parse_fail"].notna()]
+        for task, share in fails.pivot_table(index="run_id", columns="task", values="parse_fail").items():
+            out[f"parse_fail_{task}"] = share
 
     # each client on its own test split over its own tasks: mean over clients, and the worst one
     client = ev[ev["scope"] == "client"].groupby(["run_id", "client", "task"])["value"].mean()
@@ -292,7 +296,8 @@ def build_leaderboard(df: pd.DataFrame, with_failed: bool = False) -> pd.DataFra
     per_run = per_run[~per_run["label"].isin(failed)]
     acc_cols = [f"acc_{t}" for t in tasks]
     acc_figs = [*acc_cols, "mean_acc", "local_acc", "worst_client_acc", "p_acc", "ttp_acc"]
-    num_cols = [*acc_figs, *COST_COLS, *PARAM_COLS]
+    parse_cols = [c for c in per_run.columns if c.startswith("parse_fail_")]
+    num_cols = [*acc_figs, *parse_cols, *COST_COLS, *PARAM_COLS]
     grouped = per_run.groupby("label")
     board = grouped[num_cols].mean()
     std = grouped[num_cols].std(ddof=1).add_suffix("_std")  # NaN for a single seed: no spread to report
@@ -318,6 +323,7 @@ def build_leaderboard(df: pd.DataFrame, with_failed: bool = False) -> pd.DataFra
         "method",
         *acc_figs,
         "converged",
+        *parse_cols,
         *COST_COLS,
         "device",
         *PARAM_COLS,

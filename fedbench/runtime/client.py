@@ -56,6 +56,12 @@ def load_state(model: ClientModel, *states: State | None) -> None:
 def build_model(prep: Prepared, method: Method) -> ClientModel:
     """The method's model on a fresh copy of the backbone, from the one seeded init every client
     (and the server) starts from."""
+    family = getattr(prep.backbone, "family", "clip")
+    if family not in method.families:
+        raise ValueError(
+            f"method '{method.name}' has no form on the {family} backbone family ('{prep.backbone.name}'); "
+            f"it runs on: {', '.join(method.families)}"
+        )
     torch.manual_seed(derive_seed(prep.seed, "init"))
     model = method.build_model(copy.deepcopy(prep.backbone), prep.specs, prep.protocol.model.answer_side)
     return model.to(prep.device)
@@ -156,16 +162,17 @@ class ClientRuntime:
         ctx = self._load(msg)
         table, bs = self.prep.table, self.prep.protocol.eval.batch_size
         own = table.rows(client=msg.client, split=TEST)
-        own_correct, _ = evaluate_rows(self.model, self.method, ctx, own, bs)
+        own_correct, _, own_status = evaluate_rows(self.model, self.method, ctx, own, bs)
         if self._global_scores is None:
             self._global_scores = GlobalScores()
         cache = self._global_scores
         key = cache.key(self.model, self.method, msg.round) if self.reuse_global_scores else None
         if key is not None and key in cache.scores:
             cache.hits += 1
-            global_correct, routing = cache.scores[key]
+            global_correct, routing, global_status = cache.scores[key]
         else:
-            global_correct, routing = evaluate_rows(self.model, self.method, ctx, table.rows(split=GLOBAL_TEST), bs)
+            global_rows = table.rows(split=GLOBAL_TEST)
+            global_correct, routing, global_status = evaluate_rows(self.model, self.method, ctx, global_rows, bs)
             if key is not None:
-                cache.scores[key] = (global_correct, routing)
-        return EvalReply(own_correct, global_correct, routing)
+                cache.scores[key] = (global_correct, routing, global_status)
+        return EvalReply(own_correct, global_correct, routing, own_status, global_status)

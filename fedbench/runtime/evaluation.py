@@ -15,8 +15,10 @@ import torch
 from fedbench.api.batch import sub_batch
 from fedbench.api.context import ClientContext
 from fedbench.api.data import GLOBAL_CLIENT, GLOBAL_TEST, TEST, ClientInfo
+from fedbench.api.family import family_of
 from fedbench.api.method import Method
 from fedbench.api.model import ClientModel
+from fedbench.api.vlm_model import VLMClientModel
 from fedbench.config.protocol import EvalConfig
 from fedbench.runtime.run_records import RunRecords
 from fedbench.utils.precision import autocast
@@ -31,22 +33,34 @@ class EvalReply:
     own: np.ndarray
     global_: np.ndarray
     routing: np.ndarray | None
+    # a generative VLM's rows: per row, UNPARSED | CUT bits (its answer could not be parsed; its
+    # generation hit max_new_tokens), on its own test split and on the global test set; else None
+    own_status: np.ndarray | None = None
+    global_status: np.ndarray | None = None
+
+
+UNPARSED, CUT = 1, 2  # bits of a generated answer's status
 
 
 @torch.no_grad()
 def evaluate_rows(
     model: ClientModel, method: Method, ctx: ClientContext, rows: np.ndarray, batch_size: int
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Per row: 1.0 where the model answers correctly (IoU >= 0.5 for boxes); images encoded once.
 
     Also returns, when the model routes, each row's routing weights over experts [rows, E] (what the
-    expert-usage matrix and the routing entropy / mutual information are computed from); else None.
+    expert-usage matrix and the routing entropy / mutual information are computed from), else None;
+    and for a model that writes its answers, each row's status bits (:data:`UNPARSED`, :data:`CUT`),
+    else None.
     """
+    if getattr(model, "generates", False):
+        scores, status = score_generated(model, ctx, rows, batch_size)
+        return scores, None, status
     model.eval()
     out = np.zeros(len(rows), dtype=np.float64)
     routing: np.ndarray | None = None
     if len(rows) == 0:
-        return out, routing
+        return out, routing, None
     with autocast(ctx.store.device, ctx.amp):  # forward passes in the run's autocast dtype, if any
         images, position = np.unique(ctx.store.image_index[rows].numpy(), return_inverse=True)
         image_ids = torch.as_tensor(images)
@@ -70,7 +84,29 @@ def evaluate_rows(
                 if routing is None:  # NaN marks rows of a batch that did not route, should one not
                     routing = np.full((len(rows), weights.shape[1]), np.nan)
                 routing[i : i + len(chunk)] = weights
-    return out, routing
+    return out, routing, None
+
+
+def score_generated(
+    model: VLMClientModel, ctx: ClientContext, rows: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a generative VLM: its answer generated greedily (rows of one task together, at most
+    the family's ``max_new_tokens``), parsed and scored by the task's family with the protocol's
+    ``vlm.vqa_metric``; an answer the family cannot parse scores 0. Also each row's status bits."""
+    model.eval()
+    table, metric = ctx.store.table, ctx.protocol.vlm.vqa_metric
+    scores, status = np.zeros(len(rows), dtype=np.float64), np.zeros(len(rows), dtype=np.int8)
+    with autocast(ctx.store.device, ctx.amp):
+        for spec in model.tasks:
+            family = family_of(spec)
+            where = np.flatnonzero(table.task[rows] == spec.name)
+            for i in range(0, len(where), batch_size):
+                at = where[i : i + batch_size]
+                texts, cut = model.generate(*ctx.inputs(model, rows[at]), family.max_new_tokens)
+                for j, row, text, was_cut in zip(at, rows[at], texts, cut, strict=True):
+                    scores[j], parsed = family.score_text(spec, table, int(row), text, metric)
+                    status[j] = (0 if parsed else UNPARSED) | (CUT if was_cut else 0)
+    return scores, status
 
 
 def state_only(method: Method) -> bool:
@@ -106,7 +142,7 @@ class GlobalScores:
     :func:`model_digest`) are scored once; a new round starts afresh."""
 
     round: int = -1
-    scores: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    scores: dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = field(default_factory=dict)
     hits: int = 0
 
     def key(self, model: ClientModel, method: Method, r: int) -> str | None:
@@ -159,7 +195,7 @@ def eval_records(
     the ``global`` records."""
     table = records.table
     global_rows = table.rows(split=GLOBAL_TEST)
-    rows, per_task, usage, routed = [], {}, {}, {}
+    rows, per_task, usage, routed, failed = [], {}, {}, {}, {}
     for info, reply in zip(infos, replies, strict=True):
         own = table.rows(client=info.client, split=TEST)
         for task in info.tasks:
@@ -172,6 +208,8 @@ def eval_records(
             rows.append({**row, "held": task in info.tasks})
             if task in info.tasks:
                 per_task.setdefault(task, []).append(reply.global_[mask])
+                if reply.global_status is not None:
+                    failed.setdefault(task, []).append(reply.global_status[mask])
                 if reply.routing is not None:
                     usage.setdefault(task, []).append(reply.routing[mask].mean(0))
     for task, per_client in per_task.items():
@@ -182,10 +220,23 @@ def eval_records(
                 "n": len(per_client[0]),
                 "clients": len(per_client),
                 "per_example": np.mean(per_client, 0).round(6).tolist(),
+                **generation_rates(failed.get(task)),
                 **(extra or {}),
             }
         )
     return rows + records.usage(r, expert_names, usage, routed, table.task[global_rows])
+
+
+def generation_rates(status: list[np.ndarray] | None) -> dict[str, float]:
+    """A generative VLM's task: the fraction of its generated answers that could not be parsed
+    (``parse_fail``: scored 0) and that hit ``max_new_tokens`` (``cut``), averaged over the clients
+    holding the task as its score is; nothing for a model that does not generate."""
+    if not status:
+        return {}
+    return {
+        "parse_fail": float(np.mean([((s & UNPARSED) > 0).mean() for s in status])),
+        "cut": float(np.mean([((s & CUT) > 0).mean() for s in status])),
+    }
 
 
 def asking_every_task(info: ClientInfo, task_names: Sequence[str]) -> ClientInfo:

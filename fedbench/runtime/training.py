@@ -16,7 +16,8 @@ from fedbench.api.data import TRAIN, ClientInfo
 from fedbench.api.model import ClientModel
 from fedbench.config.protocol import Protocol
 from fedbench.staging.feature_cache import FeatureCache
-from fedbench.staging.prepare import Prepared, RowStore
+from fedbench.staging.prepare import Prepared
+from fedbench.staging.row_store import RowStore
 from fedbench.utils.flops import active_meter, composition
 from fedbench.utils.precision import autocast
 from fedbench.utils.seeding import derive_seed, participations
@@ -64,7 +65,8 @@ class TrainingContext(ClientContext):
         store = self.store
         per_task = np.bincount(store.task_index[rows], minlength=len(store.task_names))
         ocr = int(store.ocr_rows[rows].sum())
-        return composition(len(rows), len(np.unique(store.image_index[rows].numpy())), per_task.tolist(), ocr)
+        width = getattr(store, "width", None)  # a generative VLM's batches are padded to one width
+        return composition(len(rows), len(np.unique(store.image_index[rows].numpy())), per_task.tolist(), ocr, width)
 
     def train(
         self,

@@ -6,7 +6,9 @@ from fedbench.utils.lazy import lazy_exports
 _API = {
     "Prepared": "prepare",
     "prepare": "prepare",
-    "RowStore": "prepare",
+    "RowStore": "row_store",
+    "TextEncoder": "row_store",
+    "TokenRowStore": "token_rows",
     "resolve_device": "prepare",
     "majority_scores": "prepare",
     "FeatureCache": "feature_cache",

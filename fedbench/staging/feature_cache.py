@@ -76,8 +76,20 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 def backbone_digest(backbone: Backbone) -> str:
     """SHA-256 of the towers' weights and buffers and of the shapes they produce: other weights,
     another architecture or another library give another digest."""
-    digest = hashlib.sha256(f"{type(backbone.towers).__qualname__}|{backbone.token_dim}|{backbone.embed_dim}".encode())
-    for name, tensor in sorted(backbone.state_dict().items()):
+    if getattr(backbone, "family", "clip") == "vlm":  # a VLM's cached features: its vision tower's, at its layer
+        cfg = backbone.model.config
+        head = (
+            f"vlm|{type(backbone.vision_tower).__qualname__}|{cfg.vision_feature_layer}|"
+            f"{cfg.vision_feature_select_strategy}|{backbone.mean.flatten().tolist()}|{backbone.std.flatten().tolist()}"
+        )
+        state = backbone.vision_tower.state_dict()
+    else:
+        head, state = (
+            f"{type(backbone.towers).__qualname__}|{backbone.token_dim}|{backbone.embed_dim}",
+            backbone.state_dict(),
+        )
+    digest = hashlib.sha256(head.encode())
+    for name, tensor in sorted(state.items()):
         digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()

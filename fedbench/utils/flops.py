@@ -80,11 +80,17 @@ def counter() -> FlopCounterMode:
 _METER: contextvars.ContextVar[FlopMeter | None] = contextvars.ContextVar("fedbench_flop_meter", default=None)
 
 
-def composition(rows: int, images: int, per_task: Sequence[int], ocr_rows: int) -> tuple[int, ...]:
-    """The features a step's FLOPs are linear in (see the module docstring)."""
+def composition(
+    rows: int, images: int, per_task: Sequence[int], ocr_rows: int, width: int | None = None
+) -> tuple[int, ...]:
+    """The features a step's FLOPs are linear in (see the module docstring). ``width``: the padded
+    token length of a generative VLM's batch (its LM's products grow with rows × width and its
+    attention with rows × width²), None for the CLIP family."""
     x = [1, rows, images]
     for n in (*per_task, ocr_rows):
         x += [n, int(n > 0)]
+    if width is not None:
+        x += [rows * width, rows * width * width]
     return tuple(x)
 
 

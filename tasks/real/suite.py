@@ -137,9 +137,10 @@ def build_real(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str
             image_rows = ex.row[idx][first]
             requests.append((root, adapter, ex_split, image_rows))
             box_xywh = None if family.has_answers else ex.box_xywh[idx]  # normalised once sizes are known
-            soft = None
+            soft = human = None
             if adapter.family == "vqa_soft":
                 soft = np.full((len(idx), 10), -1, np.int64), np.zeros((len(idx), 10), np.float32)
+                human = [tuple(str(a) for a in ex.answers[i]) for i in idx]  # raw: the official script's input
                 for j, i in enumerate(idx):
                     scored = [(index[a], s) for a, s in answer_scores(ex.answers[i]).items() if a in index]
                     for m, (a, s) in enumerate(scored[:10]):
@@ -156,6 +157,7 @@ def build_real(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str
                     "split": np.full(len(idx), split, np.int8),
                     "domain": domain[idx],
                     "soft": soft,
+                    "human": human,
                 }
             )
             n_images += len(image_rows)
@@ -168,8 +170,9 @@ def build_real(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str
         )
     n = sum(len(p["task"]) for p in parts)
     any_soft = any(p["soft"] is not None for p in parts)
-    answer_ids = answer_scores_ = None
+    answer_ids = answer_scores_ = human_answers = None
     if any_soft:
+        human_answers = object_array([h for p in parts for h in (p["human"] or [()] * len(p["task"]))])
         answer_ids = np.concatenate([p["soft"][0] if p["soft"] else np.full((len(p["task"]), 10), -1) for p in parts])
         answer_scores_ = np.concatenate(
             [p["soft"][1] if p["soft"] else np.zeros((len(p["task"]), 10), np.float32) for p in parts]
@@ -201,6 +204,7 @@ def build_real(plans: list[ClientPlan], config: PartitionConfig, tasks: list[str
         },
         answer_ids=answer_ids,
         answer_scores=answer_scores_,
+        human_answers=human_answers,
     )
 
 

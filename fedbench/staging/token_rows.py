@@ -1,0 +1,86 @@
+"""Rows of a generative VLM: each row's chat prompt and answer as the LM's token ids, made once per
+seed (no text tower runs: the LM reads the text itself)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from fedbench.api.data import TRAIN, ExampleTable
+from fedbench.api.family import family_of
+from fedbench.api.task import TaskSpec
+from fedbench.config.protocol import Protocol
+from fedbench.staging.row_store import RowStore
+
+if TYPE_CHECKING:
+    from fedbench.api.vlm import VisionLanguageModel
+
+
+class TokenRowStore(RowStore):
+    """A :class:`RowStore` whose rows carry token ids: the prompt (the image, then the family's user
+    text around the question and the OCR tokens, in the LM's chat template) and, for training rows,
+    the answer the LM learns to write (the family's target text and the end token).
+
+    A prompt that does not fit the LM's context with its answer loses words of its user text from the
+    end of the question until it does (counted in ``truncated``); one whose image alone leaves no room
+    is refused when the seed is staged."""
+
+    def encode_text(
+        self, table: ExampleTable, specs: Sequence[TaskSpec], backbone: VisionLanguageModel, text: object
+    ) -> None:
+        n = len(table)
+        self.text = None
+        self.question = torch.zeros(n, 1, device=self.device)  # no text tower: the LM reads the prompt
+        self.ocr = torch.zeros(n, 1, 1, device=self.device)
+        self.ocr_mask = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
+        spec_of = {s.name: s for s in specs}
+        prompts: dict[str, list[int]] = {}
+        self.prompt_ids, self.target_ids, self.truncated = [], [], 0
+        for row in range(n):
+            spec = spec_of[str(table.task[row])]
+            family = family_of(spec)
+            target = backbone.answer_ids(family.target_text(spec, table, row)) if table.split[row] == TRAIN else []
+            room = backbone.context_length - max(len(target), family.max_new_tokens)
+            user = family.user_text(str(table.question[row]), str(table.ocr_text[row]))
+            if user not in prompts:
+                prompts[user] = self._fitting(backbone, user, room)
+            self.prompt_ids.append(prompts[user])
+            self.target_ids.append(target)
+        # every training batch padded to the longest row of the seed: a step's cost then depends on its
+        # rows alone, so its FLOPs are predicted after a few counted steps (fedbench.utils.flops)
+        self.width = max(len(p) + len(t) for p, t in zip(self.prompt_ids, self.target_ids, strict=True))
+
+    def _fitting(self, backbone: VisionLanguageModel, user: str, room: int) -> list[int]:
+        ids = backbone.prompt_ids(user)
+        words = user.split(" ")
+        while len(ids) > room and len(words) > 1:
+            words = words[1:]
+            ids = backbone.prompt_ids(" ".join(words))
+            self.truncated += 1
+        if len(ids) > room:
+            raise ValueError(
+                f"the LM of '{backbone.name}' has a context of {backbone.context_length} tokens: a prompt with "
+                f"its image ({backbone.image_seq_length} tokens) and an answer does not fit"
+            )
+        return ids
+
+    def lengths(self, rows: np.ndarray) -> int:
+        """Tokens of ``rows``' prompts and answers (what a step's FLOPs also grow with)."""
+        return int(sum(len(self.prompt_ids[r]) + len(self.target_ids[r]) for r in rows))
+
+
+def vlm_rows(
+    protocol: Protocol, table: ExampleTable, specs: Sequence[TaskSpec], vlm: VisionLanguageModel, device: torch.device
+) -> RowStore:
+    """The rows of a generative VLM (:class:`~fedbench.staging.token_rows.TokenRowStore`), with the
+    protocol's ``[vlm]`` options set on it; what cannot apply to the family is refused."""
+    if protocol.model.answer_side != "shared":
+        raise ValueError(
+            f"model.answer_side = '{protocol.model.answer_side}' does not apply to the vlm backbone family "
+            f"('{protocol.backbone.name}'): its language model answers every task; leave it at 'shared'"
+        )
+    vlm.train_connector = protocol.vlm.connector == "shared"
+    return TokenRowStore(table, specs, vlm, device)
