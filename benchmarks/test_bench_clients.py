@@ -46,7 +46,7 @@ import torch
 config = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 torch.set_num_threads(1)
-from fedbench.config import protocol as protocol_mod
+from fedbench.config import toml_file
 from fedbench.runtime.checkpoint import Checkpoint
 from fedbench.config.protocol import ClientsConfig, EvalConfig, MethodEntry
 from fedbench.utils.records import read_jsonl
@@ -60,7 +60,7 @@ class Stop(BaseException):
 
 
 n = config["clients"]
-proto = protocol_mod.load("smoke")
+proto = toml_file.load("smoke")
 proto = proto.replace(
     rounds=config["rounds"],
     methods=(MethodEntry("feddpa"),),

@@ -132,6 +132,11 @@ def footnotes(board: pd.DataFrame) -> list[str]:
             notes.append("Bytes n/a: a reference row that is not federated (nothing is sent).")
         if "failed" in board:
             notes.append("failed: a row that raised (the first line of its error); its other rows ran.")
+        if board.columns.str.startswith("parse_fail_").any():
+            notes.append(
+                "parse_fail_<task>: share of the answers the VLM generated on the global test set that the task "
+                "family could not parse (each scored 0), mean over seeds."
+            )
         sampled = sampling_note(attrs)
         if sampled:
             notes.append(sampled)

@@ -83,4 +83,6 @@ def vlm_rows(
             f"('{protocol.backbone.name}'): its language model answers every task; leave it at 'shared'"
         )
     vlm.train_connector = protocol.vlm.connector == "shared"
+    if protocol.vlm.gradient_checkpointing:  # the LM recomputes its activations in the backward pass
+        vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return TokenRowStore(table, specs, vlm, device)
