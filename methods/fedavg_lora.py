@@ -49,7 +49,8 @@ class FFALoRA(FedAvgLoRA):
 
     A is frozen at the initialisation every client builds from the same seed; only B and the
     task heads train and travel (half the LoRA bytes), averaged as in ``fedavg-lora``.
-    LoRA where the backbone family puts it (CLIP image tower, or the VLM's LM), as for ``fedavg-lora``.
+    Simplification on the ``clip`` family, as for ``fedavg-lora``: LoRA in the CLIP image tower
+    instead of an LLM (on the ``vlm`` family it is in the LM, as the paper puts it).
     """
 
     paper = "https://arxiv.org/abs/2403.12313"
@@ -67,10 +68,10 @@ class FedSALoRA(FedAvgLoRA):
     """FedSA-LoRA (Guo et al., ICLR 2025, arXiv 2410.01463): A shared, B local.
 
     The A matrices are shared and averaged by examples; the B matrices and the answer side (the
-    trunk and the task outputs) stay on their client. LoRA where the backbone family puts it (CLIP
-    image tower, or the VLM's LM), as for ``fedavg-lora``; on the ``vlm`` family a training connector
-    (``vlm.connector = "shared"``) is shared and averaged, as in every row (harness choice: the
-    protocol's connector setting applies to every row alike).
+    trunk and the task outputs) stay on their client. Simplification on the ``clip`` family, as for
+    ``fedavg-lora``: LoRA in the CLIP image tower instead of an LLM (on the ``vlm`` family it is in the
+    LM). Harness choice on the ``vlm`` family: a training connector (``vlm.connector = "shared"``) is
+    shared and averaged, as in every row (the protocol's connector setting applies to every row alike).
     """
 
     paper = "https://arxiv.org/abs/2410.01463"
