@@ -111,9 +111,9 @@ VQA_METRICS = ("official", "normalized")
 
 @dataclass(frozen=True)
 class VLMConfig:
-    """``[vlm]``: options of the generative-VLM backbone family (``backbone.name = "embedded-vlm"`` or
-    ``"llava:/path"``), the same for every row. At their defaults a protocol reads (and hashes) as
-    before the family existed; a CLIP-family protocol that sets them is refused (nothing is ignored).
+    """``[vlm]``: options of the generative-VLM backbone family (``backbone.name = "llava:/path"``), the
+    same for every row. At their defaults a protocol reads (and hashes) as before the family existed;
+    a CLIP-family protocol that sets them is refused (nothing is ignored).
 
     - ``connector``: ``shared`` (the connector trains in every row whose connector is not a method's
       own mixture, and is averaged as a shared tensor: LLaVA fine-tuning trains it, and FedVLMBench
