@@ -84,11 +84,11 @@ class VLMClientModel(nn.Module):
         ``answers`` (teacher forcing: right-padded) or without (generation: left-padded)."""
         assert batch.prompt_ids is not None and (not answers or batch.target_ids is not None)
         vlm = self.backbone
-        seqs = [
-            list(p) + (list(t) if answers else [])
-            for p, t in zip(batch.prompt_ids, batch.target_ids or batch.prompt_ids, strict=True)
-        ]
-        width = max(len(s) for s in seqs) if not answers else max(max(len(s) for s in seqs), batch.width or 0)
+        targets = batch.target_ids if answers else [[] for _ in batch.prompt_ids]
+        seqs = [list(p) + list(a) for p, a in zip(batch.prompt_ids, targets, strict=True)]
+        width = max(len(s) for s in seqs)
+        if answers:  # teacher forcing pads to the seed's one width (one cost per step)
+            width = max(width, batch.width or 0)
         device = vlm.input_embeddings.weight.device
         ids = torch.full((len(seqs), width), vlm.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -137,9 +137,8 @@ class VLMClientModel(nn.Module):
             pad_token_id=vlm.pad_token_id,
             eos_token_id=vlm.eos_token_id,
         )
-        new = out[:, -max_new_tokens:] if out.shape[1] > max_new_tokens else out
-        texts, cut = [], np.zeros(len(new), dtype=bool)
-        for i, row in enumerate(new.tolist()):
+        texts, cut = [], np.zeros(len(out), dtype=bool)
+        for i, row in enumerate(out.tolist()):  # from input embeddings, generate returns the new tokens only
             ended = vlm.eos_token_id in row
             cut[i] = not ended
             texts.append(vlm.decode(row[: row.index(vlm.eos_token_id)] if ended else row))
