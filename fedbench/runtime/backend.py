@@ -14,6 +14,10 @@ from fedbench.runtime.evaluation import EvalReply
 Progress = Callable[[str, dict[str, Any]], None]  # (event, info): what a run tells its caller as it goes
 
 
+def no_progress(event: str, info: dict[str, Any]) -> None:
+    """The :data:`Progress` of a caller that listens to nothing."""
+
+
 class Backend(Interface):
     """Moves messages to client steps and their replies back, in message order. A reply is None
     for a client that dropped out (its process died, it timed out): the round goes on without it."""

@@ -8,17 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedbench.config.protocol import MethodEntry, Protocol
-from fedbench.runtime.backend import Backend, Progress
+from fedbench.runtime.backend import Backend, Progress, no_progress
 from fedbench.runtime.faults import error_line
 from fedbench.runtime.server import FATAL, Run
 from fedbench.staging.prepare import Prepared, prepare
 from fedbench.utils.records import read_jsonl
 
 __all__ = ["RowFailure", "RowsFailed", "recorded_failures", "run_rows"]
-
-
-def _noop(event: str, info: dict) -> None:
-    pass
 
 
 @dataclass
@@ -56,7 +52,7 @@ def recorded_failures(results: Path, protocol: Protocol) -> list[RowFailure]:
 def run_rows(
     protocol: Protocol,
     results: Path,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
     *,
     backend: Callable[[Run], Backend],
     on_seed: Callable[[Prepared], None] | None = None,

@@ -16,7 +16,7 @@ from fedbench.api.data import ClientInfo
 from fedbench.api.method import Method, Reply, count_params, create_method
 from fedbench.api.payload import Payload, analytic_bytes, check_upload, deserialize, serialize
 from fedbench.config.protocol import MethodEntry
-from fedbench.runtime.backend import Backend, Progress
+from fedbench.runtime.backend import Backend, Progress, no_progress
 from fedbench.runtime.checkpoint import Checkpoint, CheckpointMismatch, truncate_records
 from fedbench.runtime.client import Message, State, build_model, trainable_state
 from fedbench.runtime.evaluation import asking_every_task, coverage, eval_clients, eval_records
@@ -50,10 +50,6 @@ class Federation:
     local: set[str]
 
 
-def _noop(event: str, info: dict[str, Any]) -> None:
-    return None
-
-
 # errors of the machine or of files on it, not of a method row: they stop the whole run at once
 FATAL: tuple[type[BaseException], ...] = (CheckpointMismatch, IntegrityError, OSError)
 
@@ -66,7 +62,7 @@ class Run:
         prep: Prepared,
         entry: MethodEntry,
         results_dir: Path,
-        progress: Progress = _noop,
+        progress: Progress = no_progress,
         *,
         backend: Callable[[Run], Backend],
     ) -> None:
