@@ -4,10 +4,13 @@ answer side reads (the model skeleton, :mod:`fedbench.api.model`, and the task f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
+from fedbench.utils.precision import device_index
 
 OCR_TOKENS = 8  # at most this many OCR tokens per row, in reading order
 
@@ -51,6 +54,20 @@ class Features:
 
     def select(self, idx: torch.Tensor) -> Features:
         return replace(self, **{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
+
+
+def encode_per_image(
+    encode_image: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_image`` (a frozen tower: uint8 images -> (tokens, pooled)) run once per distinct image
+    of the batch, then per row: rows asking several questions of one image share its forward pass and
+    its gradient."""
+    _, first, inverse = np.unique(batch.image_index.numpy(), return_index=True, return_inverse=True)
+    tokens, pooled = encode_image(batch.images[device_index(first, batch.images.device)])
+    inverse = device_index(inverse, tokens.device)
+    # index_select, not tokens[inverse]: the backward of advanced indexing (index_put_ with
+    # accumulate) sums repeated rows in a varying order on CPU, and runs stop being reproducible
+    return tokens.index_select(0, inverse), pooled.index_select(0, inverse)
 
 
 def sub_batch(batch: Batch, idx: torch.Tensor) -> Batch:

@@ -26,7 +26,7 @@ from torch import nn
 
 from fedbench.api.answer_side import ANSWER_SIDES
 from fedbench.api.backbone import Backbone
-from fedbench.api.batch import OCR_TOKENS, Batch, Features, sub_batch
+from fedbench.api.batch import OCR_TOKENS, Batch, Features, encode_per_image, sub_batch
 from fedbench.api.family import TaskFamily, family_of
 from fedbench.api.task import TaskSpec
 from fedbench.utils.precision import device_index
@@ -240,14 +240,7 @@ class ClientModel(nn.Module):
     def encode(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> Features:
         """Frozen features from ``cached``, else from the image tower run once per distinct image
         (rows asking several questions of one image share its forward pass and its gradient)."""
-        if cached is None:
-            _, first, inverse = np.unique(batch.image_index.numpy(), return_index=True, return_inverse=True)
-            tokens, image = self.backbone.encode_image(batch.images[device_index(first, batch.images.device)])
-            inverse = device_index(inverse, tokens.device)
-            # index_select, not tokens[inverse]: the backward of advanced indexing (index_put_ with
-            # accumulate) sums repeated rows in a varying order on CPU, and runs stop being reproducible
-            cached = tokens.index_select(0, inverse), image.index_select(0, inverse)
-        tokens, image = cached
+        tokens, image = cached if cached is not None else encode_per_image(self.backbone.encode_image, batch)
         return Features(tokens, image, batch.question, batch.ocr, batch.ocr_mask, batch.task_id, batch.row_index)
 
     def adapt(self, features: Features) -> Features:

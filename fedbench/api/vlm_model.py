@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedbench.api.batch import Batch
-from fedbench.utils.precision import device_index
+from fedbench.api.batch import Batch, encode_per_image
 
 if TYPE_CHECKING:
     from fedbench.api.task import TaskSpec
@@ -71,11 +70,7 @@ class VLMClientModel(nn.Module):
 
     def vision(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """The rows' vision features: from ``cached``, else the tower run once per distinct image."""
-        if cached is not None:
-            return cached[0]
-        _, first, inverse = np.unique(batch.image_index.numpy(), return_index=True, return_inverse=True)
-        tokens, _ = self.backbone.encode_image(batch.images[device_index(first, batch.images.device)])
-        return tokens.index_select(0, device_index(inverse, tokens.device))
+        return (cached if cached is not None else encode_per_image(self.backbone.encode_image, batch))[0]
 
     def embed(
         self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None, answers: bool
