@@ -102,6 +102,39 @@ def test_generation_is_cut_at_max_new_tokens_and_counted(vlm_prep):
     assert len(texts) == 3 and cut.dtype == bool
 
 
+def test_the_generation_budget_covers_the_longest_answer_in_the_lms_own_tokens(vlm_prep):
+    """A word-level tokenizer writes a box in 9 tokens (+ end): the family's 12 suffice; one token per
+    character (a stand-in for sub-word tokenizers that split digits) needs the box's 24 characters + end + 2."""
+    from fedbench.api.family import family_of
+
+    spec = next(s for s in vlm_prep.specs if s.name == "grounding")
+    family = family_of(spec)
+    store = vlm_prep.store
+    assert store.generation_budget["grounding"] == family.max_new_tokens == 12
+    assert family.generation_budget(spec, lambda text: len(text) + 1) == len("[1000, 1000, 1000, 1000]") + 3
+    for answer_spec in (s for s in vlm_prep.specs if s.name != "grounding"):
+        longest = max(len(vlm_prep.backbone.answer_ids(a)) for a in answer_spec.answers)
+        assert store.generation_budget[answer_spec.name] == max(8, longest + 2)
+
+
+def test_models_share_the_weights_no_method_trains_and_copy_the_rest(vlm_prep):
+    """Two models of one run hold one LM and one tower (the same storage), each its own connector and
+    LoRA: training one leaves the other as it was."""
+    method = Run(vlm_prep, MethodEntry("fedavg-lora"), "/unused", backend=in_process).method
+    a, b = build_model(vlm_prep, method), build_model(vlm_prep, method)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    frozen = [n for n, p in pa.items() if not p.requires_grad]
+    trained = [n for n, p in pa.items() if p.requires_grad]
+    assert frozen and trained and any(is_connector(n) for n in trained)
+    assert all(pa[n].data_ptr() == pb[n].data_ptr() for n in frozen)
+    assert all(pa[n].data_ptr() != pb[n].data_ptr() for n in trained)
+    before = {n: p.detach().clone() for n, p in pb.items()}
+    with torch.no_grad():
+        for n in trained:
+            pa[n].add_(1.0)
+    assert all(torch.equal(pb[n], before[n]) for n in pb)
+
+
 def test_a_prompt_too_long_is_truncated_and_one_that_cannot_fit_is_refused(vlm_prep, tmp_path):
     vlm = vlm_prep.backbone
     long_question = " ".join(["circle"] * 400)

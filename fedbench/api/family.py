@@ -18,6 +18,7 @@ The harness never branches on a family's name: it asks the family.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -89,7 +90,20 @@ class TaskFamily:
 
     # --- on a generative VLM (the ``vlm`` backbone family): the LM writes the answer as text --------
     instruction: str = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
-    max_new_tokens: int = 8  # generation stops here at the latest (a cut answer is counted, and parsed as is)
+    max_new_tokens: int = 8  # the least generation budget (a cut answer is counted, and parsed as is)
+
+    def widest_answers(self, spec: TaskSpec) -> list[str]:
+        """Valid answers that take the most tokens, whatever the tokenizer (a box with four-digit
+        coordinates, the task's answer vocabulary): the generation budget covers the longest of them
+        (:meth:`generation_budget`)."""
+        return list(spec.answers)
+
+    def generation_budget(self, spec: TaskSpec, answer_tokens: Callable[[str], int]) -> int:
+        """New tokens generation may write for ``spec``'s rows: the longest valid answer in the LM's own
+        tokens (``answer_tokens``: with the end token) plus two, and at least ``max_new_tokens``, so a
+        sub-word tokenizer is not cut where a word-level one is not."""
+        longest = max((answer_tokens(a) for a in self.widest_answers(spec)), default=0)
+        return max(self.max_new_tokens, longest + 2)
 
     def user_text(self, question: str, ocr_text: str) -> str:
         """The user turn of a row's chat prompt, after the image: the OCR tokens when the row has them

@@ -82,6 +82,13 @@ class VisionLanguageModel(nn.Module):
         """Where the family's LoRA goes: the language model (its attention's q and v), as FedIT tunes an LLM."""
         return self.language_model
 
+    def never_trained(self) -> list[torch.Tensor]:
+        """The weights no method of the family trains: all but the connector's (which the protocol may
+        train). Every client model built on this backbone shares them instead of holding a copy, so a
+        run holds one LM, not one per model (``fedbench.runtime.client.build_model``)."""
+        connector = {id(p) for p in self.connector.parameters()}
+        return [p for p in self.parameters() if id(p) not in connector]
+
     @property
     def input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

@@ -107,14 +107,13 @@ class VLMClientModel(nn.Module):
         return embeds, mask, labels
 
     def loss(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Teacher-forced cross-entropy on the answer tokens (mean over them), plus the method's extra loss."""
+        """Teacher-forced cross-entropy on the answer tokens (mean over them), plus the method's extra loss.
+        The LM head projects only the positions that predict an answer token (the rest would be masked)."""
         embeds, mask, labels = self.embed(batch, cached, answers=True)
-        logits = self.backbone.model(inputs_embeds=embeds, attention_mask=mask).logits
-        shift = logits[:, :-1].float()
-        loss = nn.functional.cross_entropy(
-            shift.reshape(-1, shift.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE
-        )
-        return loss + self.extra_loss()
+        hidden = self.backbone.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        keep = labels[:, 1:] != IGNORE
+        logits = self.backbone.lm_head(hidden[:, :-1][keep]).float()
+        return nn.functional.cross_entropy(logits, labels[:, 1:][keep]) + self.extra_loss()
 
     @torch.no_grad()
     def generate(

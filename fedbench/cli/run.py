@@ -277,7 +277,7 @@ def _tell_features(out: Console, staged: list) -> None:
                 "computed": f"computed and written to the disk cache {entry}",
             }[prep.features.origin]
         )
-    text = set(prep.store.text.origins)
+    text = set(prep.store.text.origins) if prep.store.text is not None else set()  # none on a VLM
     if text:
         said.append(
             "text embeddings "

@@ -55,7 +55,8 @@ def load_state(model: ClientModel, *states: State | None) -> None:
 
 def build_model(prep: Prepared, method: Method) -> ClientModel:
     """The method's model on a fresh copy of the backbone, from the one seeded init every client
-    (and the server) starts from."""
+    (and the server) starts from. Weights the backbone says no method trains (``never_trained``: a
+    generative VLM's tower and LM) are shared by every copy, not copied."""
     family = getattr(prep.backbone, "family", "clip")
     if family not in method.families:
         raise ValueError(
@@ -63,7 +64,8 @@ def build_model(prep: Prepared, method: Method) -> ClientModel:
             f"it runs on: {', '.join(method.families)}"
         )
     torch.manual_seed(derive_seed(prep.seed, "init"))
-    model = method.build_model(copy.deepcopy(prep.backbone), prep.specs, prep.protocol.model.answer_side)
+    shared = {id(t): t for t in getattr(prep.backbone, "never_trained", list)()}
+    model = method.build_model(copy.deepcopy(prep.backbone, shared), prep.specs, prep.protocol.model.answer_side)
     return model.to(prep.device)
 
 

@@ -91,8 +91,9 @@ def score_generated(
     model: VLMClientModel, ctx: ClientContext, rows: np.ndarray, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row of a generative VLM: its answer generated greedily (rows of one task together, at most
-    the family's ``max_new_tokens``), parsed and scored by the task's family with the protocol's
-    ``vlm.vqa_metric``; an answer the family cannot parse scores 0. Also each row's status bits."""
+    the task's generation budget: its longest valid answer in the LM's tokens), parsed and scored by
+    the task's family with the protocol's ``vlm.vqa_metric``; an answer the family cannot parse scores
+    0. Also each row's status bits."""
     model.eval()
     table, metric = ctx.store.table, ctx.protocol.vlm.vqa_metric
     scores, status = np.zeros(len(rows), dtype=np.float64), np.zeros(len(rows), dtype=np.int8)
@@ -102,7 +103,7 @@ def score_generated(
             where = np.flatnonzero(table.task[rows] == spec.name)
             for i in range(0, len(where), batch_size):
                 at = where[i : i + batch_size]
-                texts, cut = model.generate(*ctx.inputs(model, rows[at]), family.max_new_tokens)
+                texts, cut = model.generate(*ctx.inputs(model, rows[at]), ctx.store.generation_budget[spec.name])
                 for j, row, text, was_cut in zip(at, rows[at], texts, cut, strict=True):
                     scores[j], parsed = family.score_text(spec, table, int(row), text, metric)
                     status[j] = (0 if parsed else UNPARSED) | (CUT if was_cut else 0)

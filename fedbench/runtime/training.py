@@ -66,7 +66,9 @@ class TrainingContext(ClientContext):
         per_task = np.bincount(store.task_index[rows], minlength=len(store.task_names))
         ocr = int(store.ocr_rows[rows].sum())
         width = getattr(store, "width", None)  # a generative VLM's batches are padded to one width
-        return composition(len(rows), len(np.unique(store.image_index[rows].numpy())), per_task.tolist(), ocr, width)
+        answers = store.answer_tokens(rows) if width is not None else 0
+        images = len(np.unique(store.image_index[rows].numpy()))
+        return composition(len(rows), images, per_task.tolist(), ocr, width, answers)
 
     def train(
         self,

@@ -37,13 +37,17 @@ class TokenRowStore(RowStore):
         self.ocr = torch.zeros(n, 1, 1, device=self.device)
         self.ocr_mask = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
         spec_of = {s.name: s for s in specs}
+        # per task, the new tokens generation may write: its longest valid answer in this LM's tokens
+        self.generation_budget = {
+            s.name: family_of(s).generation_budget(s, lambda a: len(backbone.answer_ids(a))) for s in specs
+        }
         prompts: dict[str, list[int]] = {}
         self.prompt_ids, self.target_ids, self.truncated = [], [], 0
         for row in range(n):
             spec = spec_of[str(table.task[row])]
             family = family_of(spec)
             target = backbone.answer_ids(family.target_text(spec, table, row)) if table.split[row] == TRAIN else []
-            room = backbone.context_length - max(len(target), family.max_new_tokens)
+            room = backbone.context_length - max(len(target), self.generation_budget[spec.name])
             user = family.user_text(str(table.question[row]), str(table.ocr_text[row]))
             if user not in prompts:
                 prompts[user] = self._fitting(backbone, user, room)
@@ -67,9 +71,10 @@ class TokenRowStore(RowStore):
             )
         return ids
 
-    def lengths(self, rows: np.ndarray) -> int:
-        """Tokens of ``rows``' prompts and answers (what a step's FLOPs also grow with)."""
-        return int(sum(len(self.prompt_ids[r]) + len(self.target_ids[r]) for r in rows))
+    def answer_tokens(self, rows: np.ndarray) -> int:
+        """Answer tokens of ``rows`` (with their end tokens): where the loss projects onto the vocabulary,
+        so what a step's FLOPs grow with besides rows × width."""
+        return int(sum(len(self.target_ids[r]) for r in rows))
 
 
 def vlm_rows(

@@ -81,16 +81,17 @@ _METER: contextvars.ContextVar[FlopMeter | None] = contextvars.ContextVar("fedbe
 
 
 def composition(
-    rows: int, images: int, per_task: Sequence[int], ocr_rows: int, width: int | None = None
+    rows: int, images: int, per_task: Sequence[int], ocr_rows: int, width: int | None = None, answer_tokens: int = 0
 ) -> tuple[int, ...]:
     """The features a step's FLOPs are linear in (see the module docstring). ``width``: the padded
     token length of a generative VLM's batch (its LM's products grow with rows × width and its
-    attention with rows × width²), None for the CLIP family."""
+    attention with rows × width²), None for the CLIP family; ``answer_tokens``: the batch's answer
+    tokens, where that LM's head projects onto its vocabulary."""
     x = [1, rows, images]
     for n in (*per_task, ocr_rows):
         x += [n, int(n > 0)]
     if width is not None:
-        x += [rows * width, rows * width * width]
+        x += [rows * width, rows * width * width, answer_tokens]
     return tuple(x)
 
 

@@ -27,6 +27,9 @@ class BoxFamily(TaskFamily):
     # "[ 123 , 45 , 678 , 900 ]" is 9 tokens of a word-level tokenizer, + end: 10, and two to spare
     max_new_tokens = 12
 
+    def widest_answers(self, spec):
+        return [format_box([1.0, 1.0, 1.0, 1.0]), format_box([0.888, 0.888, 0.999, 0.999])]  # 4 digits, 3 digits
+
     def output(self, spec, hidden):
         return BoxOutput(spec, hidden, self)
 
