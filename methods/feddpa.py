@@ -6,26 +6,29 @@ The method's description, harness choices included, is the class docstring (show
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedbench.adapters.lora import LoRADelta, LoRASpec, PeftMix, inject_lora, lora_layers, lora_param
+from fedbench.adapters.lora import LoRAMixing, LoRASpec, inject_lora, lora_param
 from fedbench.api import UNIT, Bound, bounded, check_bounds
 from fedbench.api.aggregate import weighted_mean
 from fedbench.api.backbone import Backbone
-from fedbench.api.batch import Batch
+from fedbench.api.batch import Batch, sub_batch
 from fedbench.api.method import Method, Reply, Tag, register_method
 from fedbench.api.model import ClientModel, is_answer_side
 from fedbench.api.payload import Payload
 from fedbench.api.task import TaskSpec
+from fedbench.api.vlm_model import VLMClientModel, is_connector
 
 if TYPE_CHECKING:
     from fedbench.api.context import ClientContext
+    from fedbench.api.vlm import VisionLanguageModel
 
 GLOBAL, LOCAL = "global", "local"
 REFERENCE_STREAM = "feddpa-reference"
@@ -57,30 +60,15 @@ def adapter_of(name: str) -> str | None:
     return found[1] if found is not None and found[1] in (GLOBAL, LOCAL) else None
 
 
-class FedDPAModel(ClientModel):
-    """Backbone with global + local LoRA in the image tower; routing = per-row [α, 1 − α] at evaluation."""
+class FedDPAModel(LoRAMixing, ClientModel):
+    """``clip``: the backbone with global + local LoRA in the image tower; routing = per-row [α, 1 − α] at
+    evaluation."""
 
     def __init__(self, backbone: Backbone, tasks: list[TaskSpec], spec: LoRASpec, answer_side: str = "shared") -> None:
         super().__init__(backbone, tasks, answer_side)
         inject_lora(backbone, spec, adapters=(GLOBAL, LOCAL))
         self.expert_names = [GLOBAL, LOCAL]
         self.image_alpha: dict[int, float] = {}  # image id -> α of the last encode_images
-
-    def deltas(self) -> list[LoRADelta | PeftMix]:
-        return lora_layers(self)  # fedbench's LoRADelta or peft's layers, each with mix / detached
-
-    @contextmanager
-    def mixed(self, mix: Mapping[str, float], detached: Sequence[str] = ()) -> Iterator[None]:
-        """Every LoRA layer computes W0 + s·Σ mix[a]·ΔW_a (``detached`` ones without gradient); restored after."""
-        deltas = self.deltas()
-        saved = [(d.mix, d.detached) for d in deltas]
-        try:
-            for d in deltas:
-                d.mix, d.detached = {k: float(v) for k, v in mix.items()}, set(detached)
-            yield
-        finally:
-            for d, (m, det) in zip(deltas, saved, strict=True):
-                d.mix, d.detached = m, det
 
     def forward(
         self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -93,6 +81,31 @@ class FedDPAModel(ClientModel):
         else:
             self.routing = None
         return out
+
+
+class FedDPAVLMModel(LoRAMixing, VLMClientModel):
+    """``vlm``: a generative VLM with global + local LoRA on its LM (the connector trains when the protocol
+    says ``vlm.connector = "shared"``, shared as in every row)."""
+
+    def __init__(self, backbone: VisionLanguageModel, tasks: list[TaskSpec], spec: LoRASpec) -> None:
+        super().__init__(backbone, tasks, backbone.train_connector)
+        inject_lora(backbone, spec, adapters=(GLOBAL, LOCAL))
+        self.expert_names = [GLOBAL, LOCAL]
+
+    def prompt_embeddings(
+        self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None, embedding: str = "pooled"
+    ) -> torch.Tensor:
+        """The LM's last-layer states of the rows' prompts (no answer) under the current mix: the last
+        prompt token's (``pooled``: the official ``emb_type=last``) or their mean (``token_mean``)."""
+        embeds, mask, _ = self.embed(batch, cached, answers=False)  # left-padded
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate numbers a left-padded prompt
+        hidden = self.backbone.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
+        ).last_hidden_state
+        if embedding == "pooled":
+            return hidden[:, -1]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1)
 
 
 @contextmanager
@@ -165,11 +178,21 @@ class FedDPA(Method):
     never one per batch. ``model.routing`` = [α, 1 − α] per row (experts "global", "local"), so the
     expert-usage records show the mixing.
 
+    Where it acts, per backbone family:
+    - ``clip``: both adapters in the frozen CLIP image tower (as for FedAvg-LoRA), the answer side as
+      below; the "instance" whose α is computed is the image.
+    - ``vlm`` (a generative VLM), the paper's setting: both adapters on the LM's q and v (peft); the
+      instance is the row's prompt, embedded as the LM's last-layer state of the prompt's last token
+      with the local adapter alone (``embedding=token_mean``: the mean over the prompt's tokens), against
+      ``num_reference`` of the client's training prompts; each row's answer is generated with its own
+      mix (one generation per row). The connector, when ``vlm.connector = "shared"``, trains with the
+      global adapter (round 0 and pass (2)) and is averaged like it; ``heads`` does not apply (the LM
+      writes every answer).
+
     Simplifications / harness choices:
-    - No LLM on a CPU: the adapters sit in the frozen CLIP image tower (as for FedAvg-LoRA), so the
-      "instance" whose α is computed is the image; the embedding is the pooled image embedding
-      with the local adapter active (official: the LLM's last hidden state of the prompt's last
-      token with the local adapter active).
+    - On ``clip`` there is no LLM: the embedding is the pooled image embedding with the local adapter
+      active (official: the LLM's last hidden state of the prompt's last token with the local adapter
+      active, which is what the ``vlm`` form uses).
     - Task heads: in the paper the output layer is the LLM's pretrained head, identical on every
       client, and the global adapter exists to serve test-time tasks the client never trained
       (the TTP score). Our heads are new and must be trained; kept local, a client's heads of the
@@ -199,7 +222,16 @@ class FedDPA(Method):
     Options = FedDPAOptions
     paper = "https://arxiv.org/abs/2403.19211"
 
+    families = ("clip", "vlm")
+
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
+        if getattr(backbone, "family", "clip") == "vlm":
+            if self.options.heads != "shared":
+                raise ValueError(
+                    f"feddpa: heads = '{self.options.heads}' does not apply to the vlm family (the LM writes every "
+                    "answer: there are no heads); leave heads at 'shared'"
+                )
+            return FedDPAVLMModel(backbone, list(tasks), self.options.lora)
         return FedDPAModel(backbone, list(tasks), self.options.lora, answer_side)
 
     def tag(self, name: str) -> Tag:
@@ -208,17 +240,20 @@ class FedDPA(Method):
             return "shared"
         if adapter == LOCAL:
             return "local"
+        if is_connector(name):  # a generative VLM's connector, when it trains: shared, as in every row
+            return "shared"
         if is_answer_side(name):
             return self.options.heads
         raise ValueError(f"feddpa: unexpected trainable parameter '{name}'")
 
     def local_update(self, model: ClientModel, ctx: ClientContext) -> None:
-        assert isinstance(model, FedDPAModel)
-        model.image_alpha.clear()
+        assert isinstance(model, FedDPAModel | FedDPAVLMModel)
+        if isinstance(model, FedDPAModel):
+            model.image_alpha.clear()
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         glob = [p for n, p in params if adapter_of(n) == GLOBAL]
         loc = [p for n, p in params if adapter_of(n) == LOCAL]
-        heads = [p for n, p in params if is_answer_side(n)]
+        heads = [p for n, p in params if adapter_of(n) is None]  # the answer side (clip), the connector (vlm)
         if ctx.round > 0:  # pass (1): the local adapter, global mixed in frozen and detached
             w = self.options.local_weight
             with model.mixed({LOCAL: w, GLOBAL: 1.0 - w}, detached=(GLOBAL,)):
@@ -243,6 +278,32 @@ class FedDPA(Method):
                 pooled.append(p)
         model.image_alpha.update(zip(image_ids.tolist(), alphas, strict=True))
         return torch.cat(tokens), torch.cat(pooled)
+
+    def generate(
+        self, model: ClientModel, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None, budget: int,
+        ctx: ClientContext,
+    ) -> tuple[list[str], np.ndarray]:  # fmt: skip
+        """Per row of a generative VLM: α from the LM's prompt states with the local adapter alone, against
+        ``num_reference`` of the client's training prompts; then the row's answer generated with the mix
+        {global: α, local: 1 − α} (one generation per row: the mix is in every LoRA layer)."""
+        assert isinstance(model, FedDPAVLMModel)
+        o = self.options
+        refs = ctx.sample(o.num_reference, REFERENCE_STREAM)
+        with evaluating(model), model.mixed({LOCAL: 1.0}):
+            test = model.prompt_embeddings(batch, cached, o.embedding)
+            ref = model.prompt_embeddings(*ctx.inputs(model, refs), o.embedding)
+        sims = F.cosine_similarity(test[:, None, :], ref[None, :, :], dim=-1)
+        alphas = (o.max_weight * sims.mean(1)).cpu()
+        texts, cut = [], np.zeros(len(batch), dtype=bool)
+        for i, alpha in enumerate(alphas.tolist()):
+            one = torch.tensor([i])
+            row_cached = None if cached is None else (cached[0][i : i + 1], cached[1][i : i + 1])
+            with model.mixed({GLOBAL: alpha, LOCAL: 1.0 - alpha}):
+                text, was_cut = model.generate(sub_batch(batch, one), row_cached, budget)
+            texts += text
+            cut[i] = was_cut[0]
+        model.routing = torch.stack([alphas, 1 - alphas], -1)
+        return texts, cut
 
     def aggregate(self, server_state: Payload, replies: Sequence[Reply]) -> Payload:
         """Mean of the uploads per tensor: uniform weights (official) or by training examples."""

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedbench.adapters.lora import LoRAMixing, LoRASpec, inject_lora, lora_param
 from fedbench.adapters.moa import Adapter, entropy
 from fedbench.api import NON_NEGATIVE, bounded, check_bounds, device_index
 from fedbench.api.aggregate import weighted_mean
@@ -22,7 +24,12 @@ from fedbench.api.method import ClientInfo, Method, Reply, Tag, register_method
 from fedbench.api.model import AnswerTrunk, ClientModel, answer_input, make_heads
 from fedbench.api.payload import META, Payload
 from fedbench.api.task import TaskSpec
+from fedbench.api.vlm_model import IGNORE, VLMClientModel
 
+if TYPE_CHECKING:
+    from fedbench.api.vlm import VisionLanguageModel
+
+EXPERT = "expert"  # a vlm expert's peft adapter name: expert<k>
 SELECTION = "selection/"  # server-state prefix of the per-client expert selections
 META_SELECTION = META + "selection"
 META_GATE_MASS = META + "gate_mass"
@@ -85,6 +92,10 @@ class FedMixModel(ClientModel):
     def gate_probs(self, f: Features) -> torch.Tensor:
         return self.gate(torch.cat([f.image, f.question], -1)).softmax(-1)
 
+    def gate_of(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The gate's probabilities [B, K] for the rows."""
+        return self.gate_probs(self.encode(batch, cached))
+
     def forward(
         self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -112,9 +123,93 @@ class FedMixModel(ClientModel):
         return self.sparsity_weight * entropy(self._gate_probs.mean(0))
 
 
+class FedMixVLMModel(LoRAMixing, VLMClientModel):
+    """``vlm``: K LoRA experts on the LM (peft adapters ``expert<k>``), mixed by the shared gate on the
+    pooled vision tokens and the LM's input embedding of the question. Every next-token distribution is
+    the gate-weighted mixture of the K experts' (K forward passes of the LM per step, in training and in
+    generation)."""
+
+    def __init__(self, backbone: VisionLanguageModel, tasks: list[TaskSpec], options: FedMixOptions) -> None:
+        super().__init__(backbone, tasks, backbone.train_connector)
+        self.expert_names = [f"{EXPERT}{k}" for k in range(options.num_experts)]
+        inject_lora(backbone, LoRASpec(), adapters=tuple(self.expert_names))
+        self.gate = nn.Linear(backbone.vision_dim + backbone.lm_dim, options.num_experts)
+        self.sparsity_weight = options.sparsity_weight
+        self._gate_probs: torch.Tensor | None = None
+        self.selection: torch.Tensor | None = None
+        self.gate_mass: torch.Tensor | None = None
+
+    def gate_of(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        vision = self.vision(batch, cached).to(self.gate.weight.device)
+        f = self.features(vision, batch)
+        return self.gate(torch.cat([f.image, f.question], -1)).softmax(-1)
+
+    def loss(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The mixture's NLL of each answer token, −log Σ_k g_k p_k(y_t | y_<t), mean over the answer tokens."""
+        embeds, mask, labels = self.embed(batch, cached, answers=True)
+        g = self.gate_of(batch, cached)
+        self._gate_probs = self.routing = g
+        keep = labels[:, 1:] != IGNORE
+        rows = torch.nonzero(keep)[:, 0]
+        logps = []
+        for name in self.expert_names:
+            with self.mixed({name: 1.0}):
+                hidden = self.backbone.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            logps.append(self.backbone.lm_head(hidden[:, :-1][keep]).float().log_softmax(-1))
+        mixed = torch.logsumexp(torch.stack(logps, -1) + g[rows].clamp_min(1e-12).log().unsqueeze(1), -1)
+        return -mixed.gather(1, labels[:, 1:][keep].unsqueeze(1)).mean() + self.extra_loss()
+
+    def extra_loss(self) -> torch.Tensor | float:
+        if self._gate_probs is None or self.sparsity_weight == 0:
+            return 0.0
+        return self.sparsity_weight * entropy(self._gate_probs.mean(0))
+
+    @torch.no_grad()
+    def generate(
+        self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None, max_new_tokens: int
+    ) -> tuple[list[str], np.ndarray]:
+        """Greedy answers from the mixture of the experts' next-token distributions (left-padded batch,
+        one KV cache per expert), and per row whether it was cut at ``max_new_tokens``."""
+        vlm = self.backbone
+        embeds, mask, _ = self.embed(batch, cached, answers=False)
+        g = self.gate_of(batch, cached)
+        self.routing = g
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate numbers a left-padded prompt
+        caches: list = [None] * len(self.expert_names)
+        written, done = [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
+        for _ in range(max_new_tokens):
+            probs = 0.0
+            for k, name in enumerate(self.expert_names):
+                with self.mixed({name: 1.0}):
+                    out = vlm.model(
+                        inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                        cache=caches[k], use_cache=True, logits_to_keep=1,
+                    )  # fmt: skip
+                caches[k] = out.cache
+                probs = probs + g[:, k : k + 1] * out.logits[:, -1].float().softmax(-1)
+            token = torch.where(done, vlm.pad_token_id, probs.argmax(-1))
+            written.append(token)
+            done |= token == vlm.eos_token_id
+            if bool(done.all()):
+                break
+            embeds = vlm.input_embeddings(token[:, None])
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+            positions = positions[:, -1:] + 1
+        texts, cut = [], np.zeros(len(mask), dtype=bool)
+        for i, row in enumerate(torch.stack(written, 1).tolist()):
+            ended = vlm.eos_token_id in row
+            cut[i] = not ended
+            texts.append(vlm.decode(row[: row.index(vlm.eos_token_id)] if ended else row))
+        return texts, cut
+
+
 def expert_of(name: str) -> int | None:
-    """Index of the expert a parameter belongs to (None for the gate)."""
-    return int(name.split(".")[1]) if name.startswith("experts.") else None
+    """Index of the expert a parameter belongs to (None for the gate): ``experts.<k>.*`` (clip), or a LoRA
+    tensor of the peft adapter ``expert<k>`` (vlm)."""
+    if name.startswith("experts."):
+        return int(name.split(".")[1])
+    found = lora_param(name)
+    return int(found[1][len(EXPERT) :]) if found is not None and found[1].startswith(EXPERT) else None
 
 
 def exchanged(client: ClientInfo, name: str) -> bool:
@@ -153,8 +248,18 @@ class FedMix(Method):
     - Server: gate = example-weighted mean over the sampled clients; expert k = mean over the
       clients that trained it, weighted by examples × that client's mean gate mass on k.
 
+    - Where it acts, per backbone family: ``clip``, each expert is an adapter on the frozen CLIP patch
+      tokens with its own outputs (above); ``vlm`` (a generative VLM), each expert is a LoRA adapter
+      on the LM's q and v (rank 8, alpha 16, dropout 0.05; peft adapter ``expert<k>``), the gate reads
+      the pooled vision tokens and the LM's input embedding of the question, and every next-token
+      distribution is ``Σ_k g_k softmax(logits_k)``: training minimises that mixture's NLL of each
+      answer token and generation is greedy on it. Cost: K forward passes of the LM per training
+      step and per generated token (K KV caches), about K times a LoRA row's compute. The
+      connector, when ``vlm.connector = "shared"``, travels with the gate.
+
     Simplifications / harness choices:
-    - Experts are adapters + heads on frozen CLIP features (the paper trains whole networks).
+    - Experts are adapters + heads on frozen CLIP features, or LoRA experts on a VLM's LM (the paper
+      trains whole networks).
     - Sparsity penalty = entropy of the client's mean gate mass over the batch, weight 0.01.
     - Expert aggregation weights (examples × gate mass) are ours; the paper's are unverified.
     - The upload carries the client's mean gate mass ``meta.gate_mass`` (K floats, measured with
@@ -175,7 +280,11 @@ class FedMix(Method):
     Options = FedMixOptions
     paper = "https://arxiv.org/abs/2107.06724"
 
+    families = ("clip", "vlm")
+
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
+        if getattr(backbone, "family", "clip") == "vlm":
+            return FedMixVLMModel(backbone, list(tasks), self.options)
         return FedMixModel(backbone, list(tasks), self.options, answer_side)
 
     def tag(self, name: str) -> Tag:
@@ -191,7 +300,7 @@ class FedMix(Method):
         step = max(1, ctx.protocol.eval.batch_size)
         for i in range(0, len(rows), step):
             batch, cached = ctx.inputs(model, rows[i : i + step])
-            total += model.gate_probs(model.encode(batch, cached)).sum(0).double().cpu()
+            total += model.gate_of(batch, cached).sum(0).double().cpu()
         return (total / max(len(rows), 1)).float()
 
     def select(self, model: FedMixModel, ctx) -> torch.Tensor:

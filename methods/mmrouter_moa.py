@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedbench.adapters.task_experts import (
+from fedbench.adapters.expert_models import (
     AOA,
     CLIENT_ADAPTER,
     OCR_EXPERT,
@@ -24,10 +24,8 @@ from fedbench.adapters.task_experts import (
     STAGE2,
     TASK_ADAPTERS,
     TaskExpertModel,
-    TaskExpertOptions,
-    TaskExpertsMethod,
-    in_group,
 )
+from fedbench.adapters.task_experts import TaskExpertOptions, TaskExpertsMethod, in_group
 from fedbench.api.batch import Features
 from fedbench.api.method import ClientInfo, Tag, register_method
 
@@ -198,9 +196,18 @@ class MMRouterMoA(TaskExpertsMethod):
     - OCR text rides on every row of a client with OCR (the suite's modality axis), so the
       router's OCR branch sees the image's words on every task, not only on OCR-VQA rows.
 
+    - Where it acts, per backbone family: as ``pilot-ctmoa`` (``clip``: adapters on the patch tokens,
+      the answer trunk as language side; ``vlm``: connector experts initialised from the pretrained
+      connector, the OCR expert a connector too, LoRA on the LM as language side). On ``vlm`` the
+      router's image term reads the vision tokens before projection, its text and OCR terms the LM's
+      frozen input embeddings of the question (mean-pooled) and of the OCR text's first 8 tokens (the
+      OCR text is also in every prompt, for every row alike: the router's OCR input is an extra cue,
+      not extra information for the LM); row (h) reads the VLM tower's tokens of the prompt view.
+
     Simplifications / harness choices:
-    - As in ``pilot-ctmoa`` (no LLM: experts on the frozen CLIP patch tokens, the answer trunk in
-      the LLM's place for the per-client aggregation across all clients; L2 distances, 1/d weights).
+    - As in ``pilot-ctmoa`` (on ``clip`` no LLM: the answer trunk in the LLM's place for the
+      per-client aggregation across all clients; L2 distances, 1/d weights; on ``vlm`` the parts are
+      averaged connectors: stage 1 (A_task + C) / 2, or (A_task + C + O) / 3 on reading rows).
     - The null vector lives in logit space (a learned E-vector replacing W_ocr·pooled): the same
       functions as a null input through W_ocr, but it needs no OCR branch, so clients without OCR
       train its task-expert logits too (averaged over all clients). W_task·e(task) is one E-vector

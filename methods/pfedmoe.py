@@ -6,6 +6,7 @@ The method's description, harness choices included, is the class docstring (show
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
@@ -20,9 +21,11 @@ from fedbench.api.batch import Batch, Features
 from fedbench.api.method import ClientInfo, Method, Tag, register_method
 from fedbench.api.model import ClientModel
 from fedbench.api.task import TaskSpec
+from fedbench.api.vlm_model import VLMClientModel
 
 if TYPE_CHECKING:
     from fedbench.api.context import ClientContext
+    from fedbench.api.vlm import VisionLanguageModel
 
 PIXEL_SIDE = 16  # the pixel gate sees the image at 16x16x3
 
@@ -58,6 +61,18 @@ def downsample(images: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, PIXEL_SIDE).flatten(1)
 
 
+def make_gate(gate_in: int, hidden: int) -> nn.Module:
+    """The local gate: LayerNorm -> Linear(·, hidden) -> Sigmoid -> Linear(hidden, 2) (softmax by the caller)."""
+    return nn.Sequential(nn.LayerNorm(gate_in), nn.Linear(gate_in, hidden), nn.Sigmoid(), nn.Linear(hidden, 2))
+
+
+def gate_input(
+    options: PFedMoEOptions, images: torch.Tensor, image: torch.Tensor, question: torch.Tensor
+) -> torch.Tensor:
+    """What the gate reads per row: the image at 16x16x3 (``pixels``) or pooled image + question features."""
+    return torch.cat([image, question], -1) if options.gate_input == "features" else downsample(images)
+
+
 class PFedMoEModel(ClientModel):
     """Frozen towers -> gated global + local adapters on the patch tokens -> local answer side."""
 
@@ -70,12 +85,7 @@ class PFedMoEModel(ClientModel):
         self.global_expert = Adapter(dt, options.global_width)
         self.local_expert = Adapter(dt, max(options.local_widths))
         gate_in = 3 * PIXEL_SIDE * PIXEL_SIDE if options.gate_input == "pixels" else 2 * de
-        self.gate = nn.Sequential(
-            nn.LayerNorm(gate_in),
-            nn.Linear(gate_in, options.gate_hidden),
-            nn.Sigmoid(),
-            nn.Linear(options.gate_hidden, 2),
-        )
+        self.gate = make_gate(gate_in, options.gate_hidden)
         self.expert_names = ["global", "local"]
         self.local_width = max(options.local_widths)
 
@@ -86,11 +96,8 @@ class PFedMoEModel(ClientModel):
 
     def encode(self, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> GatedFeatures:
         f = super().encode(batch, cached)
-        if self.options.gate_input == "features":
-            gate_input = torch.cat([f.image, f.question], -1)
-        else:
-            gate_input = downsample(batch.images)
-        return GatedFeatures(**{k: getattr(f, k) for k in Features.__dataclass_fields__}, gate_input=gate_input)
+        gated = gate_input(self.options, batch.images, f.image, f.question)
+        return GatedFeatures(**{k: getattr(f, k) for k in Features.__dataclass_fields__}, gate_input=gated)
 
     def local_delta(self, tokens: torch.Tensor) -> torch.Tensor:
         """L(tokens) with the bottleneck units past this client's width masked out."""
@@ -109,6 +116,36 @@ class PFedMoEModel(ClientModel):
         return replace(f, tokens=tokens)
 
 
+class PFedMoEVLMModel(VLMClientModel):
+    """``vlm`` family: the global and the local expert are two connectors initialised from the pretrained
+    one, mixed by the local gate: image embeddings = α_g·G(x) + α_l·L(x) on every vision token x."""
+
+    def __init__(self, backbone: VisionLanguageModel, tasks: list[TaskSpec], options: PFedMoEOptions) -> None:
+        super().__init__(backbone, tasks, train_connector=False)
+        if len(set(options.local_widths)) > 1:
+            raise ValueError(
+                f"pfedmoe: local_widths = {options.local_widths} (heterogeneous local experts) does not apply to the "
+                "vlm family, whose experts are whole connectors; leave local_widths at one width"
+            )
+        self.options = options
+        self.global_expert = copy.deepcopy(backbone.connector).requires_grad_(True)
+        self.local_expert = copy.deepcopy(backbone.connector).requires_grad_(True)
+        pooled = backbone.vision_dim + backbone.lm_dim  # the mean vision token and the question's LM embedding
+        gate_in = 3 * PIXEL_SIDE * PIXEL_SIDE if options.gate_input == "pixels" else pooled
+        self.gate = make_gate(gate_in, options.gate_hidden)
+        self.expert_names = ["global", "local"]
+
+    def set_client(self, client: ClientInfo) -> None:
+        """Nothing to set: every client's local expert is a whole connector."""
+
+    def connect(self, vision: torch.Tensor, batch: Batch) -> torch.Tensor:
+        f = self.features(vision, batch)
+        alpha = self.gate(gate_input(self.options, batch.images.to(vision.device), f.image, f.question)).softmax(-1)
+        self.routing = alpha
+        a_g, a_l = alpha[:, 0, None, None], alpha[:, 1, None, None]
+        return a_g * self.global_expert(vision) + a_l * self.local_expert(vision)
+
+
 @register_method("pfedmoe")
 class PFedMoE(Method):
     """pFedMoE (Yi et al.): https://arxiv.org/abs/2402.01350 (docs/methods.md §3).
@@ -124,8 +161,17 @@ class PFedMoE(Method):
       from the gate; since α_g + α_l = 1 this is α_g·(x + G(x)) + α_l·(x + L(x)). The pooled
       image embedding is unchanged. G, L, gate and heads train together, end to end, in one pass.
 
+    - Where it acts, per backbone family: ``clip``, the experts are adapters on the frozen CLIP
+      patch tokens (above); ``vlm`` (a generative VLM), the experts are two connectors (LLaVA's
+      2-layer MLP) initialised from the pretrained connector, image embeddings = α_g·G(x) + α_l·L(x)
+      on every vision token, the gate on the same inputs (``features``: the pooled vision tokens and
+      the LM's input embeddings of the question); the LM stays frozen (no LoRA: the paper's local
+      head has no counterpart in a frozen LM that writes every answer), so only G goes up and down.
+
     Simplifications / harness choices (the official code is not public; these are ours):
-    - Experts are adapters on frozen CLIP patch tokens (the paper's experts are CNN extractors).
+    - Experts are adapters on frozen CLIP patch tokens (the paper's experts are CNN extractors);
+      on ``vlm`` connectors (the paper has no VLM form), where widths do not apply: a single
+      ``local_widths`` entry is the homogeneous setting, several are refused.
     - Gate input ``gate_input=pixels`` (default, as in the paper: the raw image) uses the image
       downsampled to 16x16x3 (768 values in [0, 1]) to keep it small on CPU;
       ``gate_input=features`` uses the frozen pooled image + question embeddings instead.
@@ -140,7 +186,11 @@ class PFedMoE(Method):
     Options = PFedMoEOptions
     paper = "https://arxiv.org/abs/2402.01350"
 
+    families = ("clip", "vlm")
+
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
+        if getattr(backbone, "family", "clip") == "vlm":
+            return PFedMoEVLMModel(backbone, list(tasks), self.options)
         return PFedMoEModel(backbone, list(tasks), self.options, answer_side)
 
     def tag(self, name: str) -> Tag:

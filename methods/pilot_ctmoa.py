@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedbench.adapters.task_experts import AOA, CLIENT_ADAPTER, ROUTER, TaskExpertOptions, TaskExpertsMethod
+from fedbench.adapters.expert_models import AOA, CLIENT_ADAPTER, ROUTER
+from fedbench.adapters.task_experts import TaskExpertOptions, TaskExpertsMethod
 from fedbench.api.method import ClientInfo, Tag, register_method
 
 
@@ -58,11 +59,25 @@ class PilotCTMoA(TaskExpertsMethod):
     - Row (a) of the ``mmrouter-moa`` ablation ladder: ``mmrouter-moa`` with ``router_inputs=image``,
       ``router_scope=local`` and ``ocr_expert=false`` gives bit-identical records.
 
+    - Where it acts, per backbone family:
+      - ``clip``: the experts (task, client) are bottleneck adapters on the frozen CLIP patch tokens
+        (Pilot's projector position), and the answer trunk plays the part of Pilot's language-side
+        LoRA for the distance-weighted per-client aggregation;
+      - ``vlm`` (a generative VLM, LLaVA layout), as Pilot's released code runs on LLaVA: the
+        connector itself becomes the mixture. Every expert is a connector (LLaVA's 2-layer MLP)
+        initialised from the pretrained one; the router reads each vision token before projection;
+        the AoAs act on a foreign connector's output (the LM's width); LoRA on the LM's q and v
+        (rank 8, alpha 16, dropout 0.05) is the language side, aggregated per client by the distance
+        rule. ``vlm.connector`` does not apply (the pretrained connector stays frozen and unused).
+
     Simplifications / harness choices:
-    - No LLM on a 2-core CPU: the experts sit on the frozen CLIP patch tokens (Pilot's projector
-      position) and the answer trunk plays the part of Pilot's language-side LoRA for the
-      distance-weighted per-client aggregation. The released code has no server; the server rules
-      are a reading of the paper.
+    - On ``clip`` there is no LLM (a 2-core CPU): the trunk stands in for it. The released code has no
+      server; the server rules are a reading of the paper.
+    - On ``vlm`` the parts are whole connectors, so they are averaged where the ``clip`` adapters' deltas
+      add: stage 1 (A_task + C) / 2, stage 2 (Σ_t w_t·E_t + C) / 2 (Pilot's ``two_mlp`` sums them; the
+      average keeps the LM's input at the pretrained connector's scale at initialisation). C is in the
+      stage-2 sum on both families (the released code keeps it out, using it only in its Diff loss);
+      the orthogonality penalty is a stage-1 loss on both.
     - Distance-weighted trunk: among all replying clients, d(k, i) = plain L2 distance between
       their flattened trunks (the same parameter set for every pair, so no per-parameter
       normalisation), weights 1/d normalised to sum 1 over the M nearest, that neighbour average

@@ -181,6 +181,34 @@ def test_no_local_tensor_reaches_the_server(name, private_prep, tmp_path, monkey
     assert searched > 0 or not has_local, f"{name} trains local tensors but none was searched"
 
 
+@pytest.fixture(scope="module")
+def private_vlm_prep(tmp_path_factory):
+    """As ``private_prep`` on a generative VLM: a random LLaVA (Llama LM) saved to disk, loaded by path."""
+    from conftest import TINY
+    from vlm_fixtures import save_tiny_llava
+
+    from fedbench.config.sections import BackboneConfig
+    from fedbench.staging.prepare import prepare
+
+    path = save_tiny_llava(tmp_path_factory.mktemp("llava"), "llama")
+    proto = dataclasses.replace(
+        TINY,
+        backbone=BackboneConfig(name=f"llava:{path}"),
+        clients=dataclasses.replace(TINY.clients, sample_fraction=1.0),
+        eval=EvalConfig(every=0, batch_size=64),
+    )
+    return prepare(proto, 0, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if "vlm" in METHODS.get(n).families])
+def test_no_local_tensor_reaches_the_server_on_a_generative_vlm(name, private_vlm_prep, tmp_path, monkeypatch):
+    """The same search on the vlm family, for every method with a form there (the LoRA on the LM, the
+    connector experts, FedDPA's local LoRA, pFedMoE's local connector and gate...)."""
+    found, searched, has_local = leaks(name, private_vlm_prep, tmp_path, monkeypatch)
+    assert not found, f"{name}: local tensor bytes reached the server: {found[:3]}"
+    assert searched > 0 or not has_local, f"{name} trains local tensors but none was searched"
+
+
 def test_the_search_finds_a_local_tensor_smuggled_in_a_meta_tensor(private_prep, tmp_path, monkeypatch):
     """The name check lets ``meta.*`` tensors through; the byte search must not."""
     from fedbench.api.method import register_method

@@ -6,8 +6,9 @@ from fedbench.config import toml_file
 from fedbench.config.protocol import ProtocolError
 
 
-@pytest.mark.parametrize("name", ["smoke", "default", "paper"])
+@pytest.mark.parametrize("name", toml_file.preset_names())
 def test_presets_load_and_validate(name):
+    """Every committed preset (the vlm ones too: their methods, [vlm] options and sweeps validate)."""
     proto = toml_file.load(name)
     assert proto.name == name
     assert len(proto.hash) == 12

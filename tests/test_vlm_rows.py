@@ -95,7 +95,9 @@ def test_generation_is_cut_at_max_new_tokens_and_counted(vlm_prep):
     model = build_model(vlm_prep, Run(vlm_prep, MethodEntry("fedavg-lora"), "/unused", backend=in_process).method)
     ctx = client_context(vlm_prep, vlm_prep.infos[0], 0, evaluating=True)
     rows = np.arange(len(vlm_prep.table))[:12]
-    scores, status = score_generated(model, ctx, rows, batch_size=5)
+    method = Run(vlm_prep, MethodEntry("fedavg-lora"), "/unused", backend=in_process).method
+    scores, routing, status = score_generated(model, method, ctx, rows, batch_size=5)
+    assert routing is None  # the LoRA row's connector is no mixture
     assert scores.shape == status.shape == (12,) and set(np.unique(status)) <= {0, UNPARSED, CUT, UNPARSED | CUT}
     batch, cached = ctx.inputs(model, rows[:3])
     texts, cut = model.generate(batch, cached, max_new_tokens=2)

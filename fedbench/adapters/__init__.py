@@ -11,7 +11,8 @@ _API = {
     "LoRAMethod": "lora_method",
     "Adapter": "moa",
     "TaskExpertsMethod": "task_experts",
-    "TaskExpertModel": "task_experts",
+    "TaskExpertModel": "expert_models",
+    "TaskExpertVLMModel": "expert_models",
     "TaskExpertOptions": "task_experts",
 }
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -274,3 +275,24 @@ def lora_layers(model: nn.Module) -> list[LoRADelta | PeftMix]:
         elif isinstance(module, peft_layer):
             layers.append(PeftMix(module))
     return layers
+
+
+class LoRAMixing:
+    """A client model with several named LoRA adapters in its layers (a mixin: FedDPA's global and local,
+    FedMix's experts on a VLM): which adapters every LoRA layer mixes, and with what weights."""
+
+    def deltas(self) -> list[LoRADelta | PeftMix]:
+        return lora_layers(self)  # fedbench's LoRADelta or peft's layers, each with mix / detached
+
+    @contextmanager
+    def mixed(self, mix: Mapping[str, float], detached: Sequence[str] = ()) -> Iterator[None]:
+        """Every LoRA layer computes W0 + s·Σ mix[a]·ΔW_a (``detached`` ones without gradient); restored after."""
+        deltas = self.deltas()
+        saved = [(d.mix, d.detached) for d in deltas]
+        try:
+            for d in deltas:
+                d.mix, d.detached = {k: float(v) for k, v in mix.items()}, set(detached)
+            yield
+        finally:
+            for d, (m, det) in zip(deltas, saved, strict=True):
+                d.mix, d.detached = m, det

@@ -1,8 +1,10 @@
 """Task-expert Mixture-of-Adapters machinery shared by ``pilot-ctmoa`` and ``mmrouter-moa``.
 
-Both methods put the same modules on the frozen backbone's patch tokens and follow the same
-two-stage schedule (Pilot, Xiong et al., AAAI 2025, arXiv 2501.13985), per client: a client runs
-stage 1 on its first ``stage1_participations`` participations and stage 2 afterwards:
+Both methods put the same modules where the backbone family lets them act (the models:
+:mod:`fedbench.adapters.expert_models`; on the ``clip`` family the frozen tower's patch tokens, on the
+``vlm`` family the connector) and follow the same two-stage schedule (Pilot, Xiong et al., AAAI 2025,
+arXiv 2501.13985), per client: a client runs stage 1 on its first ``stage1_participations``
+participations and stage 2 afterwards:
 
 - **task adapters** ``task_adapters.<task>``: one :class:`~fedbench.adapters.moa.Adapter` per task, shared
   and averaged only over the clients that hold the task (task-wise aggregation);
@@ -13,9 +15,10 @@ stage 1 on its first ``stage1_participations`` participations and stage 2 afterw
   top-k), with 0.1 × switch load-balance and 0.01 × z-loss; or, as reference routing
   (``routing``), no router: ``oracle`` (each row to its own task's adapter, weight 1) or
   ``uniform`` (equal weights over the client's experts);
-- the answer side ("the LLM's part" here): Pilot's per-client distance-weighted rule on the shared
-  answer trunk, across all clients (on each task's head among its holders with per-task heads); the
-  thin task outputs averaged over the clients holding the task.
+- the answer side ("the LLM's part"): Pilot's per-client distance-weighted rule, across all
+  clients, on the shared answer trunk (``clip``; on each task's head among its holders with per-task
+  heads; the thin task outputs averaged over the clients holding the task) or on the LM's LoRA
+  (``vlm``: rank 8, alpha 16, dropout 0.05 on q and v, the LoRA rows' defaults).
 
 Every shared tensor off the answer side belongs to an aggregation group that also says which
 clients train it (:func:`in_group`); a client uploads exactly the tensors of its groups that its
@@ -26,30 +29,30 @@ and what goes down; everything else lives here once.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fedbench.adapters.moa import (
-    Adapter,
-    distance_weighted,
-    grouped_mean,
-    load_balance_loss,
-    mixture,
-    orthogonality_penalty,
-    route,
-    router_z_loss,
+from fedbench.adapters.expert_models import (
+    AOA,
+    CLIENT_ADAPTER,
+    OCR_EXPERT,
+    ROUTER,
+    STAGE1,
+    STAGE2,
+    TASK_ADAPTERS,
+    TaskExpertModel,
+    TaskExpertVLMModel,
+    TokenRouter,
 )
+from fedbench.adapters.lora import LoRASpec, inject_lora
+from fedbench.adapters.moa import distance_weighted, grouped_mean
 from fedbench.api.aggregate import weighted_mean
 from fedbench.api.backbone import Backbone
-from fedbench.api.batch import Features
 from fedbench.api.method import ClientInfo, Method, Reply, holds
-from fedbench.api.model import HEADS, TRUNK, ClientModel, is_answer_side
+from fedbench.api.model import HEADS, LANGUAGE_MODEL, TRUNK, ClientModel, is_answer_side
 from fedbench.api.payload import Payload
 from fedbench.api.task import TaskSpec
 from fedbench.utils.checks import NON_NEGATIVE, POSITIVE, bounded, check_bounds
@@ -57,14 +60,6 @@ from fedbench.utils.checks import NON_NEGATIVE, POSITIVE, bounded, check_bounds
 if TYPE_CHECKING:
     from fedbench.api.context import ClientContext
 
-STAGE1, STAGE2 = 1, 2
-TASK_ADAPTERS, AOA, CLIENT_ADAPTER, ROUTER, OCR_EXPERT = (
-    "task_adapters.",
-    "aoa.",
-    "client_adapter.",
-    "router.",
-    "ocr_expert.",
-)
 ROUTINGS = ("learned", "oracle", "uniform")
 
 
@@ -121,126 +116,6 @@ def task_of(name: str) -> str | None:
     return None
 
 
-class TokenRouter(nn.Module):
-    """Pilot's router: Linear(token_dim → n_experts, no bias) on each image token."""
-
-    def __init__(self, token_dim: int, n_experts: int) -> None:
-        super().__init__()
-        self.image = nn.Linear(token_dim, n_experts, bias=False)
-
-    def forward(self, f: Features, ocr_available: bool = True) -> torch.Tensor:
-        """Logits [B, L, n_experts]."""
-        return self.image(f.tokens)
-
-
-# (token_dim, embed_dim, task names, ocr_expert) -> router; its logits: the tasks' experts, then the OCR expert
-RouterFactory = Callable[[int, int, list[str], bool], nn.Module]
-
-
-class TaskExpertModel(ClientModel):
-    """Frozen towers -> task experts (+ client adapter) on the patch tokens -> task heads.
-
-    Stage 1: tokens' = tokens + A_task(row)(tokens) + C(tokens) [+ O(tokens) on reading rows: OCR
-    tokens present and a task whose head reads them, when the model has an OCR expert the client holds].
-    Stage 2: tokens' = tokens + Σ_e w_e·E_e(tokens) + C(tokens), with E_t = A_t for the client's
-    own tasks, E_t = A_t + AoA_t(A_t) for the others, E_ocr = O, and w the router's per-token weights
-    (``routing="oracle"``: w = 1 on the row's own task expert, computed as that expert alone, so the
-    others are not in the graph; ``"uniform"``: w = 1/n over the n experts the client routes over).
-
-    The harness builds one model before clients are known; :meth:`bind` tells it the stage, the
-    client's tasks and whether it holds the OCR expert (the method's ``prepare_client``, which the
-    harness calls whenever it loads a client, before training and before evaluation).
-    """
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        tasks: list[TaskSpec],
-        options: TaskExpertOptions,
-        make_router: RouterFactory,
-        ocr_expert: bool = False,
-        answer_side: str = "shared",
-    ) -> None:
-        super().__init__(backbone, tasks, answer_side)
-        dt, de = backbone.token_dim, backbone.embed_dim
-        self.options = options
-        self.task_adapters = nn.ModuleDict({t: Adapter(dt, options.bottleneck) for t in self.task_names})
-        self.aoa = nn.ModuleDict({t: Adapter(dt, options.aoa_bottleneck) for t in self.task_names})
-        self.client_adapter = Adapter(dt, options.bottleneck)
-        self.ocr_expert = Adapter(dt, options.bottleneck) if ocr_expert else None
-        reads = torch.tensor([t.uses_ocr for t in tasks])  # per task id: does its head read OCR?
-        self.register_buffer("reads_ocr", reads, persistent=False)
-        self.expert_names = list(self.task_names) + (["ocr"] if ocr_expert else [])
-        learned = options.routing == "learned"  # reference routing has no router (built last: same init)
-        self.router = make_router(dt, de, list(self.task_names), ocr_expert) if learned else None
-        self.stage = STAGE1
-        self.held: tuple[str, ...] = tuple(self.task_names)
-        self.ocr_available = True
-        self._aux: torch.Tensor | float = 0.0
-
-    def bind(self, stage: int, held: Sequence[str], ocr_available: bool) -> None:
-        self.stage, self.held, self.ocr_available = stage, tuple(held), bool(ocr_available)
-
-    # --- experts ------------------------------------------------------------------------------
-    def task_expert(self, task: str, x: torch.Tensor) -> torch.Tensor:
-        """A_t(x), plus the adapter-on-adapter on its output when t is not one of the client's tasks."""
-        out = self.task_adapters[task](x)
-        return out if task in self.held else out + self.aoa[task](out)
-
-    def n_available(self) -> int:
-        """Experts this client routes over: the OCR expert (last) only where the client holds it."""
-        return len(self.expert_names) - (self.ocr_expert is not None and not self.ocr_available)
-
-    def _per_row(self, x: torch.Tensor, groups: Iterator[tuple[torch.Tensor, Callable]]) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for idx, module in groups:
-            if len(idx):
-                out = out.index_copy(0, idx, module(x[idx]))
-        return out
-
-    def _by_task(self, x: torch.Tensor, task_id: torch.Tensor, module_of: Callable[[str], Callable]) -> torch.Tensor:
-        """Each row through its own task's module ``module_of(task)``; other modules stay out of the graph."""
-        return self._per_row(
-            x, ((torch.nonzero(task_id == i).flatten(), module_of(t)) for i, t in enumerate(self.task_names))
-        )
-
-    # --- forward ------------------------------------------------------------------------------
-    def adapt(self, f: Features) -> Features:
-        x = f.tokens
-        client = self.client_adapter(x)
-        if self.stage == STAGE1:
-            self.routing = None
-            task = self._by_task(x, f.task_id, self.task_adapters.__getitem__)
-            self._aux = self.options.orth_weight * orthogonality_penalty(task, client)
-            delta = task + client
-            if self.ocr_expert is not None and self.ocr_available:  # reading rows: OCR text + a task that reads it
-                rows = torch.nonzero(f.ocr_mask.any(1) & self.reads_ocr[f.task_id]).flatten()
-                delta = delta + self._per_row(x, iter([(rows, self.ocr_expert)]))
-            return replace(f, tokens=x + delta)
-        n = self.n_available()
-        self._aux = 0.0
-        if self.options.routing == "oracle":  # the row's own task expert with weight 1, alone in the graph
-            weights = F.one_hot(f.task_id, n).to(x.dtype).unsqueeze(1)  # [B, 1, n]
-            delta = self._by_task(x, f.task_id, lambda t: functools.partial(self.task_expert, t))
-        else:
-            if self.router is None:  # uniform: equal weights over the experts this client routes over
-                weights = x.new_full((len(x), 1, n), 1.0 / n)
-            else:
-                logits = self.router(f, self.ocr_available)[..., :n]  # [B, L or 1, n]
-                weights = route(logits, self.options.top_k)
-                o = self.options
-                self._aux = o.balance_weight * load_balance_loss(weights) + o.z_weight * router_z_loss(logits)
-            experts = [self.task_expert(t, x) for t in self.task_names]
-            if n > len(self.task_names):
-                experts.append(self.ocr_expert(x))
-            delta = mixture(experts, weights.expand(*x.shape[:2], n))
-        self.routing = F.pad(weights.mean(1), (0, len(self.expert_names) - n))  # token-averaged [B, E]
-        return replace(f, tokens=x + delta + client)
-
-    def extra_loss(self) -> torch.Tensor | float:
-        return self._aux
-
-
 # --- aggregation ------------------------------------------------------------------------------
 def client_key(client: int, name: str) -> str:
     """Server-state key of client ``client``'s own aggregate of parameter ``name``."""
@@ -267,8 +142,12 @@ def in_group(group: str, client: ClientInfo) -> bool:
 
 
 def language_side_groups(replies: Sequence[Reply]) -> list[str]:
-    """The name prefixes Pilot's distance rule runs on: the shared answer trunk (every client holds
-    it), or, with per-task heads (no trunk), each task's head among the clients holding the task."""
+    """The name prefixes Pilot's distance rule runs on: a generative VLM's LM (its LoRA), the shared
+    answer trunk (every client holds it), or, with per-task heads (no trunk), each task's head among
+    the clients holding the task."""
+    lm = next((n for r in replies for n in r.payload if LANGUAGE_MODEL in n), None)
+    if lm is not None:
+        return [lm[: lm.index(LANGUAGE_MODEL) + len(LANGUAGE_MODEL)]]
     if any(n.startswith(TRUNK) for r in replies for n in r.payload):
         return [TRUNK]
     tasks = dict.fromkeys(task_of(n) for r in replies for n in r.payload if n.startswith(HEADS))
@@ -321,6 +200,7 @@ class TaskExpertsMethod(Method):
     """Shared client/server logic; subclasses say which tensors are shared, sent and trained."""
 
     Options = TaskExpertOptions
+    families = ("clip", "vlm")
     ocr_expert: bool = False
 
     # --- hooks for subclasses ------------------------------------------------------------------
@@ -371,6 +251,10 @@ class TaskExpertsMethod(Method):
 
     # --- model / client ------------------------------------------------------------------------
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
+        if getattr(backbone, "family", "clip") == "vlm":  # connectors as experts, LoRA on the LM as language side
+            model = TaskExpertVLMModel(backbone, list(tasks), self.options, self.make_router, self.ocr_expert)
+            inject_lora(backbone, LoRASpec())
+            return model
         return TaskExpertModel(backbone, list(tasks), self.options, self.make_router, self.ocr_expert, answer_side)
 
     def stage(self, ctx: ClientContext) -> int:

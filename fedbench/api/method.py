@@ -25,6 +25,9 @@ from fedbench.api.registry import METHODS
 from fedbench.api.task import TaskSpec
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from fedbench.api.batch import Batch
     from fedbench.api.context import ClientContext
 
 Tag = Literal["shared", "local"]
@@ -105,6 +108,14 @@ class Method:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image features at evaluation (override for instance-wise adapter mixing)."""
         return model.backbone.encode_image(ctx.store.images[image_ids.to(ctx.store.device)])
+
+    def generate(
+        self, model: ClientModel, batch: Batch, cached: tuple[torch.Tensor, torch.Tensor] | None, budget: int,
+        ctx: ClientContext,
+    ) -> tuple[list[str], np.ndarray]:  # fmt: skip
+        """A generative VLM's answers to ``batch``'s rows at evaluation (texts, and per row whether it was
+        cut at ``budget`` new tokens); override for instance-wise adapter mixing (FedDPA's α)."""
+        return model.generate(batch, cached, budget)
 
     # --- communication ----------------------------------------------------------------------
     def init_server_state(self, model: ClientModel) -> Payload:

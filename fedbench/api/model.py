@@ -71,9 +71,13 @@ class OCRPointer(nn.Module):
 TRUNK, HEADS = "trunk.", "heads."
 
 
+LANGUAGE_MODEL = ".language_model."  # in the names of a generative VLM's LM tensors (LLaVA's layout)
+
+
 def is_answer_side(name: str) -> bool:
-    """Whether parameter ``name`` belongs to the answer side (the shared trunk or a task's head)."""
-    return name.startswith((TRUNK, HEADS))
+    """Whether parameter ``name`` belongs to the answer side: the shared trunk or a task's head, or on a
+    generative VLM the LM that writes the answers (its trainable tensors: LoRA)."""
+    return name.startswith((TRUNK, HEADS)) or LANGUAGE_MODEL in name
 
 
 @dataclass

@@ -51,6 +51,9 @@ class VisionLanguageModel(nn.Module):
         emitted = self.vision_tower.embeddings.num_positions
         self.image_seq_length = emitted - (cfg.vision_feature_select_strategy == "default")
         self.context_length = cfg.text_config.max_position_embeddings
+        layers = cfg.vision_feature_layer  # one layer, or several concatenated on the feature axis
+        self.vision_dim = cfg.vision_config.hidden_size * (len(layers) if isinstance(layers, list) else 1)
+        self.lm_dim = cfg.text_config.hidden_size  # the LM's width: the connector's output
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -129,6 +132,11 @@ class VisionLanguageModel(nn.Module):
         text = text.replace(self.image_token, self.image_token * self.image_seq_length)
         bos = self.tokenizer.bos_token
         return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+    def text_ids(self, text: str) -> list[int]:
+        """``text``'s tokens alone (no special tokens): what the LM's input embeddings of a question or an
+        OCR line are looked up by."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def answer_ids(self, text: str) -> list[int]:
         """The answer's tokens, then the eos that closes an assistant turn (the target of teacher forcing)."""

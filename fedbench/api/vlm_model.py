@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedbench.api.batch import Batch, encode_per_image
+from fedbench.api.batch import Batch, Features, encode_per_image
 
 if TYPE_CHECKING:
     from fedbench.api.task import TaskSpec
@@ -57,6 +57,21 @@ class VLMClientModel(nn.Module):
     def connect(self, vision: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Vision-tower features [B, L, Dv] -> the LM's image embeddings [B, L, H]: the connector."""
         return self.backbone.connector(vision)
+
+    def features(self, vision: torch.Tensor, batch: Batch) -> Features:
+        """What a method's router or gate reads on this family: the vision tokens before the connector
+        and their mean, the LM's frozen input embeddings of the question (mean-pooled) and of the OCR
+        tokens (staged per row: :class:`fedbench.staging.token_rows.TokenRowStore`), the task."""
+        device = vision.device
+        return Features(
+            tokens=vision,
+            image=vision.mean(1),
+            question=batch.question.to(device),
+            ocr=batch.ocr.to(device),
+            ocr_mask=batch.ocr_mask.to(device),
+            task_id=batch.task_id.to(device),
+            row_index=batch.row_index,
+        )
 
     def extra_loss(self) -> torch.Tensor | float:
         """Method hook: auxiliary losses of the last forward (e.g. a mixture's load balance)."""

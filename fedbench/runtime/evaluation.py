@@ -54,8 +54,7 @@ def evaluate_rows(
     else None.
     """
     if getattr(model, "generates", False):
-        scores, status = score_generated(model, ctx, rows, batch_size)
-        return scores, None, status
+        return score_generated(model, method, ctx, rows, batch_size)
     model.eval()
     out = np.zeros(len(rows), dtype=np.float64)
     routing: np.ndarray | None = None
@@ -88,26 +87,34 @@ def evaluate_rows(
 
 
 def score_generated(
-    model: VLMClientModel, ctx: ClientContext, rows: np.ndarray, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+    model: VLMClientModel, method: Method, ctx: ClientContext, rows: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Per row of a generative VLM: its answer generated greedily (rows of one task together, at most
     the task's generation budget: its longest valid answer in the LM's tokens), parsed and scored by
     the task's family with the protocol's ``vlm.vqa_metric``; an answer the family cannot parse scores
-    0. Also each row's status bits."""
+    0 (``method.generate`` writes them: the model's greedy generation unless the method mixes
+    per row). Also, when the model routes (its connector is a mixture, applied once per prompt), each row's
+    routing weights [rows, E], else None; and each row's status bits."""
     model.eval()
     table, metric = ctx.store.table, ctx.protocol.vlm.vqa_metric
     scores, status = np.zeros(len(rows), dtype=np.float64), np.zeros(len(rows), dtype=np.int8)
+    routing: np.ndarray | None = None
     with autocast(ctx.store.device, ctx.amp):
         for spec in model.tasks:
             family = family_of(spec)
             where = np.flatnonzero(table.task[rows] == spec.name)
             for i in range(0, len(where), batch_size):
                 at = where[i : i + batch_size]
-                texts, cut = model.generate(*ctx.inputs(model, rows[at]), ctx.store.generation_budget[spec.name])
+                batch, cached = ctx.inputs(model, rows[at])
+                texts, cut = method.generate(model, batch, cached, ctx.store.generation_budget[spec.name], ctx)
                 for j, row, text, was_cut in zip(at, rows[at], texts, cut, strict=True):
                     scores[j], parsed = family.score_text(spec, table, int(row), text, metric)
                     status[j] = (0 if parsed else UNPARSED) | (CUT if was_cut else 0)
-    return scores, status
+                if model.routing is not None:  # the prompts' routing (the connector runs on the prefill)
+                    if routing is None:  # NaN marks rows that did not route, should some not
+                        routing = np.full((len(rows), model.routing.shape[1]), np.nan)
+                    routing[at] = model.routing.detach().float().cpu().numpy()
+    return scores, routing, status
 
 
 def state_only(method: Method) -> bool:

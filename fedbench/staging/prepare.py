@@ -113,7 +113,7 @@ def prepare(
     text_disk = (text_dir() if feature_cache is True else Path(feature_cache) / "text") if feature_cache else None
     digest = backbone_digest(backbone) if disk else None  # one hash of the weights for both disk keys
     if getattr(backbone, "family", "clip") == "vlm":
-        store, prompts = vlm_rows(protocol, table, specs, backbone, device), None
+        store = vlm_rows(protocol, table, specs, backbone, device)
     else:
         if protocol.vlm != VLMConfig():
             raise ValueError(
@@ -121,7 +121,8 @@ def prepare(
                 "which has no connector or generated answers: leave [vlm] out"
             )
         store = RowStore(table, specs, backbone, device, TextEncoder(backbone, text_disk, digest))
-        prompts = PromptViews(table, {s.name: family_of(s).symbol for s in specs}, backbone, protocol.eval.batch_size)
+    # rendered and encoded by the frozen tower on first use (a router that reads the prompt view)
+    prompts = PromptViews(table, {s.name: family_of(s).symbol for s in specs}, backbone, protocol.eval.batch_size)
     amp = amp_dtype(device, protocol.resources.amp)
     features = FeatureCache(backbone, store.images, protocol.eval.batch_size, prompts, disk, amp, digest)
     prep = Prepared(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fedbench.api.batch import OCR_TOKENS
 from fedbench.api.data import TRAIN, ExampleTable
 from fedbench.api.family import family_of
 from fedbench.api.task import TaskSpec
@@ -33,9 +34,8 @@ class TokenRowStore(RowStore):
     ) -> None:
         n = len(table)
         self.text = None
-        self.question = torch.zeros(n, 1, device=self.device)  # no text tower: the LM reads the prompt
-        self.ocr = torch.zeros(n, 1, 1, device=self.device)
-        self.ocr_mask = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
+        # no text tower: the LM reads the prompt; a router reads the LM's input embeddings of the text
+        self.question, self.ocr, self.ocr_mask = lm_text_inputs(table, backbone, self.device)
         spec_of = {s.name: s for s in specs}
         # per task, the new tokens generation may write: its longest valid answer in this LM's tokens
         self.generation_budget = {
@@ -75,6 +75,32 @@ class TokenRowStore(RowStore):
         """Answer tokens of ``rows`` (with their end tokens): where the loss projects onto the vocabulary,
         so what a step's FLOPs grow with besides rows × width."""
         return int(sum(len(self.target_ids[r]) for r in rows))
+
+
+@torch.no_grad()
+def lm_text_inputs(
+    table: ExampleTable, vlm: VisionLanguageModel, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, what a router reads of its text on a generative VLM (docs/methods.md §7): the LM's frozen
+    input embeddings of the question, mean-pooled [n, H], and of the first ``OCR_TOKENS`` tokens of its OCR
+    text [n, K, H], with their mask [n, K] (all False where the row has no OCR text)."""
+    weight = vlm.input_embeddings.weight
+    n, width = len(table), weight.shape[1]
+    question = torch.zeros(n, width)
+    ocr = torch.zeros(n, OCR_TOKENS, width)
+    mask = torch.zeros(n, OCR_TOKENS, dtype=torch.bool)
+    pooled: dict[str, torch.Tensor] = {}
+    for row in range(n):
+        text = str(table.question[row])
+        if text not in pooled:
+            ids = vlm.text_ids(text)
+            pooled[text] = weight[ids].float().mean(0).cpu() if ids else torch.zeros(width)
+        question[row] = pooled[text]
+        ids = vlm.text_ids(str(table.ocr_text[row]))[:OCR_TOKENS] if table.ocr_text[row] else []
+        if ids:
+            ocr[row, : len(ids)] = weight[ids].float().cpu()
+            mask[row, : len(ids)] = True
+    return question.to(device), ocr.to(device), mask.to(device)
 
 
 def vlm_rows(
