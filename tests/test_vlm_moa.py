@@ -43,7 +43,7 @@ ENTRIES = [
     MethodEntry("pfedmoe"),
     MethodEntry("pfedmoe", {"gate_input": "features"}),
     MethodEntry("feddpa"),
-    MethodEntry("fedmix"),
+    MethodEntry("fedmix", {"num_experts": 2, "experts_per_client": 1}),
 ]
 
 

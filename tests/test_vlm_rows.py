@@ -162,8 +162,13 @@ def test_what_does_not_apply_to_a_family_is_refused_in_one_line(vlm_prep, backbo
     with pytest.raises(ValueError, match="answer_side") as err:
         prepare(per_task, 0, backbone=vlm_prep.backbone, device=torch.device("cpu"))
     assert "\n" not in str(err.value)
+    from fedbench.api.method import Method
+
+    class ClipOnly(Method):  # a plug-in method with no vlm form (every registered method has one)
+        name = "clip-only"
+
     with pytest.raises(ValueError, match="no form on the vlm backbone family") as err:
-        build_model(vlm_prep, Run(vlm_prep, MethodEntry("pfedmoe"), "/unused", backend=in_process).method)
+        build_model(vlm_prep, ClipOnly())
     assert "\n" not in str(err.value)
 
 
