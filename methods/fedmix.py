@@ -195,12 +195,7 @@ class FedMixVLMModel(LoRAMixing, VLMClientModel):
             embeds = vlm.input_embeddings(token[:, None])
             mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
             positions = positions[:, -1:] + 1
-        texts, cut = [], np.zeros(len(mask), dtype=bool)
-        for i, row in enumerate(torch.stack(written, 1).tolist()):
-            ended = vlm.eos_token_id in row
-            cut[i] = not ended
-            texts.append(vlm.decode(row[: row.index(vlm.eos_token_id)] if ended else row))
-        return texts, cut
+        return self.read_answers(torch.stack(written, 1).tolist())
 
 
 def expert_of(name: str) -> int | None:

@@ -146,9 +146,15 @@ class VLMClientModel(nn.Module):
             pad_token_id=vlm.pad_token_id,
             eos_token_id=vlm.eos_token_id,
         )
-        texts, cut = [], np.zeros(len(out), dtype=bool)
-        for i, row in enumerate(out.tolist()):  # from input embeddings, generate returns the new tokens only
-            ended = vlm.eos_token_id in row
+        return self.read_answers(out.tolist())  # from input embeddings, generate returns the new tokens only
+
+    def read_answers(self, written: list[list[int]]) -> tuple[list[str], np.ndarray]:
+        """Each row's generated tokens -> its answer text (up to its end token), and whether the row was
+        cut without writing one."""
+        eos = self.backbone.eos_token_id
+        texts, cut = [], np.zeros(len(written), dtype=bool)
+        for i, row in enumerate(written):
+            ended = eos in row
             cut[i] = not ended
-            texts.append(vlm.decode(row[: row.index(vlm.eos_token_id)] if ended else row))
+            texts.append(self.backbone.decode(row[: row.index(eos)] if ended else row))
         return texts, cut
