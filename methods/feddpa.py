@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fedbench.adapters.lora import LoRAMixing, LoRASpec, inject_lora, lora_param
 from fedbench.api import UNIT, Bound, bounded, check_bounds
 from fedbench.api.aggregate import weighted_mean
-from fedbench.api.backbone import Backbone
+from fedbench.api.backbone import Backbone, backbone_family
 from fedbench.api.batch import Batch, sub_batch
 from fedbench.api.method import Method, Reply, Tag, register_method
 from fedbench.api.model import ClientModel, is_answer_side
@@ -225,7 +225,7 @@ class FedDPA(Method):
     families = ("clip", "vlm")
 
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
-        if getattr(backbone, "family", "clip") == "vlm":
+        if backbone_family(backbone) == "vlm":
             if self.options.heads != "shared":
                 raise ValueError(
                     f"feddpa: heads = '{self.options.heads}' does not apply to the vlm family (the LM writes every "

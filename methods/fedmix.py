@@ -18,7 +18,7 @@ from fedbench.adapters.lora import LoRAMixing, LoRASpec, inject_lora, lora_param
 from fedbench.adapters.moa import Adapter, entropy
 from fedbench.api import NON_NEGATIVE, bounded, check_bounds, device_index
 from fedbench.api.aggregate import weighted_mean
-from fedbench.api.backbone import Backbone
+from fedbench.api.backbone import Backbone, backbone_family
 from fedbench.api.batch import Batch, Features
 from fedbench.api.method import ClientInfo, Method, Reply, Tag, register_method
 from fedbench.api.model import AnswerTrunk, ClientModel, answer_input, make_heads
@@ -278,7 +278,7 @@ class FedMix(Method):
     families = ("clip", "vlm")
 
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
-        if getattr(backbone, "family", "clip") == "vlm":
+        if backbone_family(backbone) == "vlm":
             return FedMixVLMModel(backbone, list(tasks), self.options)
         return FedMixModel(backbone, list(tasks), self.options, answer_side)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbench.adapters.moa import Adapter
-from fedbench.api.backbone import Backbone
+from fedbench.api.backbone import Backbone, backbone_family
 from fedbench.api.batch import Batch, Features
 from fedbench.api.method import ClientInfo, Method, Tag, register_method
 from fedbench.api.model import ClientModel
@@ -189,7 +189,7 @@ class PFedMoE(Method):
     families = ("clip", "vlm")
 
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
-        if getattr(backbone, "family", "clip") == "vlm":
+        if backbone_family(backbone) == "vlm":
             return PFedMoEVLMModel(backbone, list(tasks), self.options)
         return PFedMoEModel(backbone, list(tasks), self.options, answer_side)
 

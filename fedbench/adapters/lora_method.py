@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedbench.adapters.lora import LoRASpec, inject_lora
-from fedbench.api.backbone import Backbone
+from fedbench.api.backbone import Backbone, backbone_family
 from fedbench.api.method import Method
 from fedbench.api.model import ClientModel
 from fedbench.api.task import TaskSpec
@@ -26,7 +26,7 @@ class LoRAMethod(Method):
     def build_model(
         self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared"
     ) -> ClientModel | VLMClientModel:
-        if getattr(backbone, "family", "clip") == "vlm":
+        if backbone_family(backbone) == "vlm":
             model = VLMClientModel(backbone, tasks, backbone.train_connector)
         else:
             model = ClientModel(backbone, list(tasks), answer_side)

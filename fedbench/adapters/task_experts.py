@@ -50,7 +50,7 @@ from fedbench.adapters.expert_models import (
 from fedbench.adapters.lora import LoRASpec, inject_lora
 from fedbench.adapters.moa import distance_weighted, grouped_mean
 from fedbench.api.aggregate import weighted_mean
-from fedbench.api.backbone import Backbone
+from fedbench.api.backbone import Backbone, backbone_family
 from fedbench.api.method import ClientInfo, Method, Reply, holds
 from fedbench.api.model import HEADS, LANGUAGE_MODEL, TRUNK, ClientModel, is_answer_side
 from fedbench.api.payload import Payload
@@ -251,7 +251,7 @@ class TaskExpertsMethod(Method):
 
     # --- model / client ------------------------------------------------------------------------
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
-        if getattr(backbone, "family", "clip") == "vlm":  # connectors as experts, LoRA on the LM as language side
+        if backbone_family(backbone) == "vlm":  # connectors as experts, LoRA on the LM as language side
             model = TaskExpertVLMModel(backbone, list(tasks), self.options, self.make_router, self.ocr_expert)
             inject_lora(backbone, LoRASpec())
             return model

@@ -53,6 +53,7 @@ _API = {
     "AnswerTrunk": "model",
     "ANSWER_SIDES": "answer_side",
     "Backbone": "backbone",
+    "backbone_family": "backbone",
     "BackboneUnavailable": "backbone",
     "create_backbone": "backbone",
     "VisionLanguageModel": "vlm",

@@ -102,6 +102,12 @@ class Backbone(nn.Module):
         return torch.cat(out).float()
 
 
+def backbone_family(backbone: object) -> str:
+    """The backbone family a backbone belongs to (``clip`` or ``vlm``); ``clip`` for one that names none.
+    What the harness, the staging and the methods branch on, with one default."""
+    return getattr(backbone, "family", "clip")
+
+
 def create_backbone(spec: str, device: str | torch.device = "cpu") -> Backbone:
     """Create a frozen backbone from ``scheme[:rest]``.
 

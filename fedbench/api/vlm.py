@@ -140,7 +140,7 @@ class VisionLanguageModel(nn.Module):
 
     def answer_ids(self, text: str) -> list[int]:
         """The answer's tokens, then the eos that closes an assistant turn (the target of teacher forcing)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_token_id]
+        return [*self.text_ids(text), self.eos_token_id]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Generated ids -> the answer text, special tokens (eos, pad) left out."""

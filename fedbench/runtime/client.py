@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from fedbench.api.backbone import backbone_family
 from fedbench.api.context import ClientContext
 from fedbench.api.data import GLOBAL_TEST, TEST, ClientInfo
 from fedbench.api.method import Method
@@ -57,7 +58,7 @@ def build_model(prep: Prepared, method: Method) -> ClientModel:
     """The method's model on a fresh copy of the backbone, from the one seeded init every client
     (and the server) starts from. Weights the backbone says no method trains (``never_trained``: a
     generative VLM's tower and LM) are shared by every copy, not copied."""
-    family = getattr(prep.backbone, "family", "clip")
+    family = backbone_family(prep.backbone)
     if family not in method.families:
         raise ValueError(
             f"method '{method.name}' has no form on the {family} backbone family ('{prep.backbone.name}'); "

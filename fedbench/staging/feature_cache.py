@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from fedbench.api.backbone import Backbone
+from fedbench.api.backbone import Backbone, backbone_family
 from fedbench.staging.prompt_view import PromptViews
 from fedbench.utils.integrity import sha256_file
 
@@ -76,7 +76,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 def backbone_digest(backbone: Backbone) -> str:
     """SHA-256 of the towers' weights and buffers and of the shapes they produce: other weights,
     another architecture or another library give another digest."""
-    if getattr(backbone, "family", "clip") == "vlm":  # a VLM's cached features: its vision tower's, at its layer
+    if backbone_family(backbone) == "vlm":  # a VLM's cached features: its vision tower's, at its layer
         cfg = backbone.model.config
         head = (
             f"vlm|{type(backbone.vision_tower).__qualname__}|{cfg.vision_feature_layer}|"

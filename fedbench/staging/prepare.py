@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedbench.api.backbone import Backbone, create_backbone
+from fedbench.api.backbone import Backbone, backbone_family, create_backbone
 from fedbench.api.data import GLOBAL_TEST, TRAIN, ClientInfo, ClientPlan, ExampleTable
 from fedbench.api.family import family_of
 from fedbench.api.registry import SUITES, TASKS
@@ -112,7 +112,7 @@ def prepare(
     disk = (features_dir() if feature_cache is True else Path(feature_cache)) if feature_cache else None
     text_disk = (text_dir() if feature_cache is True else Path(feature_cache) / "text") if feature_cache else None
     digest = backbone_digest(backbone) if disk else None  # one hash of the weights for both disk keys
-    if getattr(backbone, "family", "clip") == "vlm":
+    if backbone_family(backbone) == "vlm":
         store = vlm_rows(protocol, table, specs, backbone, device)
     else:
         if protocol.vlm != VLMConfig():
