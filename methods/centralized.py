@@ -19,7 +19,8 @@ class Centralized(LoRAMethod):
     ``federated: false``; the leaderboard leaves its MB columns empty).
 
     - Model: the same client model as ``fedavg-lora`` (LoRA on q and v of every image-tower
-      attention block, and the answer side), with the same options. Every trainable tensor is
+      attention block, and the answer side; on the ``vlm`` family LoRA on the LM, and the
+      connector when ``vlm.connector = "shared"``), with the same options. Every trainable tensor is
       tagged shared only in the sense that the one trainer holds it.
     - Training: each round, the union of all clients' training rows (all tasks; OCR text as each
       row has it), ``local.steps`` × (number of clients sampled that round) AdamW steps at the

@@ -15,7 +15,8 @@ class LocalOnly(LoRAMethod):
     pFL-Bench, arXiv 2206.03655): the floor a federated method has to beat.
 
     - Model: the same client model as ``fedavg-lora`` (LoRA on q and v of every image-tower
-      attention block, and the answer side), with the same options; every trainable tensor is
+      attention block, and the answer side; on the ``vlm`` family LoRA on the LM, and the
+      connector when ``vlm.connector = "shared"``), with the same options; every trainable tensor is
       tagged local, so it differs from ``fedavg-lora`` only in that nothing crosses the network.
     - Client: plain supervised loss from its own stored state (the shared seeded init at first).
     - Server: holds nothing; download and upload are empty, and an empty payload is no message,

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import fedbench
+from fedbench.api.registry import METHODS
 from fedbench.backends.inprocess import in_process
 from fedbench.cli import app
 
@@ -144,6 +145,17 @@ def test_list_and_describe():
     assert described.exit_code == 0, described.output
     text = described.output
     assert "lora_A" in text and "shared" in text and "local" in text and "upload" in text
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_describe_says_where_the_method_acts_on_each_family(name):
+    """Every registered method runs on both families, and its description says what it does on the
+    generative VLM (issue 22), not only on CLIP."""
+    described = runner.invoke(app, ["describe", name], env={"COLUMNS": "200"})
+    assert described.exit_code == 0, described.output
+    head, _, body = described.output.partition("backbone families: clip, vlm\n")
+    assert head and body, described.output[:300]
+    assert "``vlm``" in body or "vlm family" in body, f"{name}: describe says nothing of the vlm family"
 
 
 def test_leaderboard_usage_renders_the_routed_methods_matrix(tmp_path, tiny_prep):

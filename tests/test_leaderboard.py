@@ -588,6 +588,27 @@ def test_versus_command_and_unknown_row(tmp_path):
     (tmp_path / "protocol.toml").write_text('methods = ["ref", "const"]\n')
     steps = runner.invoke(app, ["leaderboard", "--results", str(tmp_path), "--steps", "--format", "csv"])
     assert steps.exit_code == 0 and steps.output.splitlines()[1].startswith("const,ref,3,0.25,0.25,0.25")
+    figure = runner.invoke(
+        app, ["leaderboard", "--results", str(tmp_path), "--versus", "ref", "--plots", str(tmp_path / "p")]
+    )
+    assert figure.exit_code == 0, figure.output
+    assert (tmp_path / "p" / "versus_ref.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_versus_draws_each_rows_paired_gain_in_the_protocols_order():
+    """One interval per row other than the reference, in the given order (top first), the gain and its
+    marks beside it, the seed count in the row's label."""
+    from fedbench.reporting.plots import plot_versus
+
+    table = build_versus(pd.DataFrame(_paired_records()), "ref")
+    fig = plot_versus(table, order=["const", "flip"])
+    ax = fig.axes[0]
+    height = {t.get_text(): t.get_position()[1] for t in ax.get_yticklabels()}
+    assert list(height) == ["const (3 seeds)", "flip (3 seeds)"]
+    assert height["const (3 seeds)"] > height["flip (3 seeds)"]
+    notes = [t.get_text() for t in ax.texts]
+    assert "+0.250 [+0.250, +0.250] *" in notes[0] and notes[1].startswith("+0.062 [")
+    assert "over ref" in fig._suptitle.get_text() and "2 comparisons" in fig._suptitle.get_text()
 
 
 def test_a_run_records_per_example_scores_and_routing_statistics(tiny_prep, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def leaderboard(
     results: Path = typer.Option(..., help="Results directory written by `fedbench run`."),
     format: str = typer.Option("table", "--format", help="table, markdown or csv."),
     out: Path = typer.Option(None, help="Write to this file instead of standard output."),
-    plots: Path = typer.Option(None, help="Also write PNG plots into this directory."),
+    plots: Path = typer.Option(
+        None, help="Also write PNG plots into this directory (with --versus ROW, versus_ROW.png: the paired gains)."
+    ),
     usage: bool = typer.Option(False, "--usage", help="Render the expert-usage matrix (task × expert) instead."),
     versus: str = typer.Option(
         None,
@@ -75,7 +78,8 @@ def leaderboard(
         failed_rows,
         in_flight_runs,
     )
-    from fedbench.reporting.plots import plot
+    from fedbench.reporting.plot_layout import save_png
+    from fedbench.reporting.plots import plot, plot_versus
     from fedbench.reporting.text import render
     from fedbench.utils.records import read_records
 
@@ -144,7 +148,12 @@ def leaderboard(
                 tmp.unlink()
     if plots is not None:
         check_writable(plots)
-        for path in plot(records, plots):
+        written_plots = plot(records, plots)
+        if versus is not None:
+            order = [m.label for m in toml_file.load(str(written)).methods] if written.is_file() else None
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", versus)
+            written_plots.append(save_png(plot_versus(board, order), plots / f"versus_{name}.png"))
+        for path in written_plots:
             err_console.print(f"wrote {path}")
 
 

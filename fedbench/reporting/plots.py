@@ -6,7 +6,8 @@
 - :func:`plot_bytes_per_round`: uplink and downlink MB per round per row;
 - :func:`plot_client_acc`: the distribution of per-client accuracy per row;
 - :func:`plot_expert_usage`: the expert-usage heatmaps with each router's entropy and I(task; expert);
-- :func:`plot_sweep_gain`: a sweep's paired gain over its reference at every swept value.
+- :func:`plot_sweep_gain`: a sweep's paired gain over its reference at every swept value;
+- :func:`plot_versus`: every row's paired gain over one reference row (``fedbench leaderboard --versus``).
 
 :func:`plot` writes the first two (and the expert usage where a row has a router) as
 ``acc_vs_comm.png``, ``acc_per_round.png`` and ``expert_usage.png`` (``fedbench run``,
@@ -489,6 +490,49 @@ def plot_sweep_gain(table: pd.DataFrame, path: Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_versus(table: pd.DataFrame, order: list[str] | None = None) -> Figure:
+    """Every row's paired gain in mean_acc over the reference row of a versus table
+    (:func:`fedbench.reporting.board.build_versus`): one horizontal 95% t-interval per row, a line at
+    0, the mean and its marks (* interval excludes 0, † also after Holm) written beside it and the
+    seeds both rows ran in the row's label. Rows follow ``order`` (e.g. the protocol's, an ablation
+    ladder's), then the table's order."""
+    from fedbench.reporting.text import gain_text
+
+    attrs = table.attrs
+    ranked = [label for label in (order or []) if label in set(table["method"])]
+    labels = ranked + [label for label in table["method"] if label not in ranked]
+    rows = table.set_index("method").loc[labels]
+    fig = new_figure(figsize=(10, 1.6 + 0.42 * len(labels)), layout="constrained")
+    ax = fig.add_subplot()
+    ax.axvline(0.0, color="grey", linewidth=1, linestyle="--")
+    ys = np.arange(len(labels))[::-1]
+    for y, (_, row) in zip(ys, rows.iterrows(), strict=True):
+        mean, lo, hi = row["mean_acc"], row.get("mean_acc_lo", np.nan), row.get("mean_acc_hi", np.nan)
+        if pd.isna(mean):
+            continue
+        bounds = np.array([[mean - lo], [hi - mean]]) if pd.notna(lo) else None
+        ax.errorbar([mean], [y], xerr=bounds, fmt="o", color="tab:blue", capsize=4, markersize=5)
+        ax.annotate(
+            gain_text(mean, lo, hi, row.get("p_holm", np.nan)),
+            (hi if pd.notna(hi) else mean, y),
+            xytext=(6, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    ax.set_yticks(ys, [f"{label} ({int(rows.loc[label, 'seeds'])} seeds)" for label in labels], fontsize=8)
+    ax.margins(x=0.35)
+    ax.set_xlabel(f"mean_acc − {attrs['reference']}")
+    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(
+        f"Paired gain in mean_acc over {attrs['reference']}"
+        + (" (SYNTHETIC data)" if attrs.get("synthetic") else "")
+        + f"\nerror bars: {PAIRED_INTERVAL}; {attrs.get('comparisons', 0)} comparisons (Holm: †)",
+        fontsize=10,
+    )
+    return fig
 
 
 def _tick(value: object) -> str:
