@@ -187,6 +187,7 @@ class PFedMoE(Method):
     paper = "https://arxiv.org/abs/2402.01350"
 
     families = ("clip", "vlm")
+    frozen_lm_form = True  # its vlm form never adapts the LM: model.answer_side = "frozen_trunk" changes nothing there
 
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
         if backbone_family(backbone) == "vlm":

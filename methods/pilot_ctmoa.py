@@ -69,6 +69,8 @@ class PilotCTMoA(TaskExpertsMethod):
         the AoAs act on a foreign connector's output (the LM's width); LoRA on the LM's q and v
         (rank 8, alpha 16, dropout 0.05) is the language side, aggregated per client by the distance
         rule. ``vlm.connector`` does not apply (the pretrained connector stays frozen and unused).
+        With ``model.answer_side = "frozen_trunk"`` the LM stays as pretrained, without LoRA: the
+        connector experts and the router are all that train (the frozen trunk's counterpart).
 
     Simplifications / harness choices:
     - On ``clip`` there is no LLM (a 2-core CPU): the trunk stands in for it. The released code has no

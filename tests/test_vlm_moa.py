@@ -15,6 +15,7 @@ from fedbench.adapters.expert_models import STAGE1, STAGE2, TaskExpertVLMModel
 from fedbench.adapters.task_experts import client_key
 from fedbench.api.data import TRAIN
 from fedbench.api.model import is_answer_side
+from fedbench.api.registry import METHODS
 from fedbench.api.vlm_model import is_connector
 from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry
@@ -128,6 +129,31 @@ def test_the_lms_lora_is_aggregated_per_client_by_the_distance_rule(prep):
         down = method.download(new, info)
         assert all(torch.equal(down[n], new[client_key(info.client, n)]) for n in lm)
     assert not torch.equal(new[client_key(prep.infos[0].client, lm[0])], new[client_key(prep.infos[1].client, lm[0])])
+
+
+def test_with_the_lm_frozen_the_task_expert_rows_train_connectors_only_and_lm_adapter_rows_are_refused(prep, tmp_path):
+    """``model.answer_side = "frozen_trunk"`` on the vlm family, the analogue of the clip family's frozen
+    trunk: the task-expert rows keep their connector experts and router, with no LoRA on the LM, so nothing
+    of the LM trains or travels; a row whose adapters are all on the LM is refused in one line."""
+    from fedbench.config.sections import ModelConfig
+    from fedbench.runtime.client import build_model
+
+    frozen = dataclasses.replace(prep, protocol=prep.protocol.replace(model=ModelConfig(answer_side="frozen_trunk")))
+    run = Run(frozen, MethodEntry("mmrouter-moa"), tmp_path, backend=in_process)
+    model = run.build()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any(".language_model." in n or ".lora_" in n for n in trainable)
+    assert any(n.startswith("task_adapters.") for n in trainable) and any(n.startswith("router.") for n in trainable)
+    run.execute()
+    rows = read_jsonl(run.records_path)
+    assert rows[-1]["completed"] and all(r["up_bytes"] > 0 for r in rows if r["kind"] == "train")
+    shared = Run(prep, MethodEntry("mmrouter-moa"), "/unused", backend=in_process).build()
+    lora = [n for n, p in shared.named_parameters() if p.requires_grad and ".lora_" in n]
+    assert lora and len(trainable) == sum(p.requires_grad for p in shared.parameters()) - len(lora)
+    for name in ("fedavg-lora", "feddpa", "fedmix"):
+        with pytest.raises(ValueError, match=f"method '{name}' has no form with the vlm family's LM frozen") as err:
+            build_model(frozen, METHODS.get(name)())
+        assert "\n" not in str(err.value)
 
 
 def test_pfedmoe_mixes_two_connectors_by_its_local_gate_and_sends_only_the_global_one(prep):

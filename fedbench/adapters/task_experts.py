@@ -50,6 +50,7 @@ from fedbench.adapters.expert_models import (
 from fedbench.adapters.lora import LoRASpec, inject_lora
 from fedbench.adapters.moa import distance_weighted, grouped_mean
 from fedbench.api.aggregate import weighted_mean
+from fedbench.api.answer_side import FROZEN_TRUNK
 from fedbench.api.backbone import Backbone, backbone_family
 from fedbench.api.method import ClientInfo, Method, Reply, holds
 from fedbench.api.model import HEADS, LANGUAGE_MODEL, TRUNK, ClientModel, is_answer_side
@@ -201,6 +202,7 @@ class TaskExpertsMethod(Method):
 
     Options = TaskExpertOptions
     families = ("clip", "vlm")
+    frozen_lm_form = True  # vlm with model.answer_side = "frozen_trunk": connector experts, no LoRA on the LM
     ocr_expert: bool = False
 
     # --- hooks for subclasses ------------------------------------------------------------------
@@ -253,7 +255,8 @@ class TaskExpertsMethod(Method):
     def build_model(self, backbone: Backbone, tasks: Sequence[TaskSpec], answer_side: str = "shared") -> ClientModel:
         if backbone_family(backbone) == "vlm":  # connectors as experts, LoRA on the LM as language side
             model = TaskExpertVLMModel(backbone, list(tasks), self.options, self.make_router, self.ocr_expert)
-            inject_lora(backbone, LoRASpec())
+            if answer_side != FROZEN_TRUNK:  # frozen: the LM as pretrained, as the clip family's frozen trunk
+                inject_lora(backbone, LoRASpec())
             return model
         return TaskExpertModel(backbone, list(tasks), self.options, self.make_router, self.ocr_expert, answer_side)
 

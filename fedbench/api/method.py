@@ -67,6 +67,10 @@ class Method:
     # the backbone families the method has a form on (``clip``: CLIP towers + answer trunk; ``vlm``: a
     # generative VLM, docs/methods.md §7); a run of another family is refused before it starts
     families: ClassVar[tuple[str, ...]] = ("clip",)
+    # whether the method has a form on the ``vlm`` family with the LM frozen (``model.answer_side =
+    # "frozen_trunk"``: no adapter on the LM, the analogue of the frozen answer trunk); a method whose
+    # only adapters are on the LM (the LoRA rows, FedDPA, FedMix) has none and is refused
+    frozen_lm_form: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

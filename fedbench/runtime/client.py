@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from fedbench.api.answer_side import FROZEN_TRUNK
 from fedbench.api.backbone import backbone_family
 from fedbench.api.context import ClientContext
 from fedbench.api.data import GLOBAL_TEST, TEST, ClientInfo
@@ -63,6 +64,11 @@ def build_model(prep: Prepared, method: Method) -> ClientModel:
         raise ValueError(
             f"method '{method.name}' has no form on the {family} backbone family ('{prep.backbone.name}'); "
             f"it runs on: {', '.join(method.families)}"
+        )
+    if family == "vlm" and prep.protocol.model.answer_side == FROZEN_TRUNK and not method.frozen_lm_form:
+        raise ValueError(
+            f"method '{method.name}' has no form with the vlm family's LM frozen (model.answer_side = "
+            f"'{FROZEN_TRUNK}'): its adapters are on the LM; leave answer_side at 'shared' for it"
         )
     torch.manual_seed(derive_seed(prep.seed, "init"))
     shared = {id(t): t for t in getattr(prep.backbone, "never_trained", list)()}

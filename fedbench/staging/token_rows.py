@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fedbench.api.answer_side import FROZEN_TRUNK
 from fedbench.api.batch import OCR_TOKENS
 from fedbench.api.data import TRAIN, ExampleTable
 from fedbench.api.family import family_of
@@ -108,10 +109,11 @@ def vlm_rows(
 ) -> RowStore:
     """The rows of a generative VLM (:class:`~fedbench.staging.token_rows.TokenRowStore`), with the
     protocol's ``[vlm]`` options set on it; what cannot apply to the family is refused."""
-    if protocol.model.answer_side != "shared":
+    if protocol.model.answer_side not in ("shared", FROZEN_TRUNK):
         raise ValueError(
             f"model.answer_side = '{protocol.model.answer_side}' does not apply to the vlm backbone family "
-            f"('{protocol.backbone.name}'): its language model answers every task; leave it at 'shared'"
+            f"('{protocol.backbone.name}'): its language model answers every task; choose 'shared' (adapters "
+            f"on the LM where a method puts them) or '{FROZEN_TRUNK}' (the LM frozen)"
         )
     vlm.train_connector = protocol.vlm.connector == "shared"
     if protocol.vlm.gradient_checkpointing:  # the LM recomputes its activations in the backward pass
