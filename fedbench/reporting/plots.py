@@ -504,7 +504,7 @@ def plot_versus(table: pd.DataFrame, order: list[str] | None = None) -> Figure:
     ranked = [label for label in (order or []) if label in set(table["method"])]
     labels = ranked + [label for label in table["method"] if label not in ranked]
     rows = table.set_index("method").loc[labels]
-    fig = new_figure(figsize=(10, 1.6 + 0.42 * len(labels)), layout="constrained")
+    fig = new_figure(figsize=(8 + 0.06 * max(map(len, labels)), 1.6 + 0.42 * len(labels)), layout="constrained")
     ax = fig.add_subplot()
     ax.axvline(0.0, color="grey", linewidth=1, linestyle="--")
     ys = np.arange(len(labels))[::-1]
@@ -523,7 +523,7 @@ def plot_versus(table: pd.DataFrame, order: list[str] | None = None) -> Figure:
             fontsize=8,
         )
     ax.set_yticks(ys, [f"{label} ({int(rows.loc[label, 'seeds'])} seeds)" for label in labels], fontsize=8)
-    ax.margins(x=0.35)
+    ax.margins(x=0.6)  # room for the text beside the widest interval
     ax.set_xlabel(f"mean_acc − {attrs['reference']}")
     ax.grid(axis="x", alpha=0.3)
     fig.suptitle(
