@@ -31,10 +31,14 @@ METHODS = ("fedavg-lora", "feddpa", "pilot-ctmoa", "mmrouter-moa", "fedmix")
 TIMED = 20
 
 
-def step_fn(prep, name: str):
+def step_fn(prep, name: str, stage2: bool = False):
+    """One local training step of client 0 as the harness runs it (a fresh closure per call), and the
+    model it trains; ``stage2``: a task-expert row's second stage (its stage-1 participations done)."""
     run = Run(prep, MethodEntry(name), "/tmp/gpu_check_unused", backend=in_process)
     model = run.build().train()
     ctx = client_context(prep, prep.infos[0], 0)
+    if stage2:
+        ctx = replace(ctx, participations=run.method.options.stage1_participations)
     run.method.prepare_client(model, ctx)
     rows = prep.table.rows(client=0, split=TRAIN)
     gen = torch.Generator().manual_seed(0)
@@ -49,7 +53,7 @@ def step_fn(prep, name: str):
         loss.backward()
         opt.step()
 
-    return step
+    return step, model
 
 
 def timed(step, cuda: bool) -> float:
@@ -95,7 +99,7 @@ def main(out: str) -> None:
         row = {}
         for prep in preps.values():
             label = "bf16" if prep.amp is not None else "fp32"
-            step = step_fn(prep, name)
+            step, _ = step_fn(prep, name)
             row[f"step_ms_{label}"] = round(timed(step, cuda) * 1000, 2)
             if cuda:
                 row[f"syncs_per_step_{label}"] = syncs_per_step(step)

@@ -11,9 +11,10 @@ Run on a CUDA machine from the repository root::
    directory (model, tokenizer with a chat template, processor). The tokenizer is the embedded VLM's
    word-level one over the synthetic scenes' words, padded with filler tokens to the LM's vocabulary.
 2. Loads it by path (``llava:OUT_DIR/model``, float32 weights, bfloat16 autocast on CUDA: the run's
-   ``resources.amp``) through the code every run uses, and per method row: times ``STEPS`` training
-   steps at the protocol's batch after warm-up (CUDA events; stage 1 and, for the task-expert rows,
-   stage 2), counting the tokens the LM reads per step (every pass: fedmix's K passes count K times);
+   ``resources.amp``) through the code every run uses, and per method row: times training steps at
+   the protocol's batch after warm-up (``scripts/gpu_check.py``'s step and timer: CUDA events; stage 1
+   and, for the task-expert rows, stage 2), counting the tokens the LM reads per step (every pass:
+   fedmix's K passes count K times);
    times one batched greedy generation on the global test set (answers_per_s, and the LM calls it made);
    runs one federated round (``Run.execute``, 2 clients) and notes its wall time; and the peak GPU
    memory of all of it.
@@ -26,15 +27,14 @@ Random weights: the numbers are costs, not accuracies. Without CUDA it runs on t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from gpu_check import step_fn, timed  # the CLIP path check's training step and timer (scripts/ is on the path)
 
-from fedbench.api.data import GLOBAL_TEST, TRAIN, PartitionConfig
+from fedbench.api.data import GLOBAL_TEST, PartitionConfig
 from fedbench.backends.inprocess import in_process
 from fedbench.config.protocol import MethodEntry, Protocol
 from fedbench.config.sections import BackboneConfig, EvalConfig, LocalConfig
@@ -60,61 +60,26 @@ SHAPES = {  # (vision tower, LM) as llava-hf/llava-1.5-7b-hf's config.json has t
     ),
 }  # fmt: skip
 METHODS = ("fedavg-lora", "pilot-ctmoa", "mmrouter-moa")  # the LoRA row first: the ratios are to it
-STEPS, WARMUP = 10, 3
+STEPS = 10  # local steps of the federated round
 
 
 def write_checkpoint(out: Path, shape: str, device: torch.device) -> Path:
-    """A random-weight LLaVA of ``shape`` written as a standard checkpoint directory; returns its path."""
-    from transformers import (
-        AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    """A random-weight LLaVA of ``shape`` written as a standard checkpoint directory; returns its path.
+    The layout and processor are the embedded VLM's (:func:`fedbench.backbones.embedded_vlm.llava_layout`)."""
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlavaForConditionalGeneration
 
-    from fedbench.api.backbone import OPENAI_MEAN, OPENAI_STD
-    from fedbench.backbones.embedded_vlm import CHAT_TEMPLATE, IMAGE_TOKEN, MODEL_DIR, SPECIALS, build_tokenizer
+    from fedbench.backbones.embedded_vlm import MODEL_DIR, SPECIALS, build_tokenizer, llava_layout, set_generation_ids
 
     vision, text, vocab_size = SHAPES[shape]
     words = sorted(set(AutoTokenizer.from_pretrained(MODEL_DIR).get_vocab()) - set(SPECIALS))
     filler = [f"filler{i:05d}" for i in range(vocab_size - len(SPECIALS) - len(words))]
     tokenizer = build_tokenizer([*words, *filler])
     assert len(tokenizer) == vocab_size, (len(tokenizer), vocab_size)  # no id the LM can write is undecodable
-    vcfg = CLIPVisionConfig(hidden_act="quick_gelu", **vision)
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    grid = vcfg.image_size // vcfg.patch_size
-    config = LlavaConfig(
-        vision_config=vcfg,
-        text_config=LlamaConfig(vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, **ids, **text),
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=grid * grid,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
+    config, processor = llava_layout(tokenizer, CLIPVisionConfig(hidden_act="quick_gelu", **vision), text)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
-    for key, value in {**ids, "pad_token_id": tokenizer.pad_token_id}.items():
-        setattr(model.generation_config, key, value)
-    size = vcfg.image_size
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": size},
-            crop_size={"height": size, "width": size},
-            image_mean=list(OPENAI_MEAN),
-            image_std=list(OPENAI_STD),
-        ),
-        tokenizer=tokenizer,
-        patch_size=vcfg.patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,
-    )
+    set_generation_ids(model, tokenizer)
     path = out / "model"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -152,41 +117,22 @@ class LMTokens:
         self.tokens += int(mask.sum()) if mask is not None and mask.dim() == 2 else embeds.shape[0] * embeds.shape[1]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(prep, name: str, stage2: bool) -> dict:
-    """Seconds per training step (median of ``STEPS`` after ``WARMUP``) and LM tokens per step."""
-    run = Run(prep, MethodEntry(name), "/tmp/vlm_gpu_check_unused", backend=in_process)
-    model = run.build().train()
-    ctx = client_context(prep, prep.infos[0], 0)
-    if stage2:
-        ctx = dataclasses.replace(ctx, participations=run.method.options.stage1_participations)
-    run.method.prepare_client(model, ctx)
-    rows = prep.table.rows(client=0, split=TRAIN)
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def time_steps(prep, name: str, stage2: bool, cuda: bool) -> dict:
+    """Seconds per training step (:func:`gpu_check.timed`: the median after warm-up, CUDA events on a
+    GPU) of :func:`gpu_check.step_fn`'s step, and the LM tokens it reads per step."""
+    step, model = step_fn(prep, name, stage2)
     counter = LMTokens(model.backbone.language_model)
-    times, tokens = [], []
-    for i in range(WARMUP + STEPS):
-        pick = rows[torch.randint(len(rows), (prep.protocol.local.batch_size,), generator=gen).numpy()]
-        before = counter.tokens
-        sync(prep.device)
-        start = time.perf_counter()
-        with autocast(prep.device, prep.amp):
-            loss = model.loss(*ctx.inputs(model, pick))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(prep.device)
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
-            tokens.append(counter.tokens - before)
+    steps = 0
+
+    def counted() -> None:
+        nonlocal steps
+        steps += 1
+        step()
+
+    seconds = timed(counted, cuda)
     counter.handle.remove()
-    step, per_step = statistics.median(times), statistics.mean(tokens)
-    return {"s_per_step": step, "lm_tokens_per_step": per_step, "tokens_per_s": per_step / step}
+    per_step = counter.tokens / steps
+    return {"s_per_step": seconds, "lm_tokens_per_step": per_step, "tokens_per_s": per_step / seconds}
 
 
 def time_generation(prep, name: str) -> dict:
@@ -197,12 +143,14 @@ def time_generation(prep, name: str) -> dict:
     run.method.prepare_client(model, ctx)
     rows = prep.table.rows(split=GLOBAL_TEST)[: prep.protocol.eval.batch_size]
     counter = LMTokens(model.backbone.language_model)
-    sync(prep.device)
+    if prep.device.type == "cuda":
+        torch.cuda.synchronize(prep.device)
     start = time.perf_counter()
     with torch.no_grad(), autocast(prep.device, prep.amp):
         batch, cached = ctx.inputs(model, rows)
         run.method.generate(model, batch, cached, 12, ctx)
-    sync(prep.device)
+    if prep.device.type == "cuda":
+        torch.cuda.synchronize(prep.device)
     seconds = time.perf_counter() - start
     counter.handle.remove()
     # LM calls: the prefill and one per new token (fedmix: K of each, one per expert)
@@ -232,9 +180,9 @@ def main() -> None:
     for name in methods:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        row = {"stage1": time_steps(prep, name, stage2=False)}
+        row = {"stage1": time_steps(prep, name, False, cuda)}
         if name in ("pilot-ctmoa", "mmrouter-moa"):
-            row["stage2"] = time_steps(prep, name, stage2=True)
+            row["stage2"] = time_steps(prep, name, True, cuda)
         row.update(time_generation(prep, name))
         start = time.perf_counter()
         Run(prep, MethodEntry(name), args.out / "runs" / name, backend=in_process).execute()

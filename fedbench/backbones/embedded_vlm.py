@@ -29,7 +29,13 @@ from fedbench.backbones.llava import load_llava
 from fedbench.utils.integrity import IntegrityError, read_checked, sha256_file
 
 if TYPE_CHECKING:
-    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     from fedbench.api.vlm import VisionLanguageModel
 
@@ -158,30 +164,72 @@ def convert_clip_tower(visual: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ---- the model ------------------------------------------------------------------------------------
 
 
+def llava_layout(
+    tokenizer: PreTrainedTokenizerFast,
+    vision: CLIPVisionConfig,
+    text: dict,
+    strategy: str = "default",
+    feature_layer: int = -2,
+    projector_act: str = "gelu",
+) -> tuple[LlavaConfig, LlavaProcessor]:
+    """The LLaVA config (``vision`` tower, a Llama LM of ``text``'s sizes over ``tokenizer``'s vocabulary)
+    and the standard processor that writes its prompts: what the embedded VLM and any LLaVA-shaped model
+    built here (``scripts/vlm_gpu_check.py``) share."""
+    from transformers import CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaProcessor
+
+    grid = vision.image_size // vision.patch_size
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **ids, **text),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=grid * grid + (strategy == "full"),  # CLS dropped by "default"
+        projector_hidden_act=projector_act,
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=feature_layer,
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+        image_mean=list(OPENAI_MEAN),  # what the embedded CLIP was pretrained with
+        image_std=list(OPENAI_STD),
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # the tower's CLS
+    )
+    return config, processor
+
+
+def set_generation_ids(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast) -> None:
+    """The tokenizer's bos, eos and pad ids as the model's generation defaults."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+
+
 def build_vlm(
     vocabulary: Sequence[str], config: dict | None = None
 ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, LlavaProcessor]:
     """(model, tokenizer, processor): the embedded CLIP tower (converted, frozen), a seeded random
     connector and LM over ``vocabulary``'s words, and the standard LLaVA processor for them."""
-    from transformers import CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaForConditionalGeneration
 
     cfg = config or load_config()
     mcfg = cfg["model"]
     tokenizer = build_tokenizer(vocabulary)
     clip, _clip_tokenizer, _ = embedded.load_embedded()
-    vcfg = vision_config()
-    strategy = mcfg["vision_feature_select_strategy"]
-    grid = vcfg.image_size // vcfg.patch_size
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    text = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **ids, **mcfg["text_cfg"])
-    config_ = LlavaConfig(
-        vision_config=vcfg,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=grid * grid + (strategy == "full"),  # CLS dropped by "default"
-        projector_hidden_act=mcfg["projector_hidden_act"],
-        vision_feature_select_strategy=strategy,
-        vision_feature_layer=mcfg["vision_feature_layer"],
+    config_, processor = llava_layout(
+        tokenizer,
+        vision_config(),
+        mcfg["text_cfg"],
+        mcfg["vision_feature_select_strategy"],
+        mcfg["vision_feature_layer"],
+        mcfg["projector_hidden_act"],
     )
     torch.manual_seed(cfg["pretrain"]["seed"])
     model = LlavaForConditionalGeneration(config_)
@@ -189,23 +237,7 @@ def build_vlm(
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in tower.state_dict()) else ""  # < 5.x
     tower.load_state_dict({prefix + k: v for k, v in convert_clip_tower(clip.visual).items()}, strict=True)
     tower.requires_grad_(False)
-    for key, value in {**ids, "pad_token_id": tokenizer.pad_token_id}.items():
-        setattr(model.generation_config, key, value)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": vcfg.image_size},
-        crop_size={"height": vcfg.image_size, "width": vcfg.image_size},
-        image_mean=list(OPENAI_MEAN),  # what the embedded CLIP was pretrained with
-        image_std=list(OPENAI_STD),
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vcfg.patch_size,
-        vision_feature_select_strategy=strategy,
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,  # the tower's CLS
-    )
+    set_generation_ids(model, tokenizer)
     return model.eval(), tokenizer, processor
 
 
